@@ -1,0 +1,202 @@
+"""The hwtool command line: parses options, calls one plain function, prints. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+console = Console(stderr=True)
+out = Console()
+
+# Errors that bad input raises; they become one line and exit status 2. Everything else is a bug
+# and keeps its traceback.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+
+
+def friendly(fn):
+    """Turn user errors into a one-line message and a non-zero exit, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] in ("torch", "onnxscript"):
+                click.echo(
+                    f"error: this command needs {e.name.split('.')[0]}; install it with `pip install 'hwtool[train]'`",
+                    err=True,
+                )
+                sys.exit(2)
+            raise
+
+    return wrapper
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"{text!r} must list positive integers")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hwtool")
+def main() -> None:
+    """hwtool: train, prune, quantize and benchmark highway networks as ONNX models."""
+
+
+# ---------------------------------------------------------------------------------------------
+# train and export (need torch)
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder (checkpoint.pt, log.json).")
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True, help="Peak LR.")
+@click.option(
+    "--gate-penalty",
+    "gate_penalty",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="λ: weight of the mean-gate incentive.",
+)
+@click.option(
+    "--gate-weighting",
+    type=click.Choice(["params", "uniform"]),
+    default="params",
+    show_default=True,
+    help="Weigh each block's mean gate by its channels' parameter cost, or equally.",
+)
+@click.option(
+    "--silence-penalty",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="μ: weight of mean(H·(1−T)) with T detached; silences H where the gate is low.",
+)
+@click.option("--widths", default="64,128,256", show_default=True, help="Filters per stage.")
+@click.option("--depth", type=click.IntRange(1), default=6, show_default=True, help="Blocks per stage.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast on CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@friendly
+def train(
+    data,
+    out,
+    epochs,
+    batch_size,
+    lr,
+    gate_penalty,
+    gate_weighting,
+    silence_penalty,
+    widths,
+    depth,
+    limit,
+    seed,
+    fp32,
+    compile_,
+    resume,
+):
+    """Train the highway network on CIFAR-10 (also under torchrun for DDP)."""
+    from hwtool.train import config_from_options
+    from hwtool.train import train as run
+
+    cfg = config_from_options(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        gate_penalty=gate_penalty,
+        gate_weighting=gate_weighting,
+        silence_penalty=silence_penalty,
+        widths=_ints(widths),
+        depth=depth,
+        limit=limit,
+        seed=seed,
+        bf16=not fp32,
+        compile=compile_,
+    )
+    ckpt = run(cfg, data, out, resume=resume, console=console)
+    if ckpt:
+        last = ckpt["log"][-1]
+        out_path = Path(out) / "checkpoint.pt"
+        console.print(f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs; checkpoint {out_path}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
+@click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
+@click.option("--data", type=click.Path(), default=None, help="CIFAR-10 (default: the path in the checkpoint).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+@friendly
+def export(checkpoint, output, exporter, opset, data, as_json):
+    """Export CHECKPOINT to ONNX, run the checker and compare ORT with PyTorch."""
+    import logging
+    import warnings
+
+    from hwtool.export import export_checkpoint
+
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    rep = export_checkpoint(checkpoint, output, exporter=exporter, opset=opset, data=data)
+    if as_json:
+        out.print_json(json.dumps(rep.__dict__))
+    else:
+        out.print(
+            f"wrote {rep.path} ({rep.exporter}, opset {rep.opset}, {rep.parameters:,} parameters); "
+            f"ORT vs PyTorch on {rep.images_compared} test images: max abs diff {rep.max_abs_diff:.2e}, "
+            f"top-1 agreement {rep.top1_agreement:.1%}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# deployment side (no torch)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
+@click.option("--batch", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
+@friendly
+def eval_(model, data, limit, batch, as_json):
+    """Top-1 accuracy of MODEL on the CIFAR-10 test split with ONNX Runtime."""
+    from hwtool.evaluate import evaluate
+    from hwtool.report import progress_bar
+
+    with progress_bar(console, "eval", disable=as_json) as bar:
+        res = evaluate(model, data, limit=limit, batch=batch, on_batch=bar)
+    if as_json:
+        click.echo(json.dumps(res.__dict__))
+    else:
+        out.print(f"{res.model}: top-1 {res.accuracy:.2%} ({res.correct}/{res.images}) in {res.seconds:.1f} s")

@@ -1,0 +1,156 @@
+"""Export a trained checkpoint to a self-contained ONNX model and check it against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from hwtool.data import CLASSES, load_cifar10
+from hwtool.runtime import atomic_write_model, make_session
+from hwtool.train import build_model, load_checkpoint
+
+EXPORTERS = ("dynamo", "torchscript")
+GATE_METADATA = "hwtool.gate_means"
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export produced and how closely ONNX Runtime matches PyTorch."""
+
+    path: str
+    exporter: str
+    opset: int
+    parameters: int
+    max_abs_diff: float
+    top1_agreement: float
+    images_compared: int
+    gate_images: int
+
+
+def _export_raw(model: torch.nn.Module, path: Path, exporter: str, opset: int) -> None:
+    x = torch.rand(2, 3, 32, 32)
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"x": {0: batch}},
+            external_data=False,
+            verbose=False,
+        )
+    else:
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+
+
+@torch.no_grad()
+def gate_means_torch(model: torch.nn.Module, x: np.ndarray) -> list[list[float]]:
+    """Mean gate T per block and channel over float32 NCHW images, in float32."""
+    sums = None
+    for i in range(0, len(x), 256):
+        _, gates, _ = model(torch.from_numpy(x[i : i + 256]), return_gates=True)
+        s = [t.double().mean(dim=(2, 3)).sum(0) for t in gates]
+        sums = s if sums is None else [a + b for a, b in zip(sums, s)]
+    return [(s / len(x)).tolist() for s in sums]
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    exporter: str = "dynamo",
+    opset: int = 18,
+    data: str | None = None,
+    compare_images: int = 256,
+    gate_images: int = 1024,
+    max_diff: float = 1e-3,
+) -> ExportReport:
+    """Export a checkpoint to ONNX with metadata, check it, and compare ORT with PyTorch.
+
+    The gate statistics (mean T per block and channel over `gate_images` training images) go into
+    the model's metadata so that `hwtool prune` can run with no data. Raises ValueError when ORT
+    and PyTorch disagree by more than `max_diff`.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
+    if not 17 <= opset <= 21:
+        raise ValueError(f"opset {opset} is outside the supported range 17..21")
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt).float()
+    data = data or ckpt.get("data")
+    if not data or not Path(data).exists():
+        raise FileNotFoundError(f"CIFAR-10 data {data!r} (recorded in the checkpoint) is not there; pass --data PATH")
+    splits = load_cifar10(data)
+    test_x = splits["test"].as_float(compare_images)
+    gate_x = splits["train"].as_float(gate_images)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        _export_raw(model, raw, exporter, opset)
+        proto = onnx.load(str(raw))
+
+    cfg = ckpt["config"]
+    log = ckpt.get("log") or [{}]
+    gate_means = gate_means_torch(model, gate_x)
+    meta = {
+        "hwtool.class_names": json.dumps(list(CLASSES)),
+        "hwtool.input": "float32 [N,3,32,32] RGB in [0,1]; normalisation is inside the graph",
+        "hwtool.model_config": json.dumps(cfg["model"]),
+        "hwtool.training": json.dumps(
+            {
+                "data": Path(str(data)).name,
+                "epochs": log[-1].get("epoch", 0),
+                "gate_penalty": cfg["gate_penalty"],
+                "gate_weighting": cfg["gate_weighting"],
+                "silence_penalty": cfg["silence_penalty"],
+                "test_accuracy_torch": log[-1].get("test_acc"),
+                "limit": cfg["limit"],
+            }
+        ),
+        GATE_METADATA: json.dumps({"images": int(len(gate_x)), "blocks": gate_means}),
+        "hwtool.exporter": exporter,
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    proto.producer_name = "hwtool"
+    onnx.checker.check_model(proto, full_check=True)
+
+    sess = make_session(proto)
+    ort_logits = sess.run(None, {"input": test_x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(test_x)).numpy()
+    diff = float(np.abs(ort_logits - ref).max())
+    agree = float((ort_logits.argmax(1) == ref.argmax(1)).mean())
+    if diff > max_diff:
+        raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {max_diff}); export is wrong")
+    atomic_write_model(proto, out)
+    return ExportReport(
+        path=str(out),
+        exporter=exporter,
+        opset=opset,
+        parameters=sum(p.numel() for p in model.parameters()),
+        max_abs_diff=diff,
+        top1_agreement=agree,
+        images_compared=len(test_x),
+        gate_images=len(gate_x),
+    )

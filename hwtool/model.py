@@ -1,0 +1,111 @@
+"""The highway network: blocks y = H·T + (1−T)·carry, with the gate T computed from H."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# CIFAR-10 channel statistics; normalisation lives inside the network so that exported
+# models take plain RGB in [0, 1].
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class HighwayConfig:
+    """Shape of a highway network."""
+
+    widths: tuple[int, ...] = (64, 128, 256)  # filters per stage
+    depth: int = 6  # highway blocks per stage
+    stem: int = 16  # output channels of the 3x3 stem conv
+    num_classes: int = 10
+    gate_bias: float = -2.0  # initial gate bias: sigmoid(-2) = 0.12, blocks start out carrying
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> HighwayConfig:
+        d = dict(d)
+        d["widths"] = tuple(d["widths"])
+        return HighwayConfig(**d)
+
+
+class HighwayBlock(nn.Module):
+    """BN(x) -> transform H = relu(conv3x3) -> gate T = sigmoid(conv3x3(H)) -> H·T + (1−T)·carry."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, gate_bias: float):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c_in)
+        self.transform = nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.gate = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        nn.init.constant_(self.gate.bias, gate_bias)
+        # The carry is x itself, or a strided 1x1 conv where width or resolution change.
+        self.project = None
+        if stride != 1 or c_in != c_out:
+            self.project = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (y, H, T)."""
+        h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
+        t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
+        carry = x if self.project is None else self.project(x)
+        return h * t + (1 - t) * carry, h, t
+
+
+class HighwayNet(nn.Module):
+    """Stem conv, stages of highway blocks, BN-ReLU-pool-linear head."""
+
+    def __init__(self, cfg: HighwayConfig = HighwayConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, cfg.stem, 3, 1, 1)
+        blocks = []
+        c = cfg.stem
+        for s, width in enumerate(cfg.widths):
+            for i in range(cfg.depth):
+                # Stage 0 keeps 32x32; every later stage halves the resolution in its first block.
+                stride = 2 if (i == 0 and s > 0) else 1
+                blocks.append(HighwayBlock(c, width, stride, cfg.gate_bias))
+                c = width
+        self.blocks = nn.ModuleList(blocks)
+        self.head_norm = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor, return_gates: bool = False):
+        """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms)."""
+        x = self.stem((x - self.mean) / self.std)
+        gates, transforms = [], []
+        for block in self.blocks:
+            x, h, t = block(x)
+            gates.append(t)
+            transforms.append(h)
+        x = F.relu(self.head_norm(x))
+        logits = self.fc(x.mean(dim=(2, 3)))
+        if return_gates:
+            return logits, gates, transforms
+        return logits
+
+
+def block_channel_costs(cfg: HighwayConfig) -> list[int]:
+    """Parameters one transform channel costs in each block (its H filter, BN-free, and T row/column)."""
+    costs = []
+    c = cfg.stem
+    for width in cfg.widths:
+        for _ in range(cfg.depth):
+            # H filter: 9*c_in + bias; T output filter: 9*width + bias; T input slice: 9*width.
+            costs.append(9 * c + 1 + 9 * width + 1 + 9 * width)
+            c = width
+    return costs
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters())

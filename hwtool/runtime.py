@@ -1,0 +1,124 @@
+"""ONNX Runtime sessions, model loading and atomic writes shared by the deployment commands."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+class ModelError(ValueError):
+    """An input model is missing, unreadable or unusable; the message says what to do."""
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX file with a clear error for a missing, truncated or non-ONNX file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file {p} does not exist")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:
+        raise ModelError(f"{p} is not a readable ONNX model ({type(e).__name__}); re-export it") from None
+    if not model.graph.node:
+        raise ModelError(f"{p} holds no ONNX graph (empty or not an ONNX file)")
+    return model
+
+
+def make_session(
+    model: onnx.ModelProto | str | os.PathLike,
+    threads: int | None = None,
+    providers: list[str] | None = None,
+    extra_outputs: list[str] | None = None,
+) -> ort.InferenceSession:
+    """An ORT session; `extra_outputs` turns intermediate tensors into graph outputs first."""
+    if extra_outputs:
+        if not isinstance(model, onnx.ModelProto):
+            model = load_model(model)
+        model = with_outputs(model, extra_outputs)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model with extra graph outputs (shape left to ORT)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    return m
+
+
+def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | str], int]:
+    """(name, shape with symbolic dims as strings, elem_type) of the model's only real input."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ModelError(f"the model has {len(inputs)} inputs; hwtool needs exactly one image input")
+    t = inputs[0].type.tensor_type
+    dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    return inputs[0].name, dims, t.elem_type
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The model's fixed batch size, or None when the batch dimension is dynamic."""
+    _, dims, _ = input_spec(model)
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: list[str] | None = None, on_batch=None):
+    """Run x through the session in batches; yields (start, list of output arrays).
+
+    on_batch(n, total) is called after each batch of n images.
+    """
+    name = sess.get_inputs()[0].name
+    for i in range(0, len(x), batch):
+        res = sess.run(outputs, {name: x[i : i + batch]})
+        if on_batch:
+            on_batch(min(batch, len(x) - i), len(x))
+        yield i, res
+
+
+def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
+    """Serialize to a temporary file beside `out`, then rename over it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
+    """Write bytes atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,354 @@
+"""Training of the highway network with a gate incentive, checkpoints, exact resume and DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from hwtool.data import Split, load_cifar10
+from hwtool.model import HighwayConfig, HighwayNet, block_channel_costs
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (saved in every checkpoint)."""
+
+    epochs: int = 30
+    batch_size: int = 128  # global batch, split across DDP processes
+    lr: float = 0.1  # peak learning rate of the one-cycle schedule (SGD, Nesterov)
+    warmup: float = 0.15  # fraction of steps spent raising the learning rate linearly
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on conv and linear weights only
+    label_smoothing: float = 0.1
+    gate_penalty: float = 0.0  # λ: weight of the gate incentive
+    gate_weighting: str = "params"  # 'params': weight each block by what its channels cost
+    gate_ramp: float = 0.2  # fraction of steps over which λ rises linearly from 0
+    silence_penalty: float = 0.0  # μ: weight of mean(H·(1−T)), T detached
+    limit: int | None = None  # train (and test) on the first N images only
+    seed: int = 0
+    bf16: bool = True  # bf16 autocast on CPU (mixed precision on CUDA)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the training step (about 1.3x on CPU after a minute's warm-up)
+    model: HighwayConfig = field(default_factory=HighwayConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> TrainConfig:
+        d = dict(d)
+        d["model"] = HighwayConfig.from_dict(d["model"])
+        return TrainConfig(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch augmentation on tensors
+
+
+def batch_flip_lr(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right. x: (B, C, H, W)."""
+    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def batch_crop(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded batch, one offset per image. x: (B, C, H, W)."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) -> float32 (B, 3, 32, 32) in [0, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# incentive and schedule
+
+
+def block_weights(cfg: HighwayConfig, how: str) -> torch.Tensor:
+    """Per-block weights of the gate incentive, summing to 1.
+
+    'params' weights block b by (channels × parameters per channel), so that the weighted mean
+    gate is a soft estimate of the fraction of transform parameters in use; 'uniform' weighs
+    blocks equally.
+    """
+    costs = torch.tensor(block_channel_costs(cfg), dtype=torch.float64)
+    widths = torch.tensor([w for w in cfg.widths for _ in range(cfg.depth)], dtype=torch.float64)
+    if how == "params":
+        w = costs * widths
+    elif how == "uniform":
+        w = torch.ones_like(costs)
+    else:
+        raise ValueError(f"gate weighting must be 'params' or 'uniform', not {how!r}")
+    return (w / w.sum()).float()
+
+
+def incentive(
+    gates: list[torch.Tensor], transforms: list[torch.Tensor], weights: torch.Tensor, with_silence: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted mean gate, weighted mean of H·(1−T) with T detached), both float32 scalars."""
+    mean_t = torch.stack([t.mean(dtype=torch.float32) for t in gates])
+    if not with_silence:
+        return (weights * mean_t).sum(), mean_t.new_zeros(())
+    silence = torch.stack([(h * (1 - t.detach())).mean(dtype=torch.float32) for h, t in zip(transforms, gates)])
+    return (weights * mean_t).sum(), (weights * silence).sum()
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """One-cycle: linear rise over `warmup` of the steps, then linear decay to zero."""
+    up = max(1, int(cfg.warmup * total))
+    if step < up:
+        return cfg.lr * (step + 1) / up
+    return cfg.lr * max(0.0, (total - step) / max(1, total - up))
+
+
+def penalty_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """λ, ramped linearly from zero over the first `gate_ramp` of the steps."""
+    ramp = int(cfg.gate_ramp * total)
+    return cfg.gate_penalty * (1.0 if ramp == 0 else min(1.0, (step + 1) / ramp))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate_torch(
+    model: HighwayNet, split: Split, cfg: TrainConfig, device: torch.device
+) -> tuple[float, list[float]]:
+    """(top-1 accuracy, mean gate per block) of a torch model on a split."""
+    model.eval()
+    correct = 0
+    gate_sums = None
+    for i in range(0, len(split), 500):
+        x = to_input(split.images[i : i + 500]).to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, cfg.bf16):
+            logits, gates, _ = model(x, return_gates=True)
+        correct += (logits.argmax(1).cpu() == torch.from_numpy(split.labels[i : i + 500])).sum().item()
+        sums = torch.stack([t.float().mean(dim=(2, 3)).sum(0).mean() for t in gates])
+        gate_sums = sums if gate_sums is None else gate_sums + sums
+    model.train()
+    return correct / len(split), (gate_sums / len(split)).tolist()
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint with weights_only=True (no code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_model(ckpt: dict) -> HighwayNet:
+    """The float32 eval-mode network stored in a checkpoint."""
+    model = HighwayNet(HighwayConfig.from_dict(ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def train(
+    cfg: TrainConfig, data: str, out: str | os.PathLike, resume: bool = False, console: Console | None = None
+) -> dict:
+    """Train (or resume) a run in `out`; returns the final checkpoint dict."""
+    out = Path(out)
+    rank, world = _dist()
+    console = console or Console()
+    quiet = rank != 0
+    if world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+
+    ckpt = None
+    if resume:
+        path = out / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
+        ckpt = load_checkpoint(path)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        if saved != cfg and not quiet:
+            console.print("[yellow]resuming with the configuration saved in the checkpoint[/]")
+        cfg = saved
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    if cfg.gate_weighting not in ("params", "uniform"):
+        raise ValueError(f"gate weighting must be 'params' or 'uniform', not {cfg.gate_weighting!r}")
+
+    splits = load_cifar10(data)
+    train_set = splits["train"].head(cfg.limit)
+    test_set = splits["test"].head(cfg.limit)
+
+    torch.manual_seed(cfg.seed)
+    model = HighwayNet(cfg.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
+    log: list[dict] = []
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        log = list(ckpt["log"])
+        start_epoch = ckpt["epoch"] + 1
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if cfg.compile:
+        net = torch.compile(net)
+    weights = block_weights(cfg.model, cfg.gate_weighting).to(device)
+    local_bs = cfg.batch_size // world
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
+    total = steps_per_epoch * cfg.epochs
+    out.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    columns = [
+        TextColumn("[bold]epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+    ]
+    model.train()
+    with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
+        for epoch in range(start_epoch, cfg.epochs):
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
+            task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
+            seen, correct, loss_sum, gate_sum, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
+            for i in range(steps_per_epoch):
+                step = epoch * steps_per_epoch + i
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                # Augment the whole global batch with the shared generator, then take this rank's part.
+                x = batch_crop(batch_flip_lr(to_input(train_set.images[idx.numpy()]), g), g)
+                y = torch.from_numpy(train_set.labels[idx.numpy()])
+                x, y = (
+                    x[rank * local_bs : (rank + 1) * local_bs].to(device),
+                    y[rank * local_bs : (rank + 1) * local_bs].to(device),
+                )
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, step, total)
+                lam = penalty_at(cfg, step, total)
+                with _autocast(device, cfg.bf16):
+                    logits, gates, transforms = net(x, return_gates=True)
+                    ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0)
+                loss = ce + lam * gate_term + cfg.silence_penalty * silence_term
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+                seen += len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                loss_sum += ce.item() * len(y)
+                mean_gate = torch.stack([t.detach().mean(dtype=torch.float32) for t in gates]).mean().item()
+                gate_sum += mean_gate * len(y)
+                rate = seen * world / (time.perf_counter() - t0)
+                progress.update(
+                    task,
+                    advance=1,
+                    stats=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} gate {gate_sum / seen:.3f} {rate:.0f} img/s",
+                )
+            train_time = time.perf_counter() - t0
+            test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "mean_gate": gate_sum / seen,
+                "test_acc": test_acc,
+                "test_block_gates": block_gates,
+                "lr_end": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total),
+                "gate_penalty": penalty_at(cfg, (epoch + 1) * steps_per_epoch - 1, total),
+                "img_per_s": seen * world / train_time,
+                "seconds": train_time,
+            }
+            log.append(entry)
+            if not quiet:
+                progress.console.print(
+                    f"epoch {epoch + 1}: test acc {test_acc:.4f}, mean gate {entry['mean_gate']:.3f}, "
+                    f"{entry['img_per_s']:.0f} img/s"
+                )
+                ckpt = {
+                    "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "config": cfg.to_dict(),
+                    "log": log,
+                    "data": str(data),
+                }
+                _save_atomic(ckpt, out / CHECKPOINT)
+                tmp = out / "log.json.tmp"
+                tmp.write_text(json.dumps(log, indent=1) + "\n")
+                os.replace(tmp, out / "log.json")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if quiet:
+        return {}
+    if ckpt is None:  # nothing left to train: the run was already complete
+        ckpt = load_checkpoint(out / CHECKPOINT)
+    return ckpt
+
+
+def config_from_options(**kw) -> TrainConfig:
+    """A TrainConfig from CLI-style options (widths as a tuple, depth, stem)."""
+    model_kw = {k: kw.pop(k) for k in ("widths", "depth", "stem") if kw.get(k) is not None}
+    model = replace(HighwayConfig(), **model_kw)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    return TrainConfig(model=model, **kw)

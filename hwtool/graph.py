@@ -1,0 +1,135 @@
+"""Navigation helpers over an ONNX graph: producers, consumers, constants, and size counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass
+class Graph:
+    """Index of an ONNX graph: tensor name -> producer node, consumers, initializers."""
+
+    model: onnx.ModelProto
+
+    def __post_init__(self) -> None:
+        g = self.model.graph
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for o in node.output:
+                self.producer[o] = node
+            for i in node.input:
+                self.consumers.setdefault(i, []).append(node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
+        self.graph_outputs = {o.name for o in g.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of a tensor that is an initializer or a Constant node's output, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name == "value_float":
+                    return np.array(a.f, dtype=np.float32)
+                if a.name == "value_floats":
+                    return np.array(a.floats, dtype=np.float32)
+                if a.name == "value_int":
+                    return np.array(a.i, dtype=np.int64)
+        return None
+
+    def op(self, name: str) -> onnx.NodeProto | None:
+        """The node that produces tensor `name` (None for graph inputs and initializers)."""
+        return self.producer.get(name)
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        """The nodes that read tensor `name`."""
+        return self.consumers.get(name, [])
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """A node attribute's Python value."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements in float initializers (and float Constant nodes) of the main graph."""
+    n = 0
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    for t in model.graph.initializer:
+        if t.data_type in floats or t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            n += int(np.prod(t.dims)) if t.dims else 1
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    n += int(np.prod(a.t.dims)) if a.t.dims else 1
+    return n
+
+
+def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
+    """Static shapes of every tensor with the batch dimension fixed to `batch`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {i.name for i in m.graph.initializer}
+    for inp in m.graph.input:
+        if inp.name in inits:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    del m.graph.value_info[:]
+    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {}
+    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
+        d = vi.type.tensor_type.shape.dim
+        if d and all(x.HasField("dim_value") for x in d):
+            shapes[vi.name] = [x.dim_value for x in d]
+    for t in m.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def count_flops(model: onnx.ModelProto, batch: int = 1) -> int:
+    """Multiply-accumulates ×2 of Conv, ConvInteger, Gemm and MatMul for one batch of `batch`.
+
+    Elementwise work (the gate mix, BN, activations) is left out; it is a few percent here.
+    """
+    shapes = _shapes(model, batch)
+    g = Graph(model)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+            w_name = node.input[3] if node.op_type == "QLinearConv" else node.input[1]
+            y = shapes.get(node.output[0])
+            w = shapes.get(w_name)
+            if w is None:
+                src = g.op(w_name)  # a DequantizeLinear in QDQ models
+                if src is not None and src.input[0] in shapes:
+                    w = shapes[src.input[0]]
+            if y and w:
+                total += 2 * int(np.prod(y)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a and y:
+                k = a[0] if (node.op_type == "Gemm" and attr(node, "transA", 0)) else a[-1]
+                total += 2 * int(np.prod(y)) * k
+    return total

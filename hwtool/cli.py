@@ -200,3 +200,80 @@ def eval_(model, data, limit, batch, as_json):
         click.echo(json.dumps(res.__dict__))
     else:
         out.print(f"{res.model}: top-1 {res.accuracy:.2%} ({res.correct}/{res.images}) in {res.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# prune, gates, sweep
+
+
+def _calibration(model_proto, calib, data, count, split):
+    """Calibration inputs from --calib or --data (None when neither is given)."""
+    from hwtool.gates import calibration_from_data, load_calibration
+
+    if calib and data:
+        raise ValueError("pass either --calib or --data, not both")
+    if calib:
+        return load_calibration(model_proto, calib)
+    if data:
+        return calibration_from_data(model_proto, data, count=count, split=split)
+    return None
+
+
+def _calib_options(fn):
+    fn = click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+                      help="CIFAR-10 split the --data images come from.")(fn)
+    fn = click.option("--count", type=click.IntRange(1), default=512, show_default=True,
+                      help="Calibration images taken from --data.")(fn)
+    fn = click.option("--data", type=click.Path(), default=None, help="CIFAR-10 folder or .tar.gz.")(fn)
+    fn = click.option("--calib", type=click.Path(), default=None,
+                      help="float32 .npy array in the model's input layout.")(fn)
+    return fn
+
+
+@main.command("prune")
+@click.argument("model", type=click.Path())
+@click.option("--threshold", type=float, default=0.05, show_default=True, help="Remove channels with mean T below.")
+@_calib_options
+@click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.pruned.onnx.")
+@click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit of kept gates.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--write-back", type=click.Choice(["gather", "scatter", "conv"]), default="gather", show_default=True,
+              help="How the kept channels' mix returns into the full-width carry.")
+@click.option("--max-error", type=click.FloatRange(0), default=None,
+              help="Fail, writing nothing, if the max abs output error on the calibration inputs is larger.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly
+def prune_cmd(model, threshold, calib, data, count, split, output, no_refit, no_simplify, write_back, max_error,
+              threads, as_json):
+    """Remove low-gate channels from every highway block of MODEL."""
+    from hwtool.prune import PruneConfig, prune
+    from hwtool.report import progress_bar, prune_tables
+    from hwtool.runtime import atomic_write_model, load_model
+
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold {threshold} is outside [0, 1]; gates are sigmoids")
+    src = Path(model)
+    dst = Path(output) if output else src.with_name(src.stem + ".pruned.onnx")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"output {dst} is the input model; choose another -o")
+    proto = load_model(src)
+    x = _calibration(proto, calib, data, count, split)
+    cfg = PruneConfig(threshold=threshold, refit=not no_refit, simplify=not no_simplify, write_back=write_back,
+                      threads=threads)
+    with progress_bar(console, "prune", disable=as_json) as bar:
+        pruned, report = prune(proto, threshold, calib=x, config=cfg, on_progress=bar.staged)
+    if max_error is not None:
+        if report.max_abs_error is None:
+            raise ValueError("--max-error needs calibration inputs to verify against (--calib or --data)")
+        if report.max_abs_error > max_error:
+            raise ValueError(
+                f"max abs output error {report.max_abs_error:.4g} exceeds --max-error {max_error}; nothing written"
+            )
+    atomic_write_model(pruned, dst)
+    if as_json:
+        click.echo(json.dumps({"output": str(dst), **report.to_dict()}))
+    else:
+        for table in prune_tables(report):
+            out.print(table)
+        out.print(f"wrote {dst}")

@@ -94,6 +94,13 @@ def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: 
         yield i, res
 
 
+def _chmod_like_new(path: str) -> None:
+    """Give a mkstemp file (0600) the mode a plain open() would have given it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     """Serialize to a temporary file beside `out`, then rename over it."""
     out = Path(out)
@@ -102,6 +109,7 @@ def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString(deterministic=True))
+        _chmod_like_new(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -117,6 +125,7 @@ def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        _chmod_like_new(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,251 @@
+"""Highway blocks found by dataflow: gate T = Sigmoid(Conv_T(H)), H = act(BN(Conv_H(z))), mixed with a carry.
+
+A spelling of the mix y = T·H + (1−T)·c is one small expression tree (`MixPattern`). Add and Mul
+match their operands in either order; `ONE` matches a constant that is all ones. To support a new
+spelling, add one entry to `MIX_PATTERNS` (and one test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from hwtool.graph import Graph, attr
+
+# Nodes that may sit between the transform conv and H: per-channel, one data input.
+TRANSFORM_POST_OPS = ("BatchNormalization", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Clip", "HardSwish",
+                      "Softplus", "Tanh", "PRelu", "Identity")
+COMMUTATIVE = ("Add", "Mul")
+
+
+class NoHighwayBlockError(ValueError):
+    """The model contains no highway block hwtool can recognise."""
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny expression language for mix spellings
+
+
+@dataclass(frozen=True)
+class Var:
+    """A tensor bound by name: 'T' and 'H' come bound from the gate; 'C' (the carry) is captured."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class One:
+    """A constant whose every element is 1."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """A node of type `op` whose inputs match `args` (in either order for Add and Mul)."""
+
+    op: str
+    args: tuple
+
+
+T, H, C, ONE = Var("T"), Var("H"), Var("C"), One()
+
+
+def add(a, b) -> Op:
+    return Op("Add", (a, b))
+
+
+def sub(a, b) -> Op:
+    return Op("Sub", (a, b))
+
+
+def mul(a, b) -> Op:
+    return Op("Mul", (a, b))
+
+
+def neg(a) -> Op:
+    return Op("Neg", (a,))
+
+
+@dataclass(frozen=True)
+class MixPattern:
+    """One spelling of y = T·H + (1−T)·C."""
+
+    name: str
+    expr: Op
+
+
+MIX_PATTERNS: tuple[MixPattern, ...] = (
+    # H*T + (1-T)*c and (1-T)*c + T*H (both exporters, onnxsim)
+    MixPattern("h*t + (1-t)*c", add(mul(H, T), mul(sub(ONE, T), C))),
+    # c + T*(H-c)
+    MixPattern("c + t*(h-c)", add(C, mul(T, sub(H, C)))),
+    # H*T + (-T + 1)*c, as some optimisers rewrite 1-T
+    MixPattern("h*t + (1+(-t))*c", add(mul(H, T), mul(add(neg(T), ONE), C))),
+    # H*T + c - T*c
+    MixPattern("h*t + c - t*c", sub(add(mul(H, T), C), mul(T, C))),
+)
+
+
+def _is_one(g: Graph, name: str) -> bool:
+    v = g.const(name)
+    return v is not None and v.size > 0 and bool(np.all(v == 1))
+
+
+def _match(g: Graph, expr, tensor: str, env: dict[str, str], nodes: list[onnx.NodeProto]) -> dict[str, str] | None:
+    """Match expr at tensor; returns the extended bindings (and appends matched nodes) or None."""
+    if isinstance(expr, Var):
+        if expr.name in env:
+            return env if env[expr.name] == tensor else None
+        return {**env, expr.name: tensor}
+    if isinstance(expr, One):
+        return env if _is_one(g, tensor) else None
+    node = g.op(tensor)
+    if node is None or node.op_type != expr.op or len(node.input) != len(expr.args):
+        return None
+    orders = [list(node.input)]
+    if expr.op in COMMUTATIVE and len(node.input) == 2:
+        orders.append(list(reversed(node.input)))
+    for inputs in orders:
+        trial, found = env, []
+        for sub_expr, name in zip(expr.args, inputs):
+            trial = _match(g, sub_expr, name, trial, found)
+            if trial is None:
+                break
+        if trial is not None:
+            nodes.extend([node, *found])
+            return trial
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+@dataclass(frozen=True)
+class Block:
+    """One highway block, named by tensors so that it survives edits to other blocks."""
+
+    index: int
+    transform_conv: str  # output tensor of Conv_H
+    transform_post: tuple[str, ...]  # output tensors of BN/activation nodes after Conv_H, in order
+    transform: str  # H
+    gate_conv: str  # output tensor of Conv_T (the gate pre-activation)
+    gate: str  # T = Sigmoid(Conv_T(H))
+    carry: str  # c
+    output: str  # y
+    mix_nodes: tuple[str, ...]  # output tensors of the mix's nodes
+    width: int  # channels of H and T
+    spelling: str
+
+
+def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """Walk back from H through per-channel nodes to the transform Conv: (conv, post nodes)."""
+    post: list[onnx.NodeProto] = []
+    name = h
+    while True:
+        node = g.op(name)
+        if node is None:
+            return None
+        if node.op_type == "Conv":
+            return node, list(reversed(post))
+        if node.op_type not in TRANSFORM_POST_OPS:
+            return None
+        post.append(node)
+        name = node.input[0]
+
+
+def _conv_width(g: Graph, conv: onnx.NodeProto) -> int | None:
+    w = g.const(conv.input[1])
+    if w is None or w.ndim != 4 or attr(conv, "group", 1) != 1:
+        return None
+    return int(w.shape[0])
+
+
+def find_blocks(model: onnx.ModelProto) -> list[Block]:
+    """All highway blocks of the model, in graph order. Raises NoHighwayBlockError if none."""
+    g = Graph(model)
+    blocks: list[Block] = []
+    for node in model.graph.node:
+        if node.op_type != "Sigmoid":
+            continue
+        gate = node.output[0]
+        gate_conv = g.op(node.input[0])
+        if gate_conv is None or gate_conv.op_type != "Conv":
+            continue
+        h = gate_conv.input[0]
+        chain = _transform_chain(g, h)
+        if chain is None:
+            continue
+        transform_conv, post = chain
+        width = _conv_width(g, transform_conv)
+        gw = g.const(gate_conv.input[1])
+        if width is None or _conv_width(g, gate_conv) != width or gw.shape[1] != width:
+            continue
+        for user in g.users(gate):
+            found = _find_mix(g, user, gate, h)
+            if found is None:
+                continue
+            pattern, env, nodes = found
+            blocks.append(
+                Block(
+                    index=len(blocks),
+                    transform_conv=transform_conv.output[0],
+                    transform_post=tuple(n.output[0] for n in post),
+                    transform=h,
+                    gate_conv=gate_conv.output[0],
+                    gate=gate,
+                    carry=env["C"],
+                    output=nodes[0].output[0],
+                    mix_nodes=tuple(n.output[0] for n in nodes),
+                    width=width,
+                    spelling=pattern.name,
+                )
+            )
+            break
+    if not blocks:
+        raise NoHighwayBlockError(
+            "no highway block found: hwtool looks for T = Sigmoid(Conv(H)), H = Conv(...) [+BN/activation], "
+            "mixed as T*H + (1-T)*carry; is this a highway network?"
+        )
+    return blocks
+
+
+def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str):
+    """From a consumer of T, climb to the node that roots a mix pattern and match it."""
+    # The root is at most three nodes above a consumer of T in every spelling.
+    frontier, seen = [start], set()
+    for _ in range(3):
+        nxt = []
+        for node in frontier:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for pattern in MIX_PATTERNS:
+                if node.op_type != pattern.expr.op:
+                    continue
+                nodes: list[onnx.NodeProto] = []
+                env = _match(g, pattern.expr, node.output[0], {"T": gate, "H": h}, nodes)
+                if env is not None and env["C"] not in (gate, h):
+                    return pattern, env, nodes
+            for o in node.output:
+                nxt.extend(g.users(o))
+        frontier = nxt
+    return None
+
+
+def block_is_self_contained(g: Graph, block: Block) -> bool:
+    """True when H, T and the mix's intermediates are read only inside the block.
+
+    Pruning shrinks those tensors, so a reader outside the block (or a graph output) would break.
+    """
+    inside = set(block.mix_nodes) | {block.gate_conv}
+    internal = [block.transform, block.gate, *[m for m in block.mix_nodes if m != block.output]]
+    internal += list(block.transform_post[:-1]) + [block.transform_conv] if block.transform_post else []
+    for t in internal:
+        if t in g.graph_outputs:
+            return False
+        for user in g.users(t):
+            if user.output[0] not in inside and user.output[0] not in block.transform_post:
+                return False
+    return True

@@ -1,0 +1,546 @@
+"""Surgery: remove low-gate channels from each highway block's H and T, keeping the carry at full width.
+
+For a removed channel j the block output is its carry, y_j = c_j. The kept channels' mix runs on
+kept channels only and is written back into the full-width carry. Because the kept gates used to
+read the removed H channels, each block's kept gate conv is refitted (ridge least squares toward
+its original weights) so that its pre-activations match the original's on the already-pruned
+network's own activations, block by block.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from hwtool.gates import GateStats, gates_from_metadata, measure_gates
+from hwtool.graph import Graph, attr, count_flops, count_parameters
+from hwtool.patterns import Block, block_is_self_contained, find_blocks
+from hwtool.runtime import load_model, make_session, run_batched
+
+WRITE_BACKS = ("gather", "scatter", "conv")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune."""
+
+    threshold: float = 0.05  # remove channels whose mean gate is below this
+    refit: bool = True  # refit kept gate convs by ridge least squares (False: the paper's plain drop)
+    ridge: float = 1e-3  # regularisation toward the original weights, relative to mean feature energy
+    max_rows: int = 32768  # sampled positions per block for the least-squares fit
+    write_back: str = "gather"  # how the kept channels' mix returns into the full-width carry
+    simplify: bool = True  # run onnxsim on the result
+    batch: int = 64  # calibration batch
+    threads: int | None = None  # ORT intra-op threads (None: ORT's default)
+    seed: int = 0  # position sampling for the fit
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What pruning did to one block."""
+
+    index: int
+    spelling: str
+    width: int
+    kept: int
+    params_before: int
+    params_after: int
+    gate_error_naive: float | None  # RMS error of the kept gates (sigmoid space) with removed inputs dropped
+    gate_error_refit: float | None  # the same after the least-squares refit
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Totals, per-block detail, verification and timings of one prune."""
+
+    threshold: float
+    refit: bool
+    write_back: str
+    gate_source: str
+    calibration_images: int
+    blocks: list[BlockReport]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    bytes_before: int
+    bytes_after: int
+    max_abs_error: float | None
+    max_rel_error: float | None
+    top1_agreement: float | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# graph editing helpers
+
+
+class _Editor:
+    """Small mutable view of a model for surgery: replace initializers, nodes, rewire tensors."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = Graph(model)
+        self.new_inits: dict[str, onnx.TensorProto] = {}
+
+    def refresh(self) -> None:
+        self.graph = Graph(self.model)
+
+    def node(self, output: str) -> onnx.NodeProto:
+        return self.graph.producer[output]
+
+    def set_input(self, node: onnx.NodeProto, idx: int, name: str, value: np.ndarray) -> None:
+        """Point node.input[idx] at a new initializer holding value."""
+        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
+        node.input[idx] = name
+
+    def remove_nodes(self, outputs: set[str]) -> None:
+        keep = [n for n in self.model.graph.node if n.output[0] not in outputs]
+        del self.model.graph.node[:]
+        self.model.graph.node.extend(keep)
+        self.refresh()
+
+    def rename_uses(self, old: str, new: str) -> None:
+        for n in self.model.graph.node:
+            for i, name in enumerate(n.input):
+                if name == old:
+                    n.input[i] = new
+
+
+def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop nodes whose outputs nobody reads, unused initializers, then sort topologically."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    needed = {o.name for o in g.output}
+    stack, is_live = list(needed), [False] * len(g.node)
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or is_live[i]:
+            continue
+        is_live[i] = True
+        for name in g.node[i].input:
+            if name and name not in needed:
+                needed.add(name)
+                stack.append(name)
+    live = [n for n, keep in zip(g.node, is_live) if keep]
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.value_info[:]  # intermediate shapes are stale after surgery; checkers infer them again
+    # Kahn's algorithm, stable in the original order.
+    produced_by = {o: i for i, n in enumerate(live) for o in n.output}
+    deps = [{produced_by[x] for x in n.input if x in produced_by} for n in live]
+    done: set[int] = set()
+    order: list[int] = []
+    while len(order) < len(live):
+        progressed = False
+        for i in range(len(live)):
+            if i not in done and deps[i] <= done:
+                order.append(i)
+                done.add(i)
+                progressed = True
+        if not progressed:
+            raise ValueError("the pruned graph has a cycle; this is a bug in hwtool")
+    del g.node[:]
+    g.node.extend(live[i] for i in order)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# segment runner: activations of the partly pruned network, computed piece by piece
+
+
+class _Runner:
+    """Computes tensors of an evolving model on calibration inputs, reusing known activations."""
+
+    def __init__(self, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int | None):
+        self.model = model
+        inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+        self.values: dict[str, np.ndarray] = {inp.name: x}
+        self.batch = batch
+        self.threads = threads
+
+    def compute(self, targets: list[str]) -> list[np.ndarray]:
+        g = Graph(self.model)
+        needed_nodes: list[onnx.NodeProto] = []
+        inputs: set[str] = set()
+        stack, seen = list(targets), set()
+        while stack:
+            t = stack.pop()
+            if t in seen or not t:
+                continue
+            seen.add(t)
+            if t in self.values and t not in targets:
+                inputs.add(t)
+                continue
+            if t in g.initializers:
+                continue
+            node = g.producer.get(t)
+            if node is None:
+                raise ValueError(f"tensor {t} cannot be computed from the model's input")
+            if node not in needed_nodes:
+                needed_nodes.append(node)
+            stack.extend(node.input)
+        order = [n for n in self.model.graph.node if n in needed_nodes]
+        names = sorted(inputs)
+        graph = helper.make_graph(
+            order,
+            "segment",
+            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+            [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in targets],
+            [t for t in self.model.graph.initializer if t.name in seen],
+        )
+        seg = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        sess = make_session(seg, threads=self.threads)
+        n = len(next(iter(self.values.values())))
+        outs: list[list[np.ndarray]] = [[] for _ in targets]
+        for i in range(0, n, self.batch):
+            res = sess.run(targets, {k: self.values[k][i : i + self.batch] for k in names})
+            for o, r in zip(outs, res):
+                o.append(r)
+        return [np.concatenate(o) for o in outs]
+
+
+# ---------------------------------------------------------------------------------------------
+# the least-squares refit of a kept gate conv
+
+
+def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: list[int]) -> np.ndarray:
+    """im2col at sampled positions: h (N, C, H, W), rows (R, 3) of (n, i, j) -> (R, C*kh*kw)."""
+    kh, kw = kernel
+    hp = np.pad(h, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    di = np.arange(kh)[None, None, :, None]
+    dj = np.arange(kw)[None, None, None, :]
+    n = rows[:, 0][:, None, None, None]
+    i = rows[:, 1][:, None, None, None] + di
+    j = rows[:, 2][:, None, None, None] + dj
+    c = np.arange(h.shape[1])[None, :, None, None]
+    return hp[n, c, i, j].reshape(len(rows), -1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
+def refit_gate(
+    h: np.ndarray, weight: np.ndarray, bias: np.ndarray, kept: np.ndarray, pads: list[int], cfg: PruneConfig
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Fit the kept gate conv on kept H channels to reproduce the original kept pre-activations.
+
+    h: full-width H (N, C, H, W) on the pruned network's activations; weight (C, C, kh, kw).
+    Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit).
+    """
+    n, c, hh, ww = h.shape
+    k = len(kept)
+    kh, kw = weight.shape[2:]
+    rng = np.random.default_rng(cfg.seed)
+    total = n * hh * ww
+    pick = rng.choice(total, size=min(cfg.max_rows, total), replace=False) if total > cfg.max_rows else np.arange(total)
+    pick.sort()
+    rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+    full = _patches(h.astype(np.float64, copy=False), rows, (kh, kw), pads)  # (R, C*kh*kw)
+    w_full = weight[kept].reshape(k, -1).astype(np.float64)
+    target = full @ w_full.T + bias[kept]  # (R, k): original kept pre-activations
+    x = full.reshape(len(rows), c, kh * kw)[:, kept, :].reshape(len(rows), -1)
+    x = np.concatenate([x, np.ones((len(rows), 1))], axis=1)
+    theta0 = np.concatenate([weight[kept][:, kept].reshape(k, -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
+    naive = x @ theta0
+    gram = x.T @ x
+    alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
+    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ target + alpha * theta0)
+    fitted = x @ theta
+    st = _sigmoid(target)
+    err_naive = float(np.sqrt(np.mean((_sigmoid(naive) - st) ** 2)))
+    err_refit = float(np.sqrt(np.mean((_sigmoid(fitted) - st) ** 2)))
+    if err_refit > err_naive:  # never make a block worse than the plain drop
+        theta, err_refit = theta0, err_naive
+    w_new = theta[:-1].T.reshape(k, k, kh, kw).astype(weight.dtype)
+    b_new = theta[-1].astype(bias.dtype)
+    return w_new, b_new, err_naive, err_refit
+
+
+# ---------------------------------------------------------------------------------------------
+# per-block surgery
+
+
+def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int, tag: str) -> None:
+    """Slice the per-channel parameters of a BN/activation node to the kept channels."""
+    g = ed.graph
+    if node.op_type == "BatchNormalization":
+        for idx in range(1, 5):
+            ed.set_input(node, idx, f"{tag}_bn{idx}", g.const(node.input[idx])[kept])
+    elif node.op_type == "PRelu":
+        slope = g.const(node.input[1])
+        if slope is None:
+            raise ValueError(f"PRelu {node.name} has a non-constant slope; cannot prune its block")
+        if slope.size == width:
+            ed.set_input(node, 1, f"{tag}_slope", slope.reshape(width, *slope.shape[1:])[kept] if slope.ndim else slope)
+    elif node.op_type == "Clip":
+        pass  # scalar bounds
+
+
+def _write_back(kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.ndarray, width: int, out: str):
+    """Nodes and initializers writing the kept-channel mix into the full-width carry as `out`."""
+    nodes, inits = [], []
+    if kind == "gather":
+        perm = np.arange(width, dtype=np.int64)
+        perm[kept] = width + np.arange(len(kept))
+        inits.append(numpy_helper.from_array(perm, f"{tag}_perm"))
+        nodes.append(helper.make_node("Concat", [carry, mix], [f"{tag}_cat"], axis=1, name=f"{tag}_cat"))
+        nodes.append(helper.make_node("Gather", [f"{tag}_cat", f"{tag}_perm"], [out], axis=1, name=f"{tag}_writeback"))
+    elif kind == "scatter":
+        inits.append(numpy_helper.from_array(kept.astype(np.int64).reshape(1, -1, 1, 1), f"{tag}_idx4"))
+        nodes.append(helper.make_node("Shape", [mix], [f"{tag}_shape"], name=f"{tag}_shape"))
+        nodes.append(helper.make_node("Expand", [f"{tag}_idx4", f"{tag}_shape"], [f"{tag}_idx"], name=f"{tag}_expand"))
+        nodes.append(
+            helper.make_node("ScatterElements", [carry, f"{tag}_idx", mix], [out], axis=1, name=f"{tag}_writeback")
+        )
+    elif kind == "conv":
+        onehot = np.zeros((width, len(kept), 1, 1), dtype=np.float32)
+        onehot[kept, np.arange(len(kept)), 0, 0] = 1.0
+        inits.append(numpy_helper.from_array(onehot, f"{tag}_onehot"))
+        nodes.append(helper.make_node("Conv", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
+        nodes.append(helper.make_node("Add", [carry, f"{tag}_spread"], [out], name=f"{tag}_writeback"))
+    else:
+        raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {kind!r}")
+    return nodes, inits
+
+
+def _block_params(g: Graph, block: Block) -> int:
+    names = [block.transform_conv, *block.transform_post, block.gate_conv]
+    n = 0
+    for t in names:
+        node = g.producer[t]
+        for i in node.input[1:]:
+            v = g.const(i)
+            if v is not None and v.dtype.kind == "f":
+                n += v.size
+    return n
+
+
+def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray, kind: str):
+    """Rewrite one block to its kept channels (or to its carry alone when nothing is kept)."""
+    tag = f"hw{block.index}"
+    g = ed.graph
+    mix = set(block.mix_nodes)
+    if len(kept) == 0:
+        ed.remove_nodes(mix)
+        if block.output in g.graph_outputs:
+            ed.model.graph.node.append(helper.make_node("Identity", [block.carry], [block.output], name=f"{tag}_carry"))
+        else:
+            ed.rename_uses(block.output, block.carry)
+        ed.refresh()
+        return
+    hconv = ed.node(block.transform_conv)
+    ed.set_input(hconv, 1, f"{tag}_transform_w", g.const(hconv.input[1])[kept])
+    if len(hconv.input) > 2 and hconv.input[2]:
+        ed.set_input(hconv, 2, f"{tag}_transform_b", g.const(hconv.input[2])[kept])
+    for t in block.transform_post:
+        _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_{len(t)}")
+    tconv = ed.node(block.gate_conv)
+    ed.set_input(tconv, 1, f"{tag}_gate_w", gate_w)
+    if len(tconv.input) > 2 and tconv.input[2]:
+        ed.set_input(tconv, 2, f"{tag}_gate_b", gate_b)
+    else:
+        tconv.input.append("")
+        ed.set_input(tconv, 2, f"{tag}_gate_b", gate_b)
+    ed.remove_nodes(mix)
+    kept_idx = numpy_helper.from_array(kept.astype(np.int64), f"{tag}_kept")
+    nodes = [
+        helper.make_node("Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=1, name=f"{tag}_carry"),
+        helper.make_node("Sub", [block.transform, f"{tag}_carry_kept"], [f"{tag}_diff"], name=f"{tag}_diff"),
+        helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_delta"], name=f"{tag}_delta"),
+    ]
+    if kind != "conv":
+        nodes.append(helper.make_node("Add", [f"{tag}_carry_kept", f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
+    wb_nodes, wb_inits = _write_back(
+        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output
+    )
+    ed.model.graph.node.extend(nodes + wb_nodes)
+    ed.model.graph.initializer.extend([kept_idx, *wb_inits])
+    ed.refresh()
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole prune
+
+
+def _gate_conv_geometry(g: Graph, block: Block) -> list[int] | None:
+    """Pads of the gate conv if the refit supports it (stride 1, no dilation, no groups)."""
+    conv = g.producer[block.gate_conv]
+    if any(s != 1 for s in attr(conv, "strides", [1, 1])) or any(d != 1 for d in attr(conv, "dilations", [1, 1])):
+        return None
+    if attr(conv, "group", 1) != 1:
+        return None
+    auto = attr(conv, "auto_pad", b"NOTSET")
+    w = g.const(conv.input[1])
+    if auto in (b"SAME_UPPER", b"SAME_LOWER", "SAME_UPPER", "SAME_LOWER"):
+        kh, kw = w.shape[2:]
+        return [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2]
+    return list(attr(conv, "pads", [0, 0, 0, 0]))
+
+
+def prune(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    threshold: float = 0.05,
+    calib: np.ndarray | None = None,
+    config: PruneConfig | None = None,
+    gate_stats: GateStats | None = None,
+    on_progress=None,
+) -> tuple[onnx.ModelProto, PruneReport]:
+    """Prune every highway block's low-gate channels; returns (pruned model, report).
+
+    calib: float32 calibration inputs in the model's input layout. They give the gate means
+    (unless gate_stats is passed or only metadata is available), the refit, and the verification.
+    on_progress(stage: str, n: int, total: int) reports calibration progress.
+    """
+    cfg = config or PruneConfig(threshold=threshold)
+    if config is not None and threshold != cfg.threshold:
+        cfg = PruneConfig(**{**asdict(cfg), "threshold": threshold})
+    if not 0.0 <= cfg.threshold <= 1.0:
+        raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; gates are sigmoids")
+    if cfg.write_back not in WRITE_BACKS:
+        raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {cfg.write_back!r}")
+    original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    blocks = find_blocks(original)
+    g0 = Graph(original)
+    ref_logits = None
+
+    def bar(stage):
+        return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
+
+    if gate_stats is None and calib is not None:
+        gate_stats, ref_logits = measure_gates(
+            original, blocks, calib, batch=cfg.batch, threads=cfg.threads, on_batch=bar("gates"), keep_outputs=True
+        )
+    if gate_stats is None:
+        gate_stats = gates_from_metadata(original, blocks)
+    if gate_stats is None:
+        raise ValueError("no gate statistics: pass calibration inputs (--calib FILE.npy or --data PATH)")
+    if cfg.refit and calib is None:
+        raise ValueError("the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH, or --no-refit")
+    timings["calibration"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    ed = _Editor(model)
+    runner = _Runner(model, calib, cfg.batch, cfg.threads) if cfg.refit else None
+    reports: list[BlockReport] = []
+    refit_seconds = 0.0
+    for block, means in zip(blocks, gate_stats.means):
+        kept = np.flatnonzero(means >= cfg.threshold)
+        before = _block_params(ed.graph, block)
+        note = ""
+        if len(kept) == block.width:
+            reports.append(BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None))
+            continue
+        if not block_is_self_contained(ed.graph, block):
+            note = "left whole: H, T or the mix is read outside the block"
+            reports.append(
+                BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None, note)
+            )
+            continue
+        tconv = ed.node(block.gate_conv)
+        weight = ed.graph.const(tconv.input[1])
+        bias = (
+            ed.graph.const(tconv.input[2])
+            if len(tconv.input) > 2 and tconv.input[2]
+            else np.zeros(block.width, dtype=weight.dtype)
+        )
+        gate_w, gate_b = weight[kept][:, kept], bias[kept]
+        err_naive = err_refit = None
+        if len(kept) and runner is not None:
+            pads = _gate_conv_geometry(ed.graph, block)
+            if pads is None:
+                note = "gate conv has strides, dilations or groups; refit skipped"
+            else:
+                ts = time.perf_counter()
+                (h,) = runner.compute([block.transform])
+                gate_w, gate_b, err_naive, err_refit = refit_gate(h, weight, bias, kept, pads, cfg)
+                refit_seconds += time.perf_counter() - ts
+        _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
+        if runner is not None:
+            ts = time.perf_counter()
+            runner.model = ed.model
+            (y,) = runner.compute([block.carry if len(kept) == 0 else block.output])
+            runner.values[block.output] = y
+            refit_seconds += time.perf_counter() - ts
+        after = _block_params(ed.graph, block) if len(kept) else 0
+        reports.append(
+            BlockReport(block.index, block.spelling, block.width, len(kept), before, after, err_naive, err_refit, note)
+        )
+    model = cleanup(ed.model)
+    timings["refit"] = refit_seconds
+    timings["surgery"] = time.perf_counter() - t1 - refit_seconds
+
+    t2 = time.perf_counter()
+    if cfg.simplify:
+        model = _simplify(model)
+    timings["simplify"] = time.perf_counter() - t2
+    onnx.checker.check_model(model, full_check=True)
+
+    t3 = time.perf_counter()
+    max_abs = max_rel = agree = None
+    if calib is not None:
+        if ref_logits is None:
+            ref_logits = _run_first(original, calib, cfg)
+        new_logits = _run_first(model, calib, cfg, on_batch=bar("verify"))
+        diff = np.abs(new_logits - ref_logits)
+        max_abs = float(diff.max())
+        max_rel = float(diff.max() / max(np.abs(ref_logits).max(), 1e-12))
+        if ref_logits.ndim == 2:
+            agree = float((new_logits.argmax(1) == ref_logits.argmax(1)).mean())
+    timings["verify"] = time.perf_counter() - t3
+
+    report = PruneReport(
+        threshold=cfg.threshold,
+        refit=cfg.refit,
+        write_back=cfg.write_back,
+        gate_source=gate_stats.source,
+        calibration_images=0 if calib is None else len(calib),
+        blocks=reports,
+        params_before=count_parameters(original),
+        params_after=count_parameters(model),
+        flops_before=count_flops(original),
+        flops_after=count_flops(model),
+        bytes_before=original.ByteSize(),
+        bytes_after=model.ByteSize(),
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        top1_agreement=agree,
+        seconds=timings,
+    )
+    del g0
+    return model, report
+
+
+def _run_first(model: onnx.ModelProto, x: np.ndarray, cfg: PruneConfig, on_batch=None) -> np.ndarray:
+    sess = make_session(model, threads=cfg.threads)
+    first = sess.get_outputs()[0].name
+    return np.concatenate([r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)])
+
+
+def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim with its own check; keeps names, dims and metadata."""
+    import onnxsim
+
+    meta = [(p.key, p.value) for p in model.metadata_props]
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        return model
+    del simplified.metadata_props[:]
+    for k, v in meta:
+        simplified.metadata_props.add(key=k, value=v)
+    return simplified

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
 from hwtool.graph import Graph, attr, count_flops, count_parameters
 from hwtool.patterns import Block, block_is_self_contained, find_blocks
-from hwtool.runtime import load_model, make_session, run_batched
+from hwtool.runtime import fixed_batch, load_model, make_session, run_batched
 
 WRITE_BACKS = ("gather", "scatter", "conv")
 
@@ -405,7 +405,7 @@ def prune(
     """
     cfg = config or PruneConfig(threshold=threshold)
     if config is not None and threshold != cfg.threshold:
-        cfg = PruneConfig(**{**asdict(cfg), "threshold": threshold})
+        cfg = replace(cfg, threshold=threshold)
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; gates are sigmoids")
     if cfg.write_back not in WRITE_BACKS:
@@ -414,7 +414,12 @@ def prune(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     blocks = find_blocks(original)
-    g0 = Graph(original)
+    fixed = fixed_batch(original)
+    if fixed and calib is not None:
+        if len(calib) < fixed:
+            raise ValueError(f"the model has a fixed batch of {fixed}; pass at least {fixed} calibration images")
+        calib = calib[: len(calib) - len(calib) % fixed]
+        cfg = replace(cfg, batch=fixed)
     ref_logits = None
 
     def bar(stage):
@@ -522,7 +527,6 @@ def prune(
         top1_agreement=agree,
         seconds=timings,
     )
-    del g0
     return model, report
 
 

@@ -36,6 +36,7 @@ class Bar:
 def progress_bar(console: Console, label: str, disable: bool = False) -> Iterator[Bar]:
     """A rich progress bar on stderr, as a Bar callback."""
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    disable = disable or not console.is_terminal  # no bar in logs and pipes
     with Progress(*columns, console=console, disable=disable, transient=True) as progress:
         yield Bar(progress, label)
 

@@ -1,0 +1,154 @@
+"""Hand-built highway ONNX models for pattern and prune tests (onnx.helper, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+@dataclass
+class Spec:
+    """What to build."""
+
+    spelling: str = "h*t + (1-t)*c"
+    widths: tuple[int, ...] = (8, 8, 12)  # one block per entry; a width change means a projection carry
+    bn_before: bool = True  # BatchNormalization on the block input, before H
+    bn_after: bool = False  # BatchNormalization between Conv_H and the activation
+    activation: str = "Relu"
+    opset: int = 17
+    input_name: str = "input"
+    output_name: str = "logits"
+    batch: int | str = "N"  # an int gives a fixed batch
+    normalise: bool = True  # Sub/Div before the stem
+    removable: dict[int, list[int]] = field(default_factory=dict)  # block -> channels made exactly removable
+    seed: int = 0
+
+
+SPELLINGS = ("h*t + (1-t)*c", "(1-t)*c + t*h", "c + t*(h-c)", "h*t + (1+(-t))*c", "h*t + c - t*c", "(h-c)*t + c")
+
+
+class _B:
+    def __init__(self, spec: Spec):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.rng = np.random.default_rng(spec.seed)
+        self.n = 0
+
+    def name(self, base: str) -> str:
+        self.n += 1
+        return f"{base}_{self.n}"
+
+    def init(self, value: np.ndarray, base: str) -> str:
+        n = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), n))
+        return n
+
+    def node(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name("n_" + op.lower()), **attrs))
+        return out
+
+    def conv(self, x: str, c_in: int, c_out: int, k: int, stride: int = 1, w=None, b=None) -> str:
+        w = self.rng.normal(0, (2.0 / (c_in * k * k)) ** 0.5, (c_out, c_in, k, k)).astype(np.float32) if w is None else w
+        b = self.rng.normal(0, 0.1, c_out).astype(np.float32) if b is None else b
+        p = k // 2
+        return self.node("Conv", [x, self.init(w, "w"), self.init(b, "b")], pads=[p, p, p, p], strides=[stride, stride])
+
+    def bn(self, x: str, c: int) -> str:
+        scale = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        bias = self.rng.normal(0, 0.1, c).astype(np.float32)
+        mean = self.rng.normal(0, 0.1, c).astype(np.float32)
+        var = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        return self.node(
+            "BatchNormalization",
+            [x, self.init(scale, "s"), self.init(bias, "bb"), self.init(mean, "m"), self.init(var, "v")],
+            epsilon=1e-5,
+        )
+
+    def one(self) -> str:
+        return self.init(np.array(1.0, dtype=np.float32), "one")
+
+
+def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
+    if spelling == "h*t + (1-t)*c":
+        return b.node("Add", [b.node("Mul", [h, t]), b.node("Mul", [b.node("Sub", [b.one(), t]), c])])
+    if spelling == "(1-t)*c + t*h":
+        return b.node("Add", [b.node("Mul", [c, b.node("Sub", [b.one(), t])]), b.node("Mul", [t, h])])
+    if spelling == "c + t*(h-c)":
+        return b.node("Add", [c, b.node("Mul", [t, b.node("Sub", [h, c])])])
+    if spelling == "(h-c)*t + c":
+        return b.node("Add", [b.node("Mul", [b.node("Sub", [h, c]), t]), c])
+    if spelling == "h*t + (1+(-t))*c":
+        return b.node("Add", [b.node("Mul", [h, t]), b.node("Mul", [b.node("Add", [b.node("Neg", [t]), b.one()]), c])])
+    if spelling == "h*t + c - t*c":
+        return b.node("Sub", [b.node("Add", [b.node("Mul", [h, t]), c]), b.node("Mul", [t, c])])
+    raise ValueError(spelling)
+
+
+def build(spec: Spec) -> onnx.ModelProto:
+    """A small highway network: [normalise] stem conv, one highway block per width, pool, Gemm."""
+    b = _B(spec)
+    x = spec.input_name
+    if spec.normalise:
+        x = b.node("Sub", [x, b.init(np.full((1, 3, 1, 1), 0.5, np.float32), "mean")])
+        x = b.node("Div", [x, b.init(np.full((1, 3, 1, 1), 0.25, np.float32), "std")])
+    c = 8
+    x = b.conv(x, 3, c, 3)
+    for i, width in enumerate(spec.widths):
+        z = b.bn(x, c) if spec.bn_before else x
+        stride = 2 if width != c else 1
+        w_h = b.rng.normal(0, (2.0 / (c * 9)) ** 0.5, (width, c, 3, 3)).astype(np.float32)
+        b_h = b.rng.normal(0, 0.1, width).astype(np.float32)
+        w_t = b.rng.normal(0, (1.0 / (width * 9)) ** 0.5, (width, width, 3, 3)).astype(np.float32)
+        b_t = b.rng.normal(-1.0, 0.5, width).astype(np.float32)
+        for j in spec.removable.get(i, []):
+            w_h[j] = 0.0  # H_j is act(0 + bias) = 0 for Relu with bias 0 ...
+            b_h[j] = 0.0
+            w_t[j] = 0.0
+            b_t[j] = -40.0  # ... and its gate is sigmoid(-40) ≈ 4e-18
+        hc = b.conv(z, c, width, 3, stride, w_h, b_h)
+        if spec.bn_after:
+            hc = b.bn(hc, width)
+            if spec.removable.get(i):  # keep removable channels exactly zero through BN
+                bn = b.nodes[-1]
+                for idx, val in ((1, 1.0), (2, 0.0), (3, 0.0), (4, 1.0)):
+                    arr = numpy_helper.to_array(next(t for t in b.inits if t.name == bn.input[idx])).copy()
+                    arr[spec.removable[i]] = val
+                    tensor = next(t for t in b.inits if t.name == bn.input[idx])
+                    tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+        h = b.node(spec.activation, [hc])
+        t = b.node("Sigmoid", [b.conv(h, width, width, 3, 1, w_t, b_t)])
+        carry = x if stride == 1 else b.node(
+            "Conv",
+            [x, b.init(b.rng.normal(0, (1.0 / c) ** 0.5, (width, c, 1, 1)).astype(np.float32), "proj")],
+            strides=[2, 2],
+        )
+        x = _mix(b, spec.spelling, h, t, carry)
+        c = width
+    pooled = b.node("GlobalAveragePool", [x])
+    flat = b.node("Flatten", [pooled], axis=1)
+    w_fc = b.rng.normal(0, 0.3, (10, c)).astype(np.float32)
+    b.nodes.append(
+        helper.make_node(
+            "Gemm", [flat, b.init(w_fc, "fc"), b.init(np.zeros(10, np.float32), "fcb")], [spec.output_name], transB=1
+        )
+    )
+    graph = helper.make_graph(
+        b.nodes,
+        "highway",
+        [helper.make_tensor_value_info(spec.input_name, TensorProto.FLOAT, [spec.batch, 3, 32, 32])],
+        [helper.make_tensor_value_info(spec.output_name, TensorProto.FLOAT, [spec.batch, 10])],
+        b.inits,
+    )
+    ir = 7 if spec.opset <= 15 else (8 if spec.opset <= 20 else 10)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=ir)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def images(n: int = 32, seed: int = 1) -> np.ndarray:
+    """Random float32 images in [0, 1]."""
+    return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)

@@ -1,0 +1,88 @@
+"""Finding highway blocks by dataflow in hand-built, exported and simplified models."""
+
+from __future__ import annotations
+
+import onnx
+import onnxsim
+import pytest
+from highway_onnx import SPELLINGS, Spec, build
+from onnx import helper
+
+from hwtool.patterns import MIX_PATTERNS, NoHighwayBlockError, find_blocks
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_every_spelling_is_found(spelling):
+    model = build(Spec(spelling=spelling))
+    blocks = find_blocks(model)
+    assert [b.width for b in blocks] == [8, 8, 12]
+    # The first two blocks keep width: their carry is the block input; the third projects it.
+    assert blocks[0].carry != blocks[1].carry
+    proj = {n.output[0]: n for n in model.graph.node}[blocks[2].carry]
+    assert proj.op_type == "Conv"
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_spellings_survive_onnxsim(spelling):
+    model, ok = onnxsim.simplify(build(Spec(spelling=spelling)))
+    assert ok
+    assert len(find_blocks(model)) == 3
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17, 19, 21])
+@pytest.mark.parametrize("bn_before,bn_after", [(True, False), (False, False), (False, True)])
+def test_opsets_and_batchnorm_placement(opset, bn_before, bn_after):
+    model = build(Spec(opset=opset, bn_before=bn_before, bn_after=bn_after))
+    blocks = find_blocks(model)
+    assert len(blocks) == 3
+    post_ops = [[{n.output[0]: n for n in model.graph.node}[t].op_type for t in b.transform_post] for b in blocks]
+    assert post_ops == [["BatchNormalization", "Relu"] if bn_after else ["Relu"]] * 3
+
+
+def test_odd_names_fixed_batch_and_other_activation():
+    model = build(Spec(input_name="images:0", output_name="probs/out", batch=4, activation="LeakyRelu",
+                       normalise=False))
+    assert len(find_blocks(model)) == 3
+
+
+def test_both_exporters(tiny_onnx_dynamo, tiny_onnx_torchscript):
+    for path in (tiny_onnx_dynamo, tiny_onnx_torchscript):
+        blocks = find_blocks(onnx.load(str(path)))
+        assert [b.width for b in blocks] == [8, 16, 32]
+        assert all(b.spelling == "h*t + (1-t)*c" for b in blocks)
+
+
+def test_a_gate_that_reads_x_is_not_a_block():
+    """T computed from the block input (not from H) is a different design: not matched."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
+    w = onnx.numpy_helper.from_array(__import__("numpy").ones((4, 4, 1, 1), "float32"), "w")
+    one = onnx.numpy_helper.from_array(__import__("numpy").array(1.0, "float32"), "one")
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["hc"]),
+        helper.make_node("Relu", ["hc"], ["h"]),
+        helper.make_node("Conv", ["x", "w"], ["tc"]),
+        helper.make_node("Sigmoid", ["tc"], ["t"]),
+        helper.make_node("Mul", ["h", "t"], ["a"]),
+        helper.make_node("Sub", ["one", "t"], ["u"]),
+        helper.make_node("Mul", ["u", "x"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, one]))
+    with pytest.raises(NoHighwayBlockError, match="no highway block"):
+        find_blocks(model)
+
+
+def test_pattern_registry_is_sane():
+    """Guard the registry: unique names, each rooted at a binary op, each naming T, H and C."""
+    names = [p.name for p in MIX_PATTERNS]
+    assert len(set(names)) == len(names)
+
+    def variables(expr):
+        if hasattr(expr, "args"):
+            return set().union(*(variables(a) for a in expr.args))
+        return {expr.name} if hasattr(expr, "name") else set()
+
+    for p in MIX_PATTERNS:
+        assert p.expr.op in ("Add", "Sub")
+        assert variables(p.expr) == {"T", "H", "C"}

@@ -1,0 +1,234 @@
+"""Surgery on hand-built and exported highway models: exactness, counts, write-backs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from highway_onnx import SPELLINGS, Spec, build, images
+
+from hwtool.cli import main
+from hwtool.graph import count_parameters
+from hwtool.patterns import find_blocks
+from hwtool.prune import PruneConfig, prune
+
+REMOVABLE = {0: [1, 4, 6], 1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [2, 3, 5, 7, 11]}
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])
+def test_exactly_removable_channels_match(spelling, write_back):
+    model = build(Spec(spelling=spelling, removable=REMOVABLE))
+    x = images(24)
+    pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    assert report.max_abs_error < 1e-4
+    assert report.top1_agreement == 1.0
+    # A block with nothing kept is its carry alone: no Sigmoid left for it.
+    assert sum(n.op_type == "Sigmoid" for n in pruned.graph.node) == 2
+
+
+@pytest.mark.parametrize("bn_before,bn_after", [(True, False), (False, True)])
+def test_parameter_count_falls_by_exactly_what_was_removed(bn_before, bn_after):
+    spec = Spec(removable=REMOVABLE, bn_before=bn_before, bn_after=bn_after)
+    model = build(spec)
+    x = images(16)
+    pruned, report = prune(model, 1e-6, calib=x, config=PruneConfig(simplify=False))
+    expected = 0
+    c_in = 8
+    for i, width in enumerate(spec.widths):
+        r = len(REMOVABLE[i])
+        k = width - r
+        expected += r * (c_in * 9 + 1)  # transform filters and biases
+        expected += 4 * r if bn_after else 0  # BN-after-conv channels
+        expected += width * width * 9 - k * k * 9 + r  # gate conv weights and biases
+        expected += 1  # the constant 1 of the original mix
+        if k == 0:
+            expected += c_in * 4 if bn_before else 0  # the block's input BN goes with it
+        c_in = width
+    assert count_parameters(model) - count_parameters(pruned) == expected
+    assert report.params_before - report.params_after == expected
+
+
+@pytest.mark.parametrize("opset", [13, 17, 21])
+def test_io_contract_is_kept(opset):
+    model = build(Spec(opset=opset, removable=REMOVABLE, input_name="img:0", output_name="out/1", batch="batch"))
+    pruned, _ = prune(model, 1e-6, calib=images(8))
+    assert [i.name for i in pruned.graph.input] == ["img:0"]
+    assert [o.name for o in pruned.graph.output] == ["out/1"]
+    dim0 = pruned.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param == "batch"
+    assert pruned.opset_import[0].version == opset
+    # dynamic batch still works
+    assert _run(pruned, images(3)).shape == (3, 10)
+
+
+def test_fixed_batch_model():
+    model = build(Spec(batch=8, removable=REMOVABLE))
+    pruned, report = prune(model, 1e-6, calib=images(20))
+    assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
+    assert report.calibration_images == 16  # whole batches of 8 only
+    assert report.max_abs_error < 1e-4
+    np.testing.assert_allclose(_run(pruned, images(8)), _run(model, images(8)), atol=1e-4)
+
+
+def test_deterministic_bytes():
+    model = build(Spec(removable=REMOVABLE))
+    a, _ = prune(model, 0.3, calib=images(16))
+    b, _ = prune(model, 0.3, calib=images(16))
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+def test_refit_beats_the_plain_drop():
+    """Random weights: the kept gates read the removed H, so the refit must reduce the gate error."""
+    model = build(Spec(seed=3))
+    x = images(64)
+    _, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False))
+    _, refit = prune(model, 0.3, calib=x)
+    pruned_blocks = [b for b in refit.blocks if 0 < b.kept < b.width]
+    assert pruned_blocks, "threshold 0.3 should prune part of some block"
+    for b in pruned_blocks:
+        assert b.gate_error_refit < b.gate_error_naive
+    assert refit.max_abs_error < plain.max_abs_error
+
+
+def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, cifar_path):
+    from hwtool.data import load_cifar10
+
+    x = load_cifar10(cifar_path)["test"].as_float(64)
+    for path in (tiny_onnx_dynamo, tiny_onnx_torchscript):
+        model = onnx.load(str(path))
+        # threshold 0 removes nothing: the model must come back equivalent
+        same, rep0 = prune(model, 0.0, calib=x)
+        assert rep0.params_after <= rep0.params_before
+        np.testing.assert_allclose(_run(same, x), _run(model, x), atol=1e-4)
+        # make block 1's channels 0..3 exactly removable and prune them
+        blocks = find_blocks(model)
+        g = {n.output[0]: n for n in model.graph.node}
+        inits = {t.name: t for t in model.graph.initializer}
+        b = blocks[1]
+        hconv, tconv = g[b.transform_conv], g[b.gate_conv]
+        for name, rows, value in ((hconv.input[1], [0, 1, 2, 3], 0.0), (hconv.input[2], [0, 1, 2, 3], 0.0),
+                                  (tconv.input[1], [0, 1, 2, 3], 0.0), (tconv.input[2], [0, 1, 2, 3], -40.0)):
+            arr = onnx.numpy_helper.to_array(inits[name]).copy()
+            arr[rows] = value
+            inits[name].CopyFrom(onnx.numpy_helper.from_array(arr, name))
+        meta = [p for p in model.metadata_props if p.key != "hwtool.gate_means"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(meta)
+        ref = _run(model, x)
+        means = [np.ones(bl.width) for bl in blocks]
+        means[1][[0, 1, 2, 3]] = 0.0
+        from hwtool.gates import GateStats
+
+        pruned, rep = prune(model, 0.5, calib=x, gate_stats=GateStats(tuple(means), "test", 0))
+        assert [bl.kept for bl in rep.blocks] == [8, 12, 32]
+        np.testing.assert_allclose(_run(pruned, x), ref, atol=1e-4)
+
+
+def test_metadata_gates_without_calibration(tiny_onnx_dynamo):
+    model = onnx.load(str(tiny_onnx_dynamo))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["hwtool.gate_means"])
+    thr = float(np.median(np.concatenate(meta["blocks"])))
+    pruned, rep = prune(model, thr, config=PruneConfig(refit=False))
+    assert rep.gate_source.startswith("model metadata")
+    assert rep.max_abs_error is None  # nothing to verify against
+    assert rep.params_after < rep.params_before
+    assert _run(pruned, images(2)).shape == (2, 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def test_cli_prune_writes_default_output_and_json(tmp_path):
+    src = _save(build(Spec(removable=REMOVABLE)), tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", images(16))
+    before = src.read_bytes()
+    res = _cli(["prune", src, "--threshold", "0.000001", "--calib", tmp_path / "calib.npy", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["output"] == str(tmp_path / "net.pruned.onnx")
+    assert [b["kept"] for b in rep["blocks"]] == [5, 0, 7]
+    assert rep["flops_after"] < rep["flops_before"]
+    assert src.read_bytes() == before  # the input is never modified
+    onnx.checker.check_model(onnx.load(rep["output"]), full_check=True)
+
+
+def test_cli_max_error_writes_nothing(tmp_path):
+    src = _save(build(Spec(seed=3)), tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", images(16))
+    res = _cli(["prune", src, "--threshold", "0.4", "--calib", tmp_path / "calib.npy", "--max-error", "1e-9"])
+    assert res.exit_code != 0
+    assert res.output.startswith("error:") and "exceeds --max-error" in res.output
+    assert not (tmp_path / "net.pruned.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("not_highway", "no highway block"),
+        ("truncated", "not a readable ONNX model"),
+        ("text", "not a readable ONNX model"),
+        ("threshold", "outside [0, 1]"),
+        ("missing_calib", "does not exist"),
+        ("calib_shape", "expected float32 [Nx3x32x32]"),
+        ("calib_dtype", "expected float32"),
+        ("no_calib_no_meta", "calibration"),
+        ("same_output", "is the input model"),
+    ],
+)
+def test_cli_bad_inputs(tmp_path, case, message):
+    good = build(Spec(removable=REMOVABLE))
+    src = _save(good, tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", images(4))
+    args = ["prune", src, "--calib", tmp_path / "calib.npy"]
+    if case == "not_highway":
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])
+        plain = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+        _save(plain, src)
+    elif case == "truncated":
+        src.write_bytes(good.SerializeToString()[:500])
+    elif case == "text":
+        src.write_text("hello")
+    elif case == "threshold":
+        args += ["--threshold", "1.5"]
+    elif case == "missing_calib":
+        args[-1] = tmp_path / "nope.npy"
+    elif case == "calib_shape":
+        np.save(tmp_path / "calib.npy", images(4)[:, :, :16])
+    elif case == "calib_dtype":
+        np.save(tmp_path / "calib.npy", images(4).astype(np.float64))
+    elif case == "no_calib_no_meta":
+        args = ["prune", src]
+    elif case == "same_output":
+        args += ["-o", src]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = _cli(args)
+    assert res.exit_code != 0
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert message in lines[0]
+    assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -277,3 +277,68 @@ def prune_cmd(model, threshold, calib, data, count, split, output, no_refit, no_
         for table in prune_tables(report):
             out.print(table)
         out.print(f"wrote {dst}")
+
+
+# ---------------------------------------------------------------------------------------------
+# --- bench, quantize, convert ---
+# Deployment commands: no torch, directly or through imports.
+
+
+def _names(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise click.BadParameter(f"{text!r} lists no names")
+    return values
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@click.option("--batch", default="1,64", show_default=True, help="Comma-separated batch sizes.")
+@click.option(
+    "--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: ORT's, one per core)."
+)
+@click.option(
+    "--warmup", type=click.IntRange(0), default=10, show_default=True, help="Untimed runs per model and batch."
+)
+@click.option("--runs", type=click.IntRange(1), default=100, show_default=True, help="Timed runs per model and batch.")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Time each model about this long per batch instead of --runs.",
+)
+@click.option(
+    "--provider",
+    default="cpu",
+    show_default=True,
+    help="Comma-separated: cpu, cuda, tensorrt, openvino, xnnpack, coreml, nnapi, directml, qnn, ...",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Write every figure to this JSON file.")
+@friendly
+def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, json_path):
+    """Latency and throughput of MODELS with ONNX Runtime; the first model is the baseline."""
+    from hwtool.bench import BenchConfig, bench, placement_lines, table, write_json
+    from hwtool.report import progress_bar
+
+    cfg = BenchConfig(
+        batches=_ints(batch),
+        threads=threads,
+        warmup=warmup,
+        runs=runs,
+        seconds=seconds,
+        providers=_names(provider),
+        seed=seed,
+    )
+    with progress_bar(console, "bench") as bar:
+        res = bench(list(models), cfg, on_run=bar, on_stage=bar.stage)
+    for prov, why in res.skipped:
+        console.print(f"skipped {prov}: {why}")
+    if not res.timings:
+        raise ValueError("none of the requested providers is in this onnxruntime build; nothing was measured")
+    for line in placement_lines(res):
+        console.print(line)
+    out.print(table(res))
+    if json_path:
+        write_json(res, json_path)
+        console.print(f"wrote {json_path}")

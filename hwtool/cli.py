@@ -279,6 +279,94 @@ def prune_cmd(model, threshold, calib, data, count, split, output, no_refit, no_
         out.print(f"wrote {dst}")
 
 
+@main.command("gates")
+@click.argument("models", nargs=-1, required=True, type=click.Path())
+@_calib_options
+@click.option("--png", type=click.Path(), default=None, help="Write the heat map here.")
+@click.option("--unsorted", is_flag=True, help="Channels in original order (default: sorted by mean T).")
+@click.option("--json", "as_json", type=click.Path(), default=None, help="Write per-block, per-channel means here.")
+@friendly
+def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
+    """Mean gate T per block and channel of one or more MODELS: tables and a heat map."""
+    from hwtool.gates import gates_from_metadata, measure_gates
+    from hwtool.patterns import find_blocks
+    from hwtool.report import gate_heatmap, gate_table, progress_bar
+    from hwtool.runtime import atomic_write_bytes, load_model
+
+    panels = []
+    for path in models:
+        proto = load_model(path)
+        blocks = find_blocks(proto)
+        x = _calibration(proto, calib, data, count, split)
+        if x is None:
+            stats = gates_from_metadata(proto, blocks)
+            if stats is None:
+                raise ValueError(f"{path} has no gate statistics in its metadata; pass --calib or --data")
+        else:
+            with progress_bar(console, f"gates {Path(path).name}") as bar:
+                stats, _ = measure_gates(proto, blocks, x, on_batch=bar)
+        panels.append((f"{Path(path).name}: {stats.source}", [m.tolist() for m in stats.means]))
+    for title, means in panels:
+        out.print(gate_table(title, means))
+    if png:
+        gate_heatmap(panels, png, sort=not unsorted)
+        out.print(f"wrote {png}")
+    if as_json:
+        doc = [{"model": str(p), "source": t, "blocks": m} for p, (t, m) in zip(models, panels)]
+        atomic_write_bytes((json.dumps(doc) + "\n").encode(), as_json)
+
+
+@main.command("sweep")
+@click.argument("model", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz (test accuracy).")
+@click.option("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True)
+@click.option("--calib", type=click.Path(), default=None, help="Calibration .npy (default: --count train images).")
+@click.option("--count", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
+@click.option("--no-refit", is_flag=True, help="The paper's plain drop.")
+@click.option("--latency", is_flag=True, help="Also measure ORT CPU latency (batch 1 and 64).")
+@click.option("--csv", "csv_path", type=click.Path(), default=None, help="Default: MODEL.sweep.csv.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Default: MODEL.sweep.json.")
+@click.option("--png", type=click.Path(), default=None, help="Default: MODEL.sweep.png.")
+@friendly
+def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, csv_path, json_path, png):
+    """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency)."""
+    from rich.table import Table
+
+    from hwtool.gates import load_calibration
+    from hwtool.prune import PruneConfig
+    from hwtool.report import progress_bar, sweep_plot
+    from hwtool.runtime import load_model
+    from hwtool.sweep import sweep, write_outputs
+
+    ths = _floats(thresholds)
+    if not ths:
+        raise ValueError("--thresholds lists no threshold")
+    stem = Path(model).with_suffix("")
+    x = load_calibration(load_model(model), calib) if calib else None
+    with progress_bar(console, "sweep") as bar:
+        rows = sweep(model, data, ths, calib=x, calib_count=count, limit=limit,
+                     config=PruneConfig(refit=not no_refit), latency=latency, on_progress=bar.staged)
+    table = Table(title=f"hwtool sweep {model}")
+    for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms b1", "p50 ms b64"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row("original" if r.threshold is None else f"{r.threshold:g}", f"{r.kept_channels}/{r.channels}",
+                      f"{r.parameters:,}", f"{r.bytes / 1e6:.2f}", f"{r.flops / 1e6:.1f}", f"{r.accuracy:.2%}",
+                      "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
+                      "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}")
+    out.print(table)
+    csv_path = csv_path or f"{stem}.sweep.csv"
+    json_path = json_path or f"{stem}.sweep.json"
+    png = png or f"{stem}.sweep.png"
+    meta = {"model": str(model), "refit": not no_refit, "test_images": limit or 10000,
+            "calibration": calib or f"{count} train images"}
+    write_outputs(rows, csv_path, json_path, meta)
+    plot_rows = [{"threshold": r.threshold, "accuracy": r.accuracy, "bytes": r.bytes} for r in rows[1:]]
+    sweep_plot(plot_rows, png, f"{Path(model).name}: accuracy and size vs gate threshold")
+    out.print(f"wrote {csv_path}, {json_path}, {png}")
+
+
 # ---------------------------------------------------------------------------------------------
 # --- bench, quantize, convert ---
 # Deployment commands: no torch, directly or through imports.

@@ -396,12 +396,14 @@ def prune(
     config: PruneConfig | None = None,
     gate_stats: GateStats | None = None,
     on_progress=None,
+    reference: np.ndarray | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune every highway block's low-gate channels; returns (pruned model, report).
 
     calib: float32 calibration inputs in the model's input layout. They give the gate means
     (unless gate_stats is passed or only metadata is available), the refit, and the verification.
-    on_progress(stage: str, n: int, total: int) reports calibration progress.
+    on_progress(stage: str, n: int, total: int) reports calibration progress. reference: the
+    original's first output on calib, if already known (saves one pass).
     """
     cfg = config or PruneConfig(threshold=threshold)
     if config is not None and threshold != cfg.threshold:
@@ -420,7 +422,7 @@ def prune(
             raise ValueError(f"the model has a fixed batch of {fixed}; pass at least {fixed} calibration images")
         calib = calib[: len(calib) - len(calib) % fixed]
         cfg = replace(cfg, batch=fixed)
-    ref_logits = None
+    ref_logits = reference if reference is None or calib is None else reference[: len(calib)]
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None

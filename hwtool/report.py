@@ -83,3 +83,97 @@ def prune_tables(report) -> list:
         check.add_row(f"{report.max_abs_error:.4g}", f"{report.max_rel_error:.4g}",
                       "-" if report.top1_agreement is None else f"{report.top1_agreement:.2%}", secs)
     return [blocks, totals, check]
+
+
+# ---------------------------------------------------------------------------------------------
+# gate heat maps and sweep plots (matplotlib, imported lazily, Agg backend)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def gate_heatmap(panels: list[tuple[str, list]], out: str, sort: bool = True) -> None:
+    """One panel per model: rows are blocks, columns channels, colour is mean T.
+
+    panels: (title, per-block mean arrays). Blocks narrower than the widest are padded with blank.
+    """
+    import numpy as np
+
+    from hwtool.runtime import atomic_write_bytes
+
+    plt = _pyplot()
+    width = max(len(m) for _, means in panels for m in means)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 0.28 * max(len(m) for _, m in panels) + 2.2), squeeze=False
+    )
+    image = None
+    for ax, (title, means) in zip(axes[0], panels):
+        grid = np.full((len(means), width), np.nan)
+        for i, m in enumerate(means):
+            row = np.sort(m)[::-1] if sort else np.asarray(m)
+            grid[i, : len(row)] = row
+        image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("channel" + (" (sorted by mean T)" if sort else ""))
+        ax.set_ylabel("block")
+        ax.set_yticks(range(len(means)))
+    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate T", shrink=0.9)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), out)
+
+
+GATE_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def gate_table(title: str, means: list):
+    """Per-block mean T and the fraction of channels under common thresholds."""
+    import numpy as np
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("block", justify="right")
+    table.add_column("width", justify="right")
+    table.add_column("mean T", justify="right")
+    for t in GATE_THRESHOLDS:
+        table.add_column(f"< {t}", justify="right")
+    for i, m in enumerate(means):
+        m = np.asarray(m)
+        table.add_row(str(i), str(len(m)), f"{m.mean():.3f}", *[f"{(m < t).mean():.0%}" for t in GATE_THRESHOLDS])
+    allm = np.concatenate([np.asarray(m) for m in means])
+    table.add_row("all", str(len(allm)), f"{allm.mean():.3f}", *[f"{(allm < t).mean():.0%}" for t in GATE_THRESHOLDS])
+    return table
+
+
+def sweep_plot(rows: list[dict], out: str, title: str) -> None:
+    """Accuracy and model size against threshold, on two y axes."""
+    import io
+
+    from hwtool.runtime import atomic_write_bytes
+
+    plt = _pyplot()
+    th = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    acc = [100 * r["accuracy"] for r in rows]
+    ax.plot(th, acc, "o-", color="tab:blue", label="top-1 accuracy")
+    ax.set_xlabel("gate threshold")
+    ax.set_ylabel("top-1 accuracy (%)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(th, [r["bytes"] / 1e6 for r in rows], "s--", color="tab:red", label="file size")
+    ax2.set_ylabel("file size (MB)", color="tab:red")
+    ax2.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(buf.getvalue(), out)

@@ -1,0 +1,118 @@
+"""Threshold sweep: prune at each threshold (in memory) and measure accuracy, size, FLOPs, latency."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from hwtool.data import load_cifar10
+from hwtool.evaluate import accuracy_onnx, check_image_input
+from hwtool.gates import measure_gates
+from hwtool.patterns import find_blocks
+from hwtool.prune import PruneConfig, prune
+from hwtool.runtime import atomic_write_bytes, atomic_write_model, load_model
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One threshold's result. Threshold None is the unpruned original."""
+
+    threshold: float | None
+    kept_channels: int
+    channels: int
+    parameters: int
+    bytes: int
+    flops: int
+    accuracy: float
+    max_abs_error: float | None
+    p50_ms_batch1: float | None = None
+    p50_ms_batch64: float | None = None
+
+
+def sweep(
+    model_path: str | os.PathLike,
+    data: str,
+    thresholds: tuple[float, ...],
+    calib: np.ndarray | None = None,
+    calib_count: int = 512,
+    limit: int | None = None,
+    config: PruneConfig = PruneConfig(),
+    latency: bool = False,
+    latency_runs: int = 30,
+    on_progress=None,
+) -> list[SweepRow]:
+    """Prune at each threshold with one shared gate measurement; the first row is the original."""
+    for t in thresholds:
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
+    original = load_model(model_path)
+    check_image_input(original)
+    splits = load_cifar10(data)
+    if calib is None:
+        calib = splits["train"].as_float(calib_count)
+    test = splits["test"].head(limit)
+    blocks = find_blocks(original)
+
+    def bar(stage):
+        return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
+
+    stats, ref = measure_gates(original, blocks, calib, batch=config.batch, on_batch=bar("gates"), keep_outputs=True)
+    channels = sum(b.width for b in blocks)
+    correct, _ = accuracy_onnx(original, test, on_batch=bar("accuracy original"))
+    from hwtool.graph import count_flops, count_parameters
+
+    rows = [
+        SweepRow(None, channels, channels, count_parameters(original), original.ByteSize(), count_flops(original),
+                 correct / len(test), 0.0)
+    ]
+    models = [original]
+    for t in thresholds:
+        pruned, rep = prune(original, t, calib=calib, config=replace(config, threshold=t), gate_stats=stats,
+                            reference=ref, on_progress=on_progress)
+        correct, _ = accuracy_onnx(pruned, test, on_batch=bar(f"accuracy at {t}"))
+        rows.append(
+            SweepRow(t, sum(b.kept for b in rep.blocks), channels, rep.params_after, rep.bytes_after, rep.flops_after,
+                     correct / len(test), rep.max_abs_error)
+        )
+        models.append(pruned)
+    if latency:
+        rows = _with_latency(rows, models, latency_runs)
+    return rows
+
+
+def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRow]:
+    """Median ORT CPU latency at batch 1 and 64, all models interleaved in one benchmark."""
+    from hwtool.bench import BenchConfig, bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, m in enumerate(models):
+            p = Path(tmp) / f"m{i}.onnx"
+            atomic_write_model(m, p)
+            paths.append(str(p))
+        res = bench(paths, BenchConfig(batches=(1, 64), warmup=3, runs=runs))
+        return [
+            replace(r, p50_ms_batch1=res.timing(p, res.timings[0].provider, 1).p50_ms,
+                    p50_ms_batch64=res.timing(p, res.timings[0].provider, 64).p50_ms)
+            for r, p in zip(rows, paths)
+        ]
+
+
+def write_outputs(rows: list[SweepRow], csv_path: str | None, json_path: str | None, meta: dict) -> None:
+    """CSV (one row per threshold) and JSON (rows plus how they were made), written atomically."""
+    dicts = [asdict(r) for r in rows]
+    if csv_path:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(dicts[0]))
+        w.writeheader()
+        w.writerows(dicts)
+        atomic_write_bytes(buf.getvalue().encode(), csv_path)
+    if json_path:
+        atomic_write_bytes((json.dumps({**meta, "rows": dicts}, indent=2) + "\n").encode(), json_path)

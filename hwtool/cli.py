@@ -430,3 +430,84 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
     if json_path:
         write_json(res, json_path)
         console.print(f"wrote {json_path}")
+
+
+@main.command("quantize")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="int8 ONNX file to write.")
+@click.option(
+    "--calib", type=click.Path(), default=None, help="float32 .npy calibration array in the model's input layout."
+)
+@click.option("--data", type=click.Path(), default=None, help="CIFAR-10: calibration from train, accuracy on test.")
+@click.option("--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images from --data.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Measure accuracy on the first N test images.")
+@click.option(
+    "--method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="Activation range calibration.",
+)
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+@click.option("--ops", default=None, help="Comma-separated op types to quantize (default: all ORT can).")
+@click.option("--no-preprocess", is_flag=True, help="Skip ORT's quant_pre_process.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+@friendly
+def quantize_cmd(model, output, calib, data, count, limit, method, per_tensor, ops, no_preprocess, as_json):
+    """Static int8 quantization (QDQ, per-channel weights) of MODEL with ONNX Runtime."""
+    from hwtool.quantize import QuantizeConfig, quantize
+    from hwtool.report import progress_bar
+
+    cfg = QuantizeConfig(
+        per_channel=not per_tensor, method=method, ops=_names(ops) if ops else None, preprocess=not no_preprocess
+    )
+    with progress_bar(console, "quantize", disable=as_json) as bar:
+        res = quantize(
+            model,
+            output,
+            calib=calib,
+            data=data,
+            count=count,
+            limit=limit,
+            config=cfg,
+            on_batch=bar,
+            on_stage=bar.stage,
+        )
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    out.print(
+        f"wrote {res.output}: {res.bytes_before:,} -> {res.bytes_after:,} bytes ({res.size_ratio:.2f}x), "
+        f"{res.quantized_nodes} Q/DQ nodes, calibrated on {res.calib_images} images"
+    )
+    if res.accuracy_before is not None:
+        out.print(
+            f"top-1 on {res.test_images} test images: float {res.accuracy_before:.2%}, "
+            f"int8 {res.accuracy_after:.2%}; predictions agree on {res.agreement:.1%}"
+        )
+
+
+@main.command("convert")
+@click.argument("model", type=click.Path())
+@click.option("--to", "fmt", type=click.Choice(["ort"]), default="ort", show_default=True, help="Target format.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL with .ort suffix.")
+@click.option(
+    "--target",
+    type=click.Choice(["portable", "arm", "amd64"]),
+    default="portable",
+    show_default=True,
+    help="portable and arm leave out x86-only NCHWc layouts; arm keeps int8 QDQ kernels.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+@friendly
+def convert_cmd(model, fmt, output, target, as_json):
+    """Convert MODEL to the ORT format for ONNX Runtime Mobile, with its reduced-operator config."""
+    from hwtool.convert import convert_to_ort
+
+    res = convert_to_ort(model, output, target=target)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    ops = sum(len(v) for v in res.operators.values())
+    out.print(f"wrote {res.output} ({res.ort_bytes:,} bytes, {res.nodes} nodes) and {res.config} ({ops} operators)")
+    out.print(f"ORT vs ONNX model on random inputs (batch {res.verify_batch}): max abs diff {res.max_abs_diff:.2e}")

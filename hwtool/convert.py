@@ -1,0 +1,189 @@
+"""ONNX -> ORT format for ONNX Runtime Mobile / minimal builds, with the reduced-operator config.
+
+Does what onnxruntime.tools.convert_onnx_models_to_ort does for one model with the 'Fixed'
+optimization style (optimizations baked in at conversion; the default for CPU and XNNPACK), then
+checks the .ort file: it must load in an InferenceSession and give the ONNX model's outputs.
+No torch here (directly or through imports).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnxruntime as ort
+
+from hwtool.runtime import ModelError, load_model
+
+TARGETS = ("portable", "arm", "amd64")
+# ORT session input types -> numpy dtypes for random verification inputs.
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What was written and how well the ORT model matches the ONNX one."""
+
+    source: str
+    output: str  # the .ort model
+    config: str  # required_operators.config for a reduced (minimal) ONNX Runtime build
+    target: str  # portable, arm or amd64 (amd64 keeps x86-only NCHWc layouts)
+    onnx_bytes: int
+    ort_bytes: int
+    operators: dict[str, list[str]]  # "domain;opset" -> op types the ORT model needs
+    nodes: int  # nodes in the ORT model's (optimized) graph, as its session reports
+    max_abs_diff: float  # largest difference over all outputs on the random verification inputs
+    verify_batch: int
+    onnxruntime: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ort_tools() -> ModuleType:
+    """onnxruntime.tools.ort_format_model, imported without dragging torch in.
+
+    onnxruntime/tools/__init__.py imports a PyTorch export helper whenever torch is installed; that
+    costs seconds and breaks the deployment side's no-torch promise. A None entry in sys.modules
+    makes importlib.util.find_spec('torch') report it absent, for the duration of the import only.
+    """
+    name = "onnxruntime.tools.ort_format_model"
+    if name not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            importlib.import_module(name)
+        finally:
+            del sys.modules["torch"]
+    module = importlib.import_module(name)
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # it logs each config at INFO
+    return module
+
+
+def random_feed(sess: ort.InferenceSession, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fixed-seed inputs for every model input: symbolic dims become `batch` (first) or 1."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in sess.get_inputs():
+        if inp.type not in _DTYPES:
+            raise ModelError(f"input {inp.name!r} has type {inp.type}; cannot make verification inputs for it")
+        shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(inp.shape)]
+        dtype = _DTYPES[inp.type]
+        if np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.random(shape, dtype=np.float32).astype(dtype)
+        else:
+            feed[inp.name] = np.zeros(shape, dtype=dtype)  # indices and masks: zeros are always valid
+    return feed
+
+
+def _session_options(target: str, save_to: Path | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Arm CPUs run int8 QDQ kernels well; x86 prefers them fused to uint8. Same switch ORT's tool uses.
+    opts.add_session_config_entry("session.qdqisint8allowed", "1" if target == "arm" else "0")
+    if save_to is not None:
+        opts.optimized_model_filepath = str(save_to)
+        opts.add_session_config_entry("session.save_model_format", "ORT")
+    return opts
+
+
+def _read_config(path: Path) -> dict[str, list[str]]:
+    ops = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            domain, opset, names = line.split(";", 2)
+            ops[f"{domain};{opset}"] = sorted(names.split(","))
+    return ops
+
+
+def convert_to_ort(
+    model_path: str | os.PathLike, output: str | os.PathLike | None = None, target: str = "portable"
+) -> ConvertResult:
+    """Write MODEL as .ort plus its required_operators.config, atomically, and verify it."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
+    src = Path(model_path)
+    load_model(src)  # clear errors for missing or broken files before ORT's own
+    dst = Path(output) if output else src.with_suffix(".ort")
+    if dst.suffix != ".ort":
+        raise ValueError(f"output {dst} must end in .ort: ONNX Runtime picks the model format by the extension")
+    config = dst.with_suffix(".required_operators.config")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # NCHWc blocked layouts only exist in x86 builds; a model meant for phones must not carry them.
+    disabled = [] if target == "amd64" else ["NchwcTransformer"]
+    with tempfile.TemporaryDirectory(prefix=".hwtool-ort-", dir=dst.parent) as tmp:
+        tmp_ort, tmp_cfg = Path(tmp, dst.name), Path(tmp, config.name)
+        try:
+            ort.InferenceSession(
+                str(src), _session_options(target, tmp_ort), providers=["CPUExecutionProvider"],
+                disabled_optimizers=disabled,
+            )  # fmt: skip
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"ONNX Runtime cannot load {src}: {first}") from None
+        ort_tools().create_config_from_models([tmp_ort], tmp_cfg, False)
+        # The header names the model it was made from: name the published file, not the temporary.
+        tmp_cfg.write_text(tmp_cfg.read_text().replace(str(tmp_ort), str(dst)))
+        # Verify before publishing: a .ort that does not load or disagrees is never written.
+        diff, batch, nodes = verify(src, tmp_ort, target)
+        os.replace(tmp_ort, dst)
+        os.replace(tmp_cfg, config)
+    return ConvertResult(
+        source=str(src),
+        output=str(dst),
+        config=str(config),
+        target=target,
+        onnx_bytes=src.stat().st_size,
+        ort_bytes=dst.stat().st_size,
+        operators=_read_config(config),
+        nodes=nodes,
+        max_abs_diff=diff,
+        verify_batch=batch,
+        onnxruntime=ort.__version__,
+    )
+
+
+def verify(onnx_path: str | os.PathLike, ort_path: str | os.PathLike, target: str = "portable", batch: int = 2):
+    """(max abs output difference, batch used, node count) of the ORT model vs the ONNX model."""
+    ref = ort.InferenceSession(str(onnx_path), _session_options(target), providers=["CPUExecutionProvider"])
+    opts = _session_options(target)
+    opts.add_session_config_entry("session.load_model_format", "ORT")
+    try:
+        sess = ort.InferenceSession(str(ort_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"the converted ORT model does not load: {first}") from None
+    feed = random_feed(ref, batch=batch)
+    want, got = ref.run(None, feed), sess.run(None, feed)
+    diff = max(
+        (float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0)
+        for a, b in zip(want, got, strict=True)
+    )
+    used = next(iter(feed.values())).shape[0] if feed and next(iter(feed.values())).ndim else batch
+    return diff, int(used), _count_nodes(ort_path)
+
+
+def _count_nodes(ort_path: str | os.PathLike) -> int:
+    """Nodes in an ORT-format model's main graph (read with ORT's own flatbuffer schema)."""
+    ort_tools()  # puts ORT's generated flatbuffer bindings (ort_flatbuffers_py) on sys.path
+    fbs = importlib.import_module("ort_flatbuffers_py.fbs")
+    data = Path(ort_path).read_bytes()
+    session = fbs.InferenceSession.InferenceSession.GetRootAsInferenceSession(data, 0)
+    return session.Model().Graph().NodesLength()

@@ -1,0 +1,251 @@
+"""Static int8 quantization (QDQ, per-channel weights) of an ONNX model with ONNX Runtime's tooling.
+
+Works on original and pruned models alike: the quantizer sees only an ONNX graph. Activation
+ranges come from calibration images run through the float model (MinMax by default); weights get
+one scale per output channel, which matters here because pruning and BN folding leave channels
+with very different ranges. No torch here (directly or through imports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from hwtool.runtime import ModelError, atomic_write_bytes, fixed_batch, input_spec, load_model
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize."""
+
+    per_channel: bool = True  # one weight scale per output channel (else one per tensor)
+    method: str = "minmax"  # activation range calibration: minmax, entropy or percentile
+    ops: tuple[str, ...] | None = None  # op types to quantize; None: every op ORT can quantize
+    preprocess: bool = True  # run ORT's quant_pre_process (shape inference + basic graph fusions) first
+    batch: int = 64  # calibration images per ORT run (a fixed-batch model uses its own batch)
+    threads: int | None = None  # ORT threads for the accuracy runs
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What quantization produced, and what it cost in accuracy when measured."""
+
+    input: str
+    output: str
+    bytes_before: int
+    bytes_after: int
+    calib_images: int
+    calib_source: str
+    preprocessed: bool  # False when quant_pre_process failed and the raw model was quantized
+    quantized_nodes: int  # QuantizeLinear + DequantizeLinear nodes in the output
+    config: QuantizeConfig
+    accuracy_before: float | None = None  # top-1 on the first test_images CIFAR-10 test images
+    accuracy_after: float | None = None
+    agreement: float | None = None  # fraction of test images where float and int8 top-1 agree
+    test_images: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def size_ratio(self) -> float:
+        return self.bytes_after / self.bytes_before
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "size_ratio": self.size_ratio}
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration images to ORT's calibrator in batches (only full batches when `fixed`)."""
+
+    def __init__(self, input_name: str, x: np.ndarray, batch: int, fixed: bool = False, on_batch=None):
+        self.input_name, self.x, self.batch, self.fixed, self.on_batch = input_name, x, batch, fixed, on_batch
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        end = self.i + self.batch
+        if self.i >= len(self.x) or (self.fixed and end > len(self.x)):
+            return None
+        chunk = self.x[self.i : end]
+        self.i = end
+        if self.on_batch:
+            self.on_batch(len(chunk), len(self.x))
+        return {self.input_name: chunk}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def _reader(model: onnx.ModelProto, x: np.ndarray, batch: int, on_batch=None) -> ArrayReader:
+    name, _, _ = input_spec(model)
+    fixed = fixed_batch(model)
+    if fixed and len(x) < fixed:
+        raise ValueError(f"the model has a fixed batch of {fixed}; give at least {fixed} calibration images")
+    return ArrayReader(name, x, fixed or batch, fixed=bool(fixed), on_batch=on_batch)
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph already holds quantization ops."""
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
+
+def _method(name: str) -> CalibrationMethod:
+    table = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    if name not in table:
+        raise ValueError(f"unknown calibration method {name!r}; use one of {', '.join(METHODS)}")
+    return table[name]
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """Silence the quantizer's root-logger chatter (e.g. per-channel axis notes on BN scales)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_model(
+    model: onnx.ModelProto, calib: np.ndarray, config: QuantizeConfig = QuantizeConfig(), on_batch=None
+) -> tuple[onnx.ModelProto, bool]:
+    """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs."""
+    if is_quantized(model):
+        raise ModelError("the model already holds quantization ops; quantize the float model instead")
+    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
+        src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(model, src)
+        preprocessed = False
+        if config.preprocess:
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            try:
+                # ONNX shape inference + ORT basic fusions. Symbolic shape inference is skipped: it
+                # needs sympy and our models have static shapes apart from the batch.
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                preprocessed = True
+            except Exception:  # pre-processing is an optimisation; the raw graph quantizes too
+                preprocessed = False
+        quantize_static(
+            str(pre if preprocessed else src),
+            str(dst),
+            _reader(model, calib, config.batch, on_batch),
+            quant_format=QuantFormat.QDQ,
+            per_channel=config.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(config.ops) if config.ops else None,
+            calibrate_method=_method(config.method),
+        )
+        out = onnx.load(str(dst))
+    onnx.checker.check_model(out)
+    # Record how the model was made, beside the metadata the float model carried.
+    settings = {**asdict(config), "preprocessed": preprocessed, "calib_images": len(calib)}
+    onnx.helper.set_model_props(
+        out, {**{p.key: p.value for p in out.metadata_props}, "hwtool.quantize": json.dumps(settings)}
+    )
+    return out, preprocessed
+
+
+def quantize(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike,
+    calib: str | os.PathLike | None = None,
+    data: str | None = None,
+    count: int = 512,
+    limit: int | None = None,
+    config: QuantizeConfig = QuantizeConfig(),
+    on_batch=None,
+    on_stage=None,
+) -> QuantizeResult:
+    """Quantize an ONNX file to int8 and write it atomically; the input file is never touched.
+
+    Calibration images come from `calib` (a float32 .npy in the model's input layout) or else from
+    the first `count` CIFAR-10 *training* images under `data`. With `data`, top-1 accuracy before
+    and after is measured on the first `limit` *test* images (never the calibration images).
+    """
+    from hwtool.gates import calibration_from_data, load_calibration
+
+    t0 = time.perf_counter()
+    src, dst = Path(model_path), Path(output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"output {dst} is the input model; choose another -o")
+    if config.method not in METHODS:
+        raise ValueError(f"unknown calibration method {config.method!r}; use one of {', '.join(METHODS)}")
+    model = load_model(src)
+    if is_quantized(model):
+        raise ModelError(f"{src} already holds quantization ops; quantize the float model instead")
+    if calib is not None:
+        if not Path(calib).is_file():
+            _, dims, _ = input_spec(model)
+            shape = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+            raise ValueError(f"calibration file {calib} does not exist; expected a float32 .npy of shape [{shape}]")
+        x = load_calibration(model, calib)
+        source = str(calib)
+    elif data is not None:
+        x = calibration_from_data(model, data, count=count, split="train")
+        source = f"{data} train[:{len(x)}]"
+    else:
+        raise ValueError("quantize needs calibration images: pass --calib FILE.npy or --data PATH")
+    if not np.isfinite(x).all():
+        raise ValueError(f"calibration images from {source} hold NaN or infinite values")
+    if data is not None:
+        from hwtool.evaluate import check_image_input
+
+        check_image_input(model)  # fail before the slow part when accuracy cannot be measured
+
+    if on_stage:
+        on_stage("calibrate")
+    qmodel, preprocessed = quantize_model(model, x, config, on_batch=on_batch)
+    blob = qmodel.SerializeToString()
+    atomic_write_bytes(blob, dst)
+
+    acc = {}
+    if data is not None:
+        from hwtool.data import load_cifar10
+        from hwtool.evaluate import accuracy_onnx
+
+        test = load_cifar10(data)["test"].head(limit)
+        if on_stage:
+            on_stage("eval float")
+        c0, p0 = accuracy_onnx(model, test, threads=config.threads, on_batch=on_batch)
+        if on_stage:
+            on_stage("eval int8")
+        c1, p1 = accuracy_onnx(qmodel, test, threads=config.threads, on_batch=on_batch)
+        acc = dict(
+            accuracy_before=c0 / len(p0),
+            accuracy_after=c1 / len(p1),
+            agreement=float((p0 == p1).mean()),
+            test_images=len(p0),
+        )
+    nq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qmodel.graph.node)
+    return QuantizeResult(
+        input=str(src),
+        output=str(dst),
+        bytes_before=src.stat().st_size,
+        bytes_after=len(blob),
+        calib_images=len(x),
+        calib_source=source,
+        preprocessed=preprocessed,
+        quantized_nodes=nq,
+        config=config,
+        seconds=time.perf_counter() - t0,
+        **acc,
+    )

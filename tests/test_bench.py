@@ -1,0 +1,197 @@
+"""hwtool bench on hand-built highway models: JSON contents, ratios, interleaving, bad input.
+
+No timed assertions: speeds depend on the machine; only their internal consistency is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from highway_onnx import Spec, build
+
+from hwtool.bench import BenchConfig, _time_interleaved, random_input, resolve_provider, summarize
+from hwtool.cli import main
+from hwtool.graph import count_flops, count_parameters
+
+QUICK = ["--warmup", "2", "--runs", "5", "--batch", "1,4", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A wider and a narrower highway model (the narrower one plays the pruned model)."""
+    d = tmp_path_factory.mktemp("bench")
+    paths = {}
+    for name, widths in (("wide", (32, 32, 64)), ("narrow", (16, 16, 32))):
+        paths[name] = d / f"{name}.onnx"
+        onnx.save(build(Spec(widths=widths, batch="N")), paths[name])
+    return paths
+
+
+def _bench(args, tmp_path):
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(main, ["bench", *map(str, args), *QUICK, "--json", str(out)])
+    return res, out
+
+
+def test_json_figures_are_complete_and_sane(models, tmp_path):
+    res, out = _bench([models["wide"], models["narrow"]], tmp_path)
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    assert d["onnxruntime"] == ort.__version__
+    assert d["cpu"] and d["cpu_count"] >= 1
+    assert d["config"]["warmup"] == 2 and d["config"]["runs"] == 5 and d["config"]["threads"] == 1
+    assert d["config"]["batches"] == [1, 4]
+    assert d["baseline"] == str(models["wide"])
+    assert len(d["timings"]) == 4  # 2 models x 2 batches
+    for t in d["timings"]:
+        assert t["provider"] == "CPUExecutionProvider"
+        assert t["runs"] == 5
+        assert 0 < t["min_ms"] <= t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"]
+        assert t["throughput"] > 0
+        assert t["throughput"] == pytest.approx(t["batch"] / (t["mean_ms"] / 1000), rel=1e-6)
+    # Every node ran on the CPU, and the profiler saw every node of the optimized graph.
+    assert len(d["placements"]) == 2
+    for p in d["placements"]:
+        assert set(p["nodes"]) == {"CPUExecutionProvider"} and p["nodes"]["CPUExecutionProvider"] > 5
+        assert p["fallback_nodes"] == 0
+
+
+def test_ratios_and_speedup_match_the_models(models, tmp_path):
+    res, out = _bench([models["wide"], models["narrow"]], tmp_path)
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    wide, narrow = onnx.load(models["wide"]), onnx.load(models["narrow"])
+    cmp = {(c["model"], c["batch"]): c for c in d["comparison"]}
+    base = cmp[(str(models["wide"]), 1)]
+    assert base["speedup"] == 1.0 and base["parameters_ratio"] == 1.0 and base["file_size_ratio"] == 1.0
+    c = cmp[(str(models["narrow"]), 4)]
+    assert c["parameters_ratio"] == pytest.approx(count_parameters(narrow) / count_parameters(wide))
+    assert c["flops_ratio"] == pytest.approx(count_flops(narrow) / count_flops(wide))
+    assert c["file_size_ratio"] == pytest.approx(models["narrow"].stat().st_size / models["wide"].stat().st_size)
+    assert c["parameters_ratio"] < 0.5 and c["flops_ratio"] < 0.5
+    timing = {(t["model"], t["batch"]): t for t in d["timings"]}
+    assert c["speedup"] == pytest.approx(
+        timing[(str(models["wide"]), 4)]["p50_ms"] / timing[(str(models["narrow"]), 4)]["p50_ms"]
+    )
+    # The table on stdout names both models and the ratio columns.
+    assert "narrow.onnx" in res.stdout and "speedup" in res.stdout and "FLOPs" in res.stdout
+
+
+def test_seconds_mode_gives_every_model_the_same_runs(models, tmp_path):
+    out = tmp_path / "s.json"
+    args = ["bench", str(models["wide"]), str(models["narrow"]), "--seconds", "0.05", "--batch", "2"]
+    res = CliRunner().invoke(main, [*args, "--warmup", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    d = json.loads(out.read_text())
+    runs = {t["runs"] for t in d["timings"]}
+    assert len(runs) == 1 and runs.pop() >= 1
+    assert d["config"]["seconds"] == 0.05
+
+
+def test_missing_provider_is_named_with_its_package(models, tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    res, out = _bench([models["narrow"], "--provider", "cpu,cuda,xnnpack"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "onnxruntime-gpu" in res.stderr and "mobile build" in res.stderr
+    d = json.loads(out.read_text())
+    assert {s[0] for s in d["skipped"]} == {"CUDAExecutionProvider", "XnnpackExecutionProvider"}
+    assert {t["provider"] for t in d["timings"]} == {"CPUExecutionProvider"}
+
+
+def _error(res) -> str:
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), res.output
+    return lines[-1]
+
+
+def test_bad_inputs_give_one_line_errors(models, tmp_path):
+    d = tmp_path
+    onnx.save(build(Spec(widths=(8,), batch=1)), d / "fixed1.onnx")
+    two = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 3] a, float[N, 3] b) => (float[N, 3] c) { c = Add(a, b) }'
+    )
+    ints = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (int64[N, 4] a) => (int64[N, 4] c) { c = Identity(a) }'
+    )
+    for m in (two, ints):
+        onnx.checker.check_model(m)
+    onnx.save(two, d / "two.onnx")
+    onnx.save(ints, d / "ints.onnx")
+    (d / "junk.onnx").write_bytes(b"not a model")
+    cases = {
+        "fixed1.onnx": "fixed batch of 1",
+        "two.onnx": "2 inputs",
+        "ints.onnx": "int64",
+        "junk.onnx": "not a readable ONNX model",
+        "missing.onnx": "does not exist",
+    }
+    for name, needle in cases.items():
+        out = d / f"{name}.json"
+        res = CliRunner().invoke(main, ["bench", str(models["narrow"]), str(d / name), *QUICK, "--json", str(out)])
+        assert needle in _error(res), name
+        assert not out.exists()
+    res = CliRunner().invoke(main, ["bench", str(models["narrow"]), "--provider", "tpu9000"])
+    assert "unknown provider" in _error(res)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        res = CliRunner().invoke(main, ["bench", str(models["narrow"]), "--provider", "cuda"])
+        assert "nothing was measured" in _error(res)
+    res = CliRunner().invoke(main, ["bench", str(models["narrow"]), "--batch", "0"])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+
+
+def test_fixed_batch_model_runs_at_its_own_batch(tmp_path):
+    p = tmp_path / "fixed4.onnx"
+    onnx.save(build(Spec(widths=(8,), batch=4)), p)
+    res = CliRunner().invoke(main, ["bench", str(p), "--batch", "4", "--runs", "3", "--warmup", "0"])
+    assert res.exit_code == 0, res.output
+
+
+class _FakeSession:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def run(self, outputs, feed):
+        self.log.append(self.name)
+
+
+def test_runs_are_interleaved_and_rotated_after_warmup():
+    log = []
+    sessions = [_FakeSession(n, log) for n in "abc"]
+    ms = _time_interleaved(sessions, [{}] * 3, BenchConfig(warmup=2, runs=3))
+    assert [len(m) for m in ms] == [3, 3, 3]
+    assert log[:6] == list("abcabc")  # warm-up: every model, before any timed run
+    assert log[6:] == list("abcbcacab")  # timed: one run each per round, the first model rotating
+
+
+def test_summary_and_inputs_are_deterministic():
+    t = summarize("m", "CPUExecutionProvider", 8, [1.0] * 90 + [10.0] * 10)
+    assert t.p50_ms == 1.0 and t.p50_ms <= t.p90_ms <= t.p99_ms == pytest.approx(10.0)
+    assert t.throughput == pytest.approx(8 * 100 / (0.09 + 0.1))
+    a, b = random_input((2, 3, 4, 4), np.float32, 0), random_input((2, 3, 4, 4), np.float32, 0)
+    assert np.array_equal(a, b) and a.min() >= 0 and a.max() < 1
+    assert resolve_provider("CUDA")[0] == "CUDAExecutionProvider"
+    assert resolve_provider("CPUExecutionProvider")[0] == "CPUExecutionProvider"
+
+
+def test_deployment_modules_do_not_import_torch(models, tmp_path):
+    code = f"""
+import sys
+from hwtool.bench import bench, BenchConfig
+from hwtool.quantize import quantize_model
+from hwtool.convert import convert_to_ort
+bench([{str(models["narrow"])!r}], BenchConfig(batches=(1,), warmup=0, runs=1))
+convert_to_ort({str(models["narrow"])!r}, {str(tmp_path / "n.ort")!r})
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

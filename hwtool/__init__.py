@@ -1,3 +1,15 @@
-"""hwtool: an ONNX-centric compression toolchain for highway networks."""
+"""hwtool: an ONNX-centric compression toolchain for highway networks.
+
+Python API: `hwtool.prune(model_or_path, threshold, calib=...)` returns (onnx.ModelProto, PruneReport).
+Submodules are imported on first use so that the command line starts fast.
+"""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "prune":
+        import importlib
+
+        return importlib.import_module("hwtool.prune")
+    raise AttributeError(f"module 'hwtool' has no attribute {name!r}")

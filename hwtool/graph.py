@@ -32,6 +32,8 @@ class Graph:
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":  # exporters alias shared weights this way
+            return self.const(node.input[0])
         if node is not None and node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value":

@@ -50,10 +50,14 @@ class HighwayBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.project = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (y, H, T)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune."""
         h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
+        if mask is not None:
+            t = t * mask.view(1, -1, 1, 1)
         carry = x if self.project is None else self.project(x)
         return h * t + (1 - t) * carry, h, t
 
@@ -79,12 +83,15 @@ class HighwayNet(nn.Module):
         self.head_norm = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor, return_gates: bool = False):
-        """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms)."""
+    def forward(self, x: torch.Tensor, return_gates: bool = False, masks: list[torch.Tensor] | None = None):
+        """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms).
+
+        masks: one 0/1 tensor per block that zeroes those gates (what pruning removes).
+        """
         x = self.stem((x - self.mean) / self.std)
         gates, transforms = [], []
-        for block in self.blocks:
-            x, h, t = block(x)
+        for i, block in enumerate(self.blocks):
+            x, h, t = block(x, None if masks is None else masks[i])
             gates.append(t)
             transforms.append(h)
         x = F.relu(self.head_norm(x))

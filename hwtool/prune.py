@@ -10,7 +10,9 @@ network's own activations, block by block.
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -550,3 +552,13 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     for k, v in meta:
         simplified.metadata_props.add(key=k, value=v)
     return simplified
+
+
+class _CallableModule(types.ModuleType):
+    """Lets `hwtool.prune(model, threshold, calib=...)` call prune() although hwtool.prune is this module."""
+
+    def __call__(self, *args, **kwargs):
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -232,3 +232,17 @@ def test_cli_bad_inputs(tmp_path, case, message):
     assert message in lines[0]
     assert "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_weights_shared_through_identity_are_followed():
+    """The torchscript exporter deduplicates equal weights and aliases them with Identity nodes."""
+    model = build(Spec(removable=REMOVABLE))
+    g = {n.output[0]: n for n in model.graph.node}
+    blocks = find_blocks(model)
+    gate_conv = g[blocks[2].gate_conv]
+    alias = onnx.helper.make_node("Identity", [gate_conv.input[2]], ["aliased_bias"])
+    gate_conv.input[2] = "aliased_bias"
+    model.graph.node.insert(0, alias)
+    pruned, report = prune(model, 1e-6, calib=images(8))
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    assert report.max_abs_error < 1e-4

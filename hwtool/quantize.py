@@ -241,7 +241,7 @@ def quantize(
         output=str(dst),
         bytes_before=src.stat().st_size,
         bytes_after=len(blob),
-        calib_images=len(x),
+        calib_images=len(x) - len(x) % (fixed_batch(model) or 1),  # a fixed batch takes full batches only
         calib_source=source,
         preprocessed=preprocessed,
         quantized_nodes=nq,

@@ -1,0 +1,163 @@
+"""hwtool quantize: size, accuracy on real CIFAR-10 images, pruned and fixed-batch models, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from highway_onnx import Spec, build, images
+from onnx import numpy_helper
+
+from hwtool.cli import main
+from hwtool.runtime import make_session
+
+
+def _logits(path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fitted(cifar, tmp_path_factory):
+    """A conv-heavy highway model whose classifier head is fitted (ridge regression) on real images.
+
+    Random conv features plus a least-squares head reach ~35% on CIFAR-10: a real classifier with
+    real margins, made in seconds without torch, so int8 agreement on test images means something.
+    """
+    model = build(Spec(widths=(32, 64, 64), batch="N"))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    train = cifar["train"].head(3000)
+    sess = make_session(model, extra_outputs=[gemm.input[0]])
+    f = sess.run([gemm.input[0]], {"input": train.as_float()})[0].astype(np.float64)  # (N, C) pooled features
+    mu, sd = f.mean(0), f.std(0) + 1e-6
+    fn = np.c_[(f - mu) / sd, np.ones(len(f))]
+    w = np.linalg.solve(fn.T @ fn + 10 * np.eye(fn.shape[1]), fn.T @ np.eye(10)[train.labels])  # (C+1, 10)
+    inits = {t.name: t for t in model.graph.initializer}
+    weight = (w[:-1] / sd[:, None]).T.astype(np.float32)  # Gemm has transB=1: (10, C)
+    bias = (w[-1] - (mu / sd) @ w[:-1]).astype(np.float32)
+    inits[gemm.input[1]].CopyFrom(numpy_helper.from_array(weight, gemm.input[1]))
+    inits[gemm.input[2]].CopyFrom(numpy_helper.from_array(bias, gemm.input[2]))
+    onnx.checker.check_model(model)
+    path = tmp_path_factory.mktemp("quant") / "float.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_int8_is_small_and_agrees_with_float_on_cifar(fitted, cifar, cifar_path, tmp_path):
+    before = _sha(fitted)
+    out = tmp_path / "int8.onnx"
+    args = ["quantize", str(fitted), "-o", str(out), "--data", cifar_path, "--count", "128", "--limit", "1000"]
+    res = CliRunner().invoke(main, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert _sha(fitted) == before  # the input is never modified
+
+    # Conv-heavy: int8 weights shrink the file to well under half.
+    assert r["bytes_before"] == fitted.stat().st_size and r["bytes_after"] == out.stat().st_size
+    assert r["size_ratio"] < 0.4
+    assert r["calib_images"] == 128 and r["test_images"] == 1000 and r["preprocessed"]
+    assert r["accuracy_before"] > 0.25  # the fitted head is a real classifier
+    assert abs(r["accuracy_after"] - r["accuracy_before"]) <= 0.03
+    assert r["agreement"] >= 0.8
+
+    # The same agreement, measured here independently of hwtool's evaluation.
+    x = cifar["test"].as_float(1000)
+    p0, p1 = _logits(fitted, x).argmax(1), _logits(out, x).argmax(1)
+    assert (p0 == p1).mean() == pytest.approx(r["agreement"])
+    assert (p1 == cifar["test"].labels[:1000]).mean() == pytest.approx(r["accuracy_after"])
+
+    q = onnx.load(out)
+    onnx.checker.check_model(q)
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # Per-channel: every conv weight is an int8 initializer with one scale per output channel.
+    inits = {t.name: t for t in q.graph.initializer}
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    for conv in (n for n in q.graph.node if n.op_type == "Conv"):
+        wdq = dq[conv.input[1]]
+        w, scale = inits[wdq.input[0]], numpy_helper.to_array(inits[wdq.input[1]])
+        assert w.data_type == onnx.TensorProto.INT8 and scale.shape == (w.dims[0],)
+    assert "hwtool.quantize" in {p.key for p in q.metadata_props}
+
+    res = CliRunner().invoke(main, args)  # the human-readable report
+    assert res.exit_code == 0 and "agree" in res.stdout and "0." in res.stdout
+
+
+def test_calib_file_and_fixed_batch_model(tmp_path):
+    model = tmp_path / "fixed4.onnx"
+    onnx.save(build(Spec(widths=(16, 32), batch=4)), model)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, images(10))  # 10 images: two full batches of 4 are used, the rest skipped
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(calib), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["calib_images"] == 8
+    x = images(4, seed=7)
+    a, b = _logits(model, x), _logits(out, x)
+    assert b.shape == (4, 10)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+
+
+def test_pruned_model_quantizes(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(16, 16, 24), removable={0: [1, 4, 6], 2: [2, 3, 5]})), model)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, images(32))
+    pruned = tmp_path / "m.pruned.onnx"
+    res = CliRunner().invoke(main, ["prune", str(model), "--calib", str(calib), "-o", str(pruned)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "m.pruned.int8.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(pruned), "-o", str(out), "--calib", str(calib)])
+    assert res.exit_code == 0, res.output
+    x = images(16, seed=3)
+    a, b = _logits(pruned, x), _logits(out, x)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+
+
+def _error(res) -> str:
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_bad_calibration_gives_one_line_error_naming_the_shape(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(8,))), model)
+    np.save(tmp_path / "shape.npy", np.zeros((4, 3, 16, 16), np.float32))
+    np.save(tmp_path / "f64.npy", np.zeros((4, 3, 32, 32), np.float64))
+    np.save(tmp_path / "nan.npy", np.full((4, 3, 32, 32), np.nan, np.float32))
+    (tmp_path / "junk.npy").write_bytes(b"no numpy here")
+    out = tmp_path / "q.onnx"
+    for name in ("shape.npy", "f64.npy", "missing.npy", "junk.npy"):
+        res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / name)])
+        assert "3x32x32" in _error(res), name
+        assert not out.exists()
+    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "nan.npy")])
+    assert "NaN" in _error(res) and not out.exists()
+    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out)])
+    assert "--calib" in _error(res) and not out.exists()
+
+
+def test_refuses_to_overwrite_input_or_requantize(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(8,))), model)
+    calib = tmp_path / "c.npy"
+    np.save(calib, images(8))
+    before = _sha(model)
+    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(model), "--calib", str(calib)])
+    assert "input model" in _error(res) and _sha(model) == before
+    q = tmp_path / "q.onnx"
+    assert CliRunner().invoke(main, ["quantize", str(model), "-o", str(q), "--calib", str(calib)]).exit_code == 0
+    res = CliRunner().invoke(main, ["quantize", str(q), "-o", str(tmp_path / "qq.onnx"), "--calib", str(calib)])
+    assert "already" in _error(res) and not (tmp_path / "qq.onnx").exists()

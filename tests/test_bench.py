@@ -6,8 +6,10 @@ No timed assertions: speeds depend on the machine; only their internal consisten
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -195,3 +197,29 @@ loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+WEB = Path(__file__).resolve().parents[1] / "benchmarks" / "web"
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (WEB / "node_modules" / "onnxruntime-web").is_dir(),
+    reason="needs node and `npm ci` in benchmarks/web",
+)
+def test_web_benchmark_agrees_with_python(models, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "web.json"
+    paths = [str(models["wide"]), str(models["narrow"])]
+    subprocess.run(
+        [sys.executable, str(WEB / "make_inputs.py"), *paths, "--batch", "4", "--runs", "3", "--out", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    args = ["--data", str(data), "--out", str(out), "--runs", "3", "--warmup", "1", "--note", "test"]
+    subprocess.run(["node", str(WEB / "bench.mjs"), *args], check=True, capture_output=True, timeout=120)
+    r = json.loads(out.read_text())
+    assert [m["path"] for m in r["models_used"]] == [str(Path(p).resolve()) for p in paths]
+    assert r["backend"] == "wasm" and r["onnxruntime_web"] and r["note"] == "test"
+    assert all(a["ok"] and a["max_abs_diff"] <= 1e-4 and a["top1_agreement"] == 1 for a in r["agreement"])
+    assert {(t["batch"], t["runs"]) for t in r["timings"]} == {(1, 3), (4, 3)}
+    for t in r["timings"]:
+        assert 0 < t["min_ms"] <= t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"] and t["throughput"] > 0

@@ -169,7 +169,7 @@ def export(checkpoint, output, exporter, opset, data, as_json):
     warnings.filterwarnings("ignore")
     rep = export_checkpoint(checkpoint, output, exporter=exporter, opset=opset, data=data)
     if as_json:
-        out.print_json(json.dumps(rep.__dict__))
+        click.echo(json.dumps(rep.__dict__))  # one line, as --help promises
     else:
         out.print(
             f"wrote {rep.path} ({rep.exporter}, opset {rep.opset}, {rep.parameters:,} parameters); "

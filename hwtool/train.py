@@ -170,8 +170,19 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint with weights_only=True (no code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with weights_only=True (no code runs); ValueError when it is not one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ... on bad files
+        raise ValueError(
+            f"{path} is not a readable hwtool checkpoint ({type(e).__name__}); "
+            "pass the checkpoint.pt that `hwtool train` wrote"
+        ) from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise ValueError(f"{path} is not an hwtool checkpoint (no model and config entries)")
+    return ckpt
 
 
 def build_model(ckpt: dict) -> HighwayNet:

@@ -1,0 +1,317 @@
+"""CIFAR-10 loading: the real JPEG tarball, an extracted tree, the official python layout, bad data."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hwtool.data import CLASSES, DataError, load_cifar10, safe_unpickle
+
+PER_CLASS = {"train": 3, "test": 2}  # images per class in the small trees built from the tarball
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def real_files(cifar_path) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
+    """(split, class) -> the first few (name, JPEG bytes), sorted by name, read from the real tarball."""
+    files: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    with tarfile.open(cifar_path) as tar:
+        for m in tar:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) == 3:
+                files.setdefault((parts[0], parts[1]), []).append((parts[2], tar.extractfile(m).read()))
+    return {k: sorted(v)[: PER_CLASS[k[0]]] for k, v in files.items()}
+
+
+def _write_tree(root: Path, files, classes=CLASSES) -> Path:
+    for (split, cls), items in files.items():
+        if cls not in classes:
+            continue
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for name, data in items:
+            (root / split / cls / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path, real_files) -> Path:
+    """An extracted train/<class>/, test/<class>/ tree of real JPEGs, 3 and 2 per class."""
+    return _write_tree(tmp_path / "cifar", real_files)
+
+
+def _tar_gz(src: Path, out: Path) -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the real tarball and trees made from it
+
+
+def test_real_tarball_sizes_dtypes_and_balanced_order(cifar):
+    train, test = cifar["train"], cifar["test"]
+    assert len(train) == 50_000 and len(test) == 10_000
+    for split, per_class in ((train, 5000), (test, 1000)):
+        assert split.images.shape == (len(split), 32, 32, 3) and split.images.dtype == np.uint8
+        assert split.labels.dtype == np.int64
+        assert np.bincount(split.labels, minlength=10).tolist() == [per_class] * 10
+        # Classes come round-robin, so any prefix (what --limit takes) is balanced.
+        assert np.bincount(split.labels[:500], minlength=10).tolist() == [50] * 10
+        assert split.labels[:10].tolist() == list(range(10))
+    assert 60 < train.images[:1000].mean() < 200  # real photographs, not zeros or noise
+
+
+def test_real_tarball_pixels_and_labels_match_the_files(cifar, real_files):
+    # Example k of the first round is class k's first file: pixels and label must both line up.
+    for split in ("train", "test"):
+        for label, cls in enumerate(CLASSES):
+            name, data = real_files[(split, cls)][0]
+            assert cifar[split].labels[label] == label
+            np.testing.assert_array_equal(cifar[split].images[label], _decode(data), err_msg=f"{split}/{cls}/{name}")
+
+
+def test_extracted_tree_loads_with_the_right_pixels(tree, real_files):
+    splits = load_cifar10(tree, use_cache=False)
+    for split, n in PER_CLASS.items():
+        s = splits[split]
+        assert len(s) == 10 * n
+        assert s.labels.tolist() == list(range(10)) * n
+        for i, label in enumerate(s.labels):
+            _, data = real_files[(split, CLASSES[label])][i // 10]
+            np.testing.assert_array_equal(s.images[i], _decode(data))
+
+
+def test_tarball_of_a_tree_equals_the_tree(tree, tmp_path):
+    from_dir = load_cifar10(tree, use_cache=False)
+    from_tar = load_cifar10(_tar_gz(tree, tmp_path / "small.tar.gz"), use_cache=False)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(from_tar[split].images, from_dir[split].images)
+        np.testing.assert_array_equal(from_tar[split].labels, from_dir[split].labels)
+
+
+def test_as_float_is_nchw_in_unit_range(tree):
+    s = load_cifar10(tree, use_cache=False)["test"]
+    x = s.as_float(4)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_allclose(x[2, 1, 5, 7], s.images[2, 5, 7, 1] / 255.0)
+    assert len(s.head(3)) == 3 and s.head(None) is s
+
+
+# ---------------------------------------------------------------------------------------------
+# the official python distribution, generated
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes and str as Python 2 `str` (BINSTRING opcodes), as cPickle wrote the official batches.
+
+    Python 3 writes bytes at protocol 2 through `_codecs.encode`, which the official files never use,
+    and str as unicode, where Python 2 wrote dtype codes such as 'u1' as byte strings.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj: str) -> None:
+        self.save_bytes(obj.encode("latin-1"))
+
+    dispatch[bytes] = save_bytes
+    dispatch[str] = save_str
+
+
+def _dump(obj, style: str) -> bytes:
+    if style == "py3":
+        return pickle.dumps(obj, protocol=4)
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    # numpy 1.x, which made the official files, lived at numpy.core
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _python_batches(n: int = 12) -> dict[str, dict]:
+    """Batches in the official layout: keys are bytes, data rows are R, G, B planes of 1024 bytes."""
+    rng = np.random.default_rng(0)
+    batches = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        batches[name] = {
+            b"batch_label": f"batch {i + 1} of 6".encode(),
+            b"labels": rng.integers(0, 10, n).tolist(),
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)],
+        }
+    batches["batches.meta"] = {
+        b"num_cases_per_batch": n,
+        b"label_names": [c.encode() for c in CLASSES],
+        b"num_vis": 3072,
+    }
+    return batches
+
+
+def _write_python_layout(root: Path, batches: dict[str, dict], style: str = "py2") -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, obj in batches.items():
+        (folder / name).write_bytes(_dump(obj, style))
+    (folder / "readme.html").write_text("<html>CIFAR-10</html>")
+    return folder
+
+
+def _check_against_batches(splits, batches) -> None:
+    train_rows = np.concatenate([batches[f"data_batch_{k}"][b"data"] for k in range(1, 6)])
+    train_labels = sum((batches[f"data_batch_{k}"][b"labels"] for k in range(1, 6)), [])
+    for split, rows, labels in (
+        ("train", train_rows, train_labels),
+        ("test", batches["test_batch"][b"data"], batches["test_batch"][b"labels"]),
+    ):
+        s = splits[split]
+        assert s.images.shape == (len(rows), 32, 32, 3) and s.images.dtype == np.uint8
+        assert s.labels.dtype == np.int64 and s.labels.tolist() == labels
+        # Pixel (y, x) of channel c is byte c*1024 + y*32 + x of its row.
+        for i, y, x, c in ((0, 0, 0, 0), (3, 5, 17, 1), (len(rows) - 1, 31, 31, 2), (7, 31, 0, 2)):
+            assert s.images[i, y, x, c] == rows[i, c * 1024 + y * 32 + x]
+        np.testing.assert_array_equal(s.images, rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("style", ["py2", "py3"])
+def test_python_layout_folder_and_archive(tmp_path, style):
+    batches = _python_batches()
+    folder = _write_python_layout(tmp_path / "dist", batches, style)
+    tgz = _tar_gz(folder, tmp_path / "cifar-10-python.tar.gz")
+    for path in (folder, folder.parent, tgz):  # the batches folder, its parent, the archive
+        splits = load_cifar10(path, use_cache=False)
+        assert len(splits["train"]) == 5 * 12 and len(splits["test"]) == 12
+        _check_against_batches(splits, batches)
+
+
+def test_python_layout_with_a_wrong_meta_is_refused(tmp_path):
+    batches = _python_batches()
+    batches["batches.meta"][b"label_names"] = batches["batches.meta"][b"label_names"][:9]
+    folder = _write_python_layout(tmp_path, batches)
+    with pytest.raises(DataError, match="9 classes"):
+        load_cifar10(folder, use_cache=False)
+
+
+class _Evil:
+    """A pickle payload that runs a shell command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _EvilEval:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [_Evil, _EvilEval])
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, as_archive):
+    marker = tmp_path / "pwned"
+    # The payload works: plain pickle.loads would run it.
+    pickle.loads(pickle.dumps(payload(marker)))
+    assert marker.exists()
+    marker.unlink()
+
+    batches = _python_batches()
+    folder = _write_python_layout(tmp_path / "dist", batches)
+    evil = {**batches["data_batch_3"], b"data": payload(marker)}
+    (folder / "data_batch_3").write_bytes(pickle.dumps(evil, protocol=2))
+    path = _tar_gz(folder, tmp_path / "cifar-10-python.tar.gz") if as_archive else folder
+    with pytest.raises(DataError, match="refusing to unpickle"):
+        load_cifar10(path, use_cache=False)
+    assert not marker.exists()
+
+
+def test_truncated_pickle_is_a_data_error():
+    data = _dump(_python_batches()["test_batch"], "py2")
+    with pytest.raises(DataError, match="corrupt"):
+        safe_unpickle(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# bad data
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_corrupt_image_is_named(tree, tmp_path, as_archive):
+    (tree / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    path = _tar_gz(tree, tmp_path / "bad.tar.gz") if as_archive else tree
+    with pytest.raises(DataError, match=r"corrupt image .*train/cat/broken\.jpg"):
+        load_cifar10(path, use_cache=False)
+
+
+def test_image_of_the_wrong_size_is_refused(tree):
+    Image.new("RGB", (33, 32)).save(tree / "test" / "dog" / "big.png")
+    with pytest.raises(DataError, match=r"big\.png is 33x32"):
+        load_cifar10(tree, use_cache=False)
+
+
+def test_nine_class_folders_are_refused(tmp_path, real_files):
+    root = _write_tree(tmp_path / "nine", real_files, classes=CLASSES[:-1])
+    with pytest.raises(DataError, match=r"9 class folders.*missing: \['truck'\]"):
+        load_cifar10(root, use_cache=False)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "text file", "truncated archive"])
+def test_unusable_paths_are_data_errors(tmp_path, cifar_path, kind):
+    path = tmp_path / "data"
+    if kind == "empty folder":
+        path.mkdir()
+    elif kind == "text file":
+        path.write_text("airplane,automobile\n")
+    elif kind == "truncated archive":
+        path.write_bytes(Path(cifar_path).read_bytes()[:300_000])
+    with pytest.raises(DataError):
+        load_cifar10(path, use_cache=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache
+
+
+def test_cache_is_written_read_back_and_invalidated(tree, tmp_path, monkeypatch, real_files):
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    first = load_cifar10(tree)
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    again = load_cifar10(tree)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(again[split].images, first[split].images)
+        np.testing.assert_array_equal(again[split].labels, first[split].labels)
+
+    # The second load reads the cache file, not the images: a marked cache comes back marked.
+    with np.load(cache) as z:
+        arrays = dict(z)
+    arrays["test_images"][0, 0, 0] = [1, 2, 3]
+    np.savez(cache, **arrays)
+    assert load_cifar10(tree)["test"].images[0, 0, 0].tolist() == [1, 2, 3]
+    assert load_cifar10(tree, use_cache=False)["test"].images[0, 0, 0].tolist() != [1, 2, 3]
+
+    # Adding an image changes the key, so the tree is decoded afresh.
+    name, data = real_files[("train", "cat")][0]
+    (tree / "train" / "cat" / f"extra-{name}").write_bytes(data)
+    assert len(load_cifar10(tree)["train"]) == len(first["train"]) + 1
+    assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 2

@@ -1,0 +1,143 @@
+"""hwtool eval: the same accuracy as torch, models hwtool did not make, models it cannot use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx.parser
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hwtool.cli import main
+from hwtool.evaluate import accuracy_onnx, evaluate
+from hwtool.runtime import load_model
+from hwtool.train import build_model, load_checkpoint
+
+LIMIT = 500
+
+
+def _eval_json(model, data: str, *extra: str) -> dict:
+    result = CliRunner().invoke(main, ["eval", str(model), "--data", data, "--json", *extra])
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_eval_accuracy_equals_torch(exporter, request, tiny_checkpoint, cifar, cifar_path):
+    path = request.getfixturevalue(f"tiny_onnx_{exporter}")
+    test = cifar["test"].head(LIMIT)
+    with torch.no_grad():
+        torch_preds = build_model(load_checkpoint(tiny_checkpoint))(torch.from_numpy(test.as_float())).argmax(1)
+    torch_correct = int((torch_preds.numpy() == test.labels).sum())
+
+    res = _eval_json(path, cifar_path, "--limit", str(LIMIT), "--batch", "64")
+    assert res["images"] == LIMIT and res["correct"] == torch_correct
+    assert res["accuracy"] == torch_correct / LIMIT and res["model"] == str(path)
+    # Image by image, not only in total.
+    correct, preds = accuracy_onnx(load_model(path), test, batch=37)
+    assert correct == torch_correct
+    np.testing.assert_array_equal(preds, torch_preds.numpy())
+
+
+def test_eval_text_output(tiny_onnx_dynamo, cifar_path):
+    result = CliRunner().invoke(main, ["eval", str(tiny_onnx_dynamo), "--data", cifar_path, "--limit", "100"])
+    assert result.exit_code == 0, result.output
+    assert f"{tiny_onnx_dynamo}: top-1 " in result.stdout and "/100)" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# a model hwtool did not make: nearest class-mean colour, built from ONNX text
+
+
+def _colour_classifier(cifar, batch: str = "N") -> tuple[onnx.ModelProto, np.ndarray]:
+    """Conv(1x1 identity) -> GlobalAveragePool -> Flatten -> Gemm scoring -|m - mu_c|^2 (+ |m|^2).
+
+    Returns the model and the class-mean colours mu (10, 3) it was built from.
+    """
+    train = cifar["train"].head(5000)
+    colours = train.images.mean(axis=(1, 2)) / 255.0  # (N, 3)
+    mu = np.stack([colours[train.labels == c].mean(0) for c in range(10)]).astype(np.float32)
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        colours (float[{batch}, 3, 32, 32] images) => (float[{batch}, 10] scores) {{
+            mixed = Conv <kernel_shape = [1, 1]> (images, w)
+            pooled = GlobalAveragePool (mixed)
+            flat = Flatten (pooled)
+            scores = Gemm <transB = 1> (flat, centres, bias)
+        }}
+    """)
+    inits = {
+        "w": np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1),
+        "centres": 2 * mu,
+        "bias": -(mu**2).sum(1),
+    }
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in inits.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model, mu
+
+
+def _nearest_colour_correct(images: np.ndarray, labels: np.ndarray, mu: np.ndarray) -> int:
+    m = images.mean(axis=(1, 2)) / 255.0
+    preds = ((m[:, None, :] - mu[None]) ** 2).sum(-1).argmin(1)
+    return int((preds == labels).sum())
+
+
+def test_eval_of_a_foreign_model(cifar, cifar_path, tmp_path):
+    model, mu = _colour_classifier(cifar)
+    path = tmp_path / "colours.onnx"
+    onnx.save(model, str(path))
+    test = cifar["test"].head(LIMIT)
+    expected = _nearest_colour_correct(test.images, test.labels, mu)
+    assert expected > 0.15 * LIMIT  # colour alone beats chance: the labels must line up to see it
+
+    res = _eval_json(path, cifar_path, "--limit", str(LIMIT))
+    assert res["correct"] == expected and res["images"] == LIMIT
+
+
+def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tmp_path):
+    model, mu = _colour_classifier(cifar, batch="8")
+    path = tmp_path / "fixed8.onnx"
+    onnx.save(model, str(path))
+    res = evaluate(path, cifar_path, limit=100, batch=64)  # --batch is overridden by the model's 8
+    test = cifar["test"].head(96)
+    assert res.images == 96
+    assert res.correct == _nearest_colour_correct(test.images, test.labels, mu)
+
+
+WRONG_INPUTS = {
+    "grey 28x28": ("float", "N, 1, 28, 28"),
+    "channels last": ("float", "N, 32, 32, 3"),
+    "uint8 pixels": ("uint8", "N, 3, 32, 32"),
+}
+
+
+@pytest.mark.parametrize("elem,dims", WRONG_INPUTS.values(), ids=WRONG_INPUTS.keys())
+def test_eval_refuses_a_model_with_the_wrong_input(elem, dims, cifar_path, tmp_path):
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        wrong ({elem}[{dims}] x) => (float[{dims}] y) {{
+            y = Cast <to = 1> (x)
+        }}
+    """)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "wrong.onnx"
+    onnx.save(model, str(path))
+    # A real process: what a user sees on the terminal, and the exit status.
+    proc = subprocess.run(
+        [sys.executable, "-m", "hwtool", "eval", str(path), "--data", cifar_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: input 'x' is"), proc.stderr
+    assert "float32 [N,3,32,32]" in lines[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,111 @@
+"""Export with both torch exporters: a checked graph, the input contract, metadata, ORT == torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hwtool.cli import main
+from hwtool.data import CLASSES
+from hwtool.export import GATE_METADATA, gate_means_torch
+from hwtool.runtime import make_session
+from hwtool.train import build_model, load_checkpoint
+
+WIDTHS = (8, 16, 32)
+
+
+@pytest.fixture(params=["dynamo", "torchscript"])
+def exported(request):
+    """(exporter, path of the tiny checkpoint's ONNX export)."""
+    return request.param, request.getfixturevalue(f"tiny_onnx_{request.param}")
+
+
+def test_graph_passes_the_full_checker_and_keeps_the_input_contract(exported):
+    _, path = exported
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    opset = {o.domain: o.version for o in model.opset_import}[""]
+    assert opset >= 17
+
+    (inp,) = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    assert inp.name == "input"
+    t = inp.type.tensor_type
+    assert t.elem_type == onnx.TensorProto.FLOAT
+    batch, *rest = t.shape.dim
+    assert batch.dim_param and not batch.HasField("dim_value")  # a symbolic batch dimension
+    assert [d.dim_value for d in rest] == [3, 32, 32]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    out = model.graph.output[0].type.tensor_type
+    assert out.shape.dim[1].dim_value == 10
+
+
+def test_metadata_records_classes_training_and_gates(exported, tiny_checkpoint, cifar):
+    exporter, path = exported
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["hwtool.class_names"]) == list(CLASSES)
+    assert meta["hwtool.exporter"] == exporter
+    assert json.loads(meta["hwtool.model_config"])["widths"] == list(WIDTHS)
+    ckpt = load_checkpoint(tiny_checkpoint)
+    training = json.loads(meta["hwtool.training"])
+    assert training["epochs"] == 1 and training["limit"] == 512 and training["gate_penalty"] == 0.0
+    assert training["test_accuracy_torch"] == ckpt["log"][-1]["test_acc"]
+
+    gates = json.loads(meta[GATE_METADATA])
+    assert [len(b) for b in gates["blocks"]] == list(WIDTHS)  # one list per block, one mean per channel
+    assert all(0 < g < 1 for b in gates["blocks"] for g in b)
+    # They are the means over the first `images` training images, recomputed here from the checkpoint.
+    x = cifar["train"].as_float(gates["images"])
+    expected = gate_means_torch(build_model(ckpt), x)
+    for got, want in zip(gates["blocks"], expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_runtime_matches_torch_on_real_images(exported, tiny_checkpoint, cifar, batch):
+    _, path = exported
+    model = build_model(load_checkpoint(tiny_checkpoint))
+    sess = make_session(path)
+    for start in (0, 300):  # two different batches through the same session
+        x = cifar["test"].as_float(start + batch)[start:]
+        (got,) = sess.run(None, {"input": x})
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        assert got.shape == (batch, 10)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_both_exporters_compute_the_same_function(tiny_onnx_dynamo, tiny_onnx_torchscript, cifar):
+    x = cifar["test"].as_float(64)
+    a = make_session(tiny_onnx_dynamo).run(None, {"input": x})[0]
+    b = make_session(tiny_onnx_torchscript).run(None, {"input": x})[0]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    assert not np.allclose(a[0], a[1])  # different images, different logits
+
+
+def test_cli_export_writes_and_reports_as_one_json_line(tiny_checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "-o", str(out), "--exporter", "torchscript", "--opset", "17", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    (line,) = [ln for ln in result.stdout.splitlines() if ln.strip()]
+    report = json.loads(line)
+    assert report["path"] == str(out) and report["opset"] == 17 and report["max_abs_diff"] < 1e-4
+    assert report["top1_agreement"] == 1.0
+    model = onnx.load(str(out))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    onnx.checker.check_model(model, full_check=True)
+
+
+def test_cli_export_of_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "nope.pt"), "-o", str(out)])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert result.output.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"]
+    assert "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -1,0 +1,89 @@
+"""The highway network: size of the reference configuration, gate initialisation, shapes per stage."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hwtool.model import HighwayConfig, HighwayNet, block_channel_costs, count_parameters
+
+SMALL = HighwayConfig(widths=(8, 16, 32), depth=2)
+
+
+@pytest.fixture(scope="module")
+def images(cifar) -> torch.Tensor:
+    """64 real test images, float32 NCHW in [0, 1]."""
+    return torch.from_numpy(cifar["test"].as_float(64))
+
+
+def test_reference_network_has_about_9m_parameters():
+    n = count_parameters(HighwayNet(HighwayConfig()))
+    assert 8.8e6 < n < 9.0e6, n
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = HighwayConfig(widths=(4, 8), depth=3, stem=6, gate_bias=-1.5)
+    d = cfg.to_dict()
+    assert d["widths"] == [4, 8]  # a list, so that it survives JSON and torch.load(weights_only=True)
+    assert HighwayConfig.from_dict(d) == cfg
+
+
+def test_gates_start_out_nearly_closed(images):
+    torch.manual_seed(0)
+    model = HighwayNet(SMALL).eval()
+    for block in model.blocks:
+        assert torch.all(block.gate.bias == -2.0)
+    with torch.no_grad():
+        _, gates, _ = model(images, return_gates=True)
+    # The gate conv's random weights spread T around sigmoid(-2) = 0.119 but barely move its mean.
+    for t in gates:
+        assert t.mean().item() == pytest.approx(1 / (1 + math.exp(2)), abs=0.01)
+    # The bias is the knob: with gate_bias=0 the blocks start half open.
+    torch.manual_seed(0)
+    half = HighwayNet(HighwayConfig(widths=(8, 16, 32), depth=2, gate_bias=0.0)).eval()
+    with torch.no_grad():
+        _, gates, _ = half(images, return_gates=True)
+    assert all(t.mean().item() == pytest.approx(0.5, abs=0.03) for t in gates)
+
+
+def test_return_gates_gives_one_gate_and_transform_per_block_with_stage_shapes(images):
+    model = HighwayNet(SMALL).eval()
+    with torch.no_grad():
+        logits, gates, transforms = model(images[:5], return_gates=True)
+        plain = model(images[:5])
+    assert logits.shape == (5, 10)
+    torch.testing.assert_close(plain, logits)
+    assert len(gates) == len(transforms) == len(SMALL.widths) * SMALL.depth == 6
+    # Stage s runs at 32 / 2**s: stage 0 keeps the full resolution, later stages halve it once.
+    expected = [(5, w, 32 >> s, 32 >> s) for s, w in enumerate(SMALL.widths) for _ in range(SMALL.depth)]
+    assert [tuple(t.shape) for t in gates] == expected
+    assert [tuple(h.shape) for h in transforms] == expected
+    for t, h in zip(gates, transforms, strict=True):
+        assert t.min() > 0 and t.max() < 1  # a sigmoid
+        assert h.min() >= 0  # a ReLU
+
+
+def test_strides_and_carry_projections_per_stage():
+    model = HighwayNet(SMALL)
+    strides = [b.transform.stride for b in model.blocks]
+    assert strides == [(1, 1), (1, 1), (2, 2), (1, 1), (2, 2), (1, 1)]
+    # A projection only where width or resolution change; elsewhere the carry is x itself.
+    has_project = [b.project is not None for b in model.blocks]
+    assert has_project == [True, False, True, False, True, False]
+    assert model.blocks[2].project.stride == (2, 2)
+    assert model.fc.in_features == SMALL.widths[-1]
+
+
+def test_block_channel_costs_match_the_modules():
+    """The cost of one transform channel: its H filter and bias, its T filter and bias, T's input slice."""
+    model = HighwayNet(SMALL)
+    costs = block_channel_costs(SMALL)
+    assert len(costs) == len(model.blocks)
+    for block, cost in zip(model.blocks, costs, strict=True):
+        j = 0
+        counted = (
+            block.transform.weight[j].numel() + 1 + block.gate.weight[j].numel() + 1 + block.gate.weight[:, j].numel()
+        )
+        assert cost == counted

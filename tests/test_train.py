@@ -1,0 +1,228 @@
+"""Training: CLI smoke run, exact resume after a kill, the gate incentive, augmentation, DDP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from rich.console import Console
+
+from hwtool.cli import main
+from hwtool.model import HighwayConfig, HighwayNet
+from hwtool.train import (
+    CHECKPOINT,
+    TrainConfig,
+    batch_crop,
+    batch_flip_lr,
+    block_weights,
+    build_model,
+    load_checkpoint,
+    to_input,
+    train,
+)
+
+TINY_OPTIONS = ["--epochs", "1", "--limit", "512", "--widths", "8,16,32", "--depth", "1"]
+
+
+def _train_cli(data: str, out: Path, *extra: str):
+    result = CliRunner().invoke(main, ["train", "--data", data, "--out", str(out), *TINY_OPTIONS, *extra])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_cli_smoke(cifar_path, tmp_path):
+    out = tmp_path / "run"
+    result = _train_cli(cifar_path, out)
+    assert "test accuracy" in result.output
+
+    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)  # plain tensors and containers
+    assert ckpt["epoch"] == 0 and ckpt["data"] == cifar_path
+    assert ckpt["config"]["model"]["widths"] == [8, 16, 32] and ckpt["config"]["limit"] == 512
+    assert json.loads((out / "config.json").read_text()) == ckpt["config"]
+
+    log = json.loads((out / "log.json").read_text())
+    assert log == ckpt["log"] and len(log) == 1
+    entry = log[0]
+    assert entry["epoch"] == 1 and np.isfinite(entry["train_loss"])
+    assert 0 <= entry["test_acc"] <= 1 and 0 < entry["mean_gate"] < 1
+    assert len(entry["test_block_gates"]) == 3 and entry["img_per_s"] > 0
+
+    # The weights moved away from their initialisation, and the network rebuilds from the checkpoint.
+    model = build_model(ckpt)
+    torch.manual_seed(0)
+    init = HighwayNet(HighwayConfig(widths=(8, 16, 32), depth=1))
+    assert not torch.equal(model.fc.weight, init.fc.weight)
+    assert not model.training
+
+    # --resume on a finished run keeps the saved configuration and trains no further.
+    before = (out / CHECKPOINT).read_bytes()
+    result = _train_cli(cifar_path, out, "--resume", "--epochs", "3")
+    assert "configuration saved in the checkpoint" in result.output
+    assert (out / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_after_a_kill_is_exact(cifar_path, tmp_path):
+    """A 2-epoch run killed after epoch 1 and resumed ends with the weights of an uninterrupted run.
+
+    The one-cycle schedule depends on the total number of epochs, so only a run that keeps its
+    configuration can be resumed exactly: here a real process is killed once epoch 1 is saved.
+    Runs in bf16 autocast (the default): on CPU every op is deterministic, so the match is exact.
+    """
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    args = ["train", "--data", cifar_path, *TINY_OPTIONS, "--epochs", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hwtool", *args, "--out", str(broken)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        # log.json is replaced after checkpoint.pt, so once it lists epoch 1 the checkpoint holds it.
+        while not (broken / "log.json").exists():
+            assert proc.poll() is None, "the training process ended before saving epoch 1"
+            assert time.monotonic() < deadline, "epoch 1 took more than 4 minutes"
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert load_checkpoint(broken / CHECKPOINT)["epoch"] == 0, "the run finished before it was killed"
+
+    _train_cli(cifar_path, whole, "--epochs", "2")  # meanwhile the uninterrupted reference
+    _train_cli(cifar_path, broken, "--resume")
+
+    a, b = load_checkpoint(whole / CHECKPOINT), load_checkpoint(broken / CHECKPOINT)
+    assert a["epoch"] == b["epoch"] == 1
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=0, atol=0)
+    strip = ("img_per_s", "seconds")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in a["log"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in b["log"]
+    ]
+
+
+def test_gate_penalty_lowers_the_mean_gate(cifar_path, cifar, tmp_path):
+    """Same seed and data, λ = 10 against λ = 0: after 8 steps the gates are clearly lower."""
+    model_cfg = HighwayConfig(widths=(8, 16, 32), depth=1)
+    x = to_input(cifar["test"].images[:256])
+    weights = block_weights(model_cfg, "params")
+    means = {}
+    for lam in (0.0, 10.0):
+        cfg = TrainConfig(
+            epochs=1, batch_size=64, limit=512, gate_penalty=lam, gate_ramp=0.0, bf16=False, model=model_cfg
+        )
+        model = build_model(train(cfg, cifar_path, tmp_path / f"lam{lam}", console=Console(quiet=True)))
+        with torch.no_grad():
+            _, gates, _ = model(x, return_gates=True)
+        per_block = torch.stack([t.mean() for t in gates])
+        means[lam] = (weights * per_block).sum().item(), per_block
+    # Measured: 0.120 without the incentive, 0.100 with it; the noise of 8 steps is below 0.005.
+    assert means[10.0][0] < means[0.0][0] - 0.01
+    # The 'params' weighting puts most weight on the widest block; its gates must fall most.
+    drop = means[0.0][1] - means[10.0][1]
+    assert drop.argmax().item() == 2 and drop[2] > 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation
+
+
+@pytest.fixture(scope="module")
+def batch(cifar) -> torch.Tensor:
+    return to_input(cifar["train"].images[:64])
+
+
+def test_to_input_layout(cifar):
+    images = cifar["train"].images[:4]
+    x = to_input(images)
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert x[1, 2, 3, 4].item() == pytest.approx(images[1, 3, 4, 2] / 255.0)
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_batch_crop_is_a_shifted_window_of_the_padded_image(batch):
+    g = torch.Generator().manual_seed(0)
+    out = batch_crop(batch, g, pad=4)
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
+    offsets = []
+    for i in range(len(batch)):
+        hits = [
+            (dy, dx)
+            for dy in range(9)
+            for dx in range(9)
+            if torch.equal(out[i], padded[i, :, dy : dy + 32, dx : dx + 32])
+        ]
+        assert hits, f"crop {i} is no 32x32 window of its padded image"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 20  # one random offset per image, not one per batch
+    # Same generator state, same crops.
+    torch.testing.assert_close(batch_crop(batch, torch.Generator().manual_seed(0)), out, rtol=0, atol=0)
+
+
+def test_batch_flip_lr_mirrors_about_half(batch):
+    out = batch_flip_lr(batch, torch.Generator().manual_seed(1))
+    assert out.shape == batch.shape
+    flipped = [torch.equal(o, x.flip(2)) for o, x in zip(out, batch, strict=True)]
+    kept = [torch.equal(o, x) for o, x in zip(out, batch, strict=True)]
+    assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is itself or its mirror image
+    assert 16 < sum(flipped) < 48
+    torch.testing.assert_close(batch_flip_lr(batch, torch.Generator().manual_seed(1)), out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes(cifar_path, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "hwtool",
+        "train",
+        "--data",
+        cifar_path,
+        "--out",
+        str(out),
+        *TINY_OPTIONS,
+        "--limit",
+        "256",
+        "--batch-size",
+        "64",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    assert ckpt["epoch"] == 0 and ckpt["config"]["batch_size"] == 64
+    log = json.loads((out / "log.json").read_text())
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
+    build_model(ckpt)
+    # Only rank 0 writes: one checkpoint, one log, no leftovers from the other process.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.json"]

@@ -45,6 +45,8 @@ def accuracy_onnx(
     x = split.as_float()
     preds = np.empty(len(x), dtype=np.int64)
     n = len(x) - len(x) % batch if fixed_batch(model) else len(x)
+    if n == 0:
+        raise ModelError(f"the model takes a fixed batch of {batch} images and there are only {len(x)}; raise --limit")
     for i, (logits,) in run_batched(sess, x[:n], batch, outputs=[sess.get_outputs()[0].name], on_batch=on_batch):
         if logits.ndim != 2:
             raise ModelError(f"the model's first output has shape {logits.shape}; expected [N, classes] logits")

@@ -109,6 +109,12 @@ def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tm
     test = cifar["test"].head(96)
     assert res.images == 96
     assert res.correct == _nearest_colour_correct(test.images, test.labels, mu)
+    # Fewer images than one batch: a one-line error, not a division by zero.
+    result = CliRunner().invoke(main, ["eval", str(path), "--data", cifar_path, "--limit", "5"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output.strip().splitlines() == [
+        "error: the model takes a fixed batch of 8 images and there are only 5; raise --limit"
+    ]
 
 
 WRONG_INPUTS = {

@@ -217,16 +217,18 @@ class _Runner:
 
 
 def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: list[int]) -> np.ndarray:
-    """im2col at sampled positions: h (N, C, H, W), rows (R, 3) of (n, i, j) -> (R, C*kh*kw)."""
+    """im2col at sampled positions: h (N, C, H, W), rows (R, 3) of (n, i, j) -> float64 (R, C*kh*kw).
+
+    Reads h in place (no padded copy): taps that fall in the zero padding are masked to zero.
+    """
     kh, kw = kernel
-    hp = np.pad(h, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    di = np.arange(kh)[None, None, :, None]
-    dj = np.arange(kw)[None, None, None, :]
-    n = rows[:, 0][:, None, None, None]
-    i = rows[:, 1][:, None, None, None] + di
-    j = rows[:, 2][:, None, None, None] + dj
-    c = np.arange(h.shape[1])[None, :, None, None]
-    return hp[n, c, i, j].reshape(len(rows), -1)
+    _, c, hh, ww = h.shape
+    i = rows[:, 1][:, None, None] + np.arange(kh)[None, :, None] - pads[0]  # (R, kh, 1)
+    j = rows[:, 2][:, None, None] + np.arange(kw)[None, None, :] - pads[1]  # (R, 1, kw)
+    inside = (i >= 0) & (i < hh) & (j >= 0) & (j < ww)  # (R, kh, kw)
+    taps = h[rows[:, 0][:, None, None], :, np.clip(i, 0, hh - 1), np.clip(j, 0, ww - 1)]  # (R, kh, kw, C)
+    taps = np.where(inside[..., None], taps, 0).astype(np.float64)
+    return taps.transpose(0, 3, 1, 2).reshape(len(rows), c * kh * kw)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -234,35 +236,38 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def refit_gate(
-    h: np.ndarray, weight: np.ndarray, bias: np.ndarray, kept: np.ndarray, pads: list[int], cfg: PruneConfig
+    h: np.ndarray,
+    target: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    kept: np.ndarray,
+    pads: list[int],
+    cfg: PruneConfig,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fit the kept gate conv on kept H channels to reproduce the original kept pre-activations.
 
-    h: full-width H (N, C, H, W) on the pruned network's activations; weight (C, C, kh, kw).
-    Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit).
+    h: full-width H (N, C, H, W) on the pruned network's activations; target: the original gate
+    conv's output on the same activations (N, C, H, W); weight (C, C, kh, kw), bias (C,).
+    Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit),
+    gate errors in sigmoid space over sampled positions.
     """
-    n, c, hh, ww = h.shape
+    n, _, hh, ww = h.shape
     k = len(kept)
     kh, kw = weight.shape[2:]
     rng = np.random.default_rng(cfg.seed)
     total = n * hh * ww
-    pick = rng.choice(total, size=min(cfg.max_rows, total), replace=False) if total > cfg.max_rows else np.arange(total)
-    pick.sort()
+    pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
     rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
-    full = _patches(h.astype(np.float64, copy=False), rows, (kh, kw), pads)  # (R, C*kh*kw)
-    w_full = weight[kept].reshape(k, -1).astype(np.float64)
-    target = full @ w_full.T + bias[kept]  # (R, k): original kept pre-activations
-    x = full.reshape(len(rows), c, kh * kw)[:, kept, :].reshape(len(rows), -1)
+    z = target[rows[:, 0], :, rows[:, 1], rows[:, 2]][:, kept].astype(np.float64)  # (R, k)
+    x = _patches(np.ascontiguousarray(h[:, kept]), rows, (kh, kw), pads)  # (R, k*kh*kw)
     x = np.concatenate([x, np.ones((len(rows), 1))], axis=1)
     theta0 = np.concatenate([weight[kept][:, kept].reshape(k, -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
-    naive = x @ theta0
     gram = x.T @ x
     alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
-    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ target + alpha * theta0)
-    fitted = x @ theta
-    st = _sigmoid(target)
-    err_naive = float(np.sqrt(np.mean((_sigmoid(naive) - st) ** 2)))
-    err_refit = float(np.sqrt(np.mean((_sigmoid(fitted) - st) ** 2)))
+    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ z + alpha * theta0)
+    sz = _sigmoid(z)
+    err_naive = float(np.sqrt(np.mean((_sigmoid(x @ theta0) - sz) ** 2)))
+    err_refit = float(np.sqrt(np.mean((_sigmoid(x @ theta) - sz) ** 2)))
     if err_refit > err_naive:  # never make a block worse than the plain drop
         theta, err_refit = theta0, err_naive
     w_new = theta[:-1].T.reshape(k, k, kh, kw).astype(weight.dtype)
@@ -476,8 +481,8 @@ def prune(
                 note = "gate conv has strides, dilations or groups; refit skipped"
             else:
                 ts = time.perf_counter()
-                (h,) = runner.compute([block.transform])
-                gate_w, gate_b, err_naive, err_refit = refit_gate(h, weight, bias, kept, pads, cfg)
+                h, z = runner.compute([block.transform, block.gate_conv])
+                gate_w, gate_b, err_naive, err_refit = refit_gate(h, z, weight, bias, kept, pads, cfg)
                 refit_seconds += time.perf_counter() - ts
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
         if runner is not None:

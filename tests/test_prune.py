@@ -246,3 +246,13 @@ def test_weights_shared_through_identity_are_followed():
     pruned, report = prune(model, 1e-6, calib=images(8))
     assert [b.kept for b in report.blocks] == [5, 0, 7]
     assert report.max_abs_error < 1e-4
+
+
+def test_patches_match_a_padded_reference():
+    from hwtool.prune import _patches
+
+    h = np.random.default_rng(0).random((3, 4, 6, 5), dtype=np.float32)
+    rows = np.array([[0, 0, 0], [1, 5, 4], [2, 2, 3], [0, 0, 4]])
+    hp = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.stack([hp[n, :, i : i + 3, j : j + 3].reshape(-1) for n, i, j in rows])
+    np.testing.assert_array_equal(_patches(h, rows, (3, 3), [1, 1, 1, 1]), ref)

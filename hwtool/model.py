@@ -73,10 +73,10 @@ class HighwayNet(nn.Module):
         self.stem = nn.Conv2d(3, cfg.stem, 3, 1, 1)
         blocks = []
         c = cfg.stem
-        for s, width in enumerate(cfg.widths):
+        for width in cfg.widths:
             for i in range(cfg.depth):
-                # Stage 0 keeps 32x32; every later stage halves the resolution in its first block.
-                stride = 2 if (i == 0 and s > 0) else 1
+                # The first block of every stage halves the resolution: 32 -> 16 -> 8 -> 4.
+                stride = 2 if i == 0 else 1
                 blocks.append(HighwayBlock(c, width, stride, cfg.gate_bias))
                 c = width
         self.blocks = nn.ModuleList(blocks)

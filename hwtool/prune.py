@@ -111,11 +111,6 @@ class _Editor:
         self.model.graph.node.extend(keep)
         self.refresh()
 
-    def rename_uses(self, old: str, new: str) -> None:
-        for n in self.model.graph.node:
-            for i, name in enumerate(n.input):
-                if name == old:
-                    n.input[i] = new
 
 
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -340,11 +335,10 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     g = ed.graph
     mix = set(block.mix_nodes)
     if len(kept) == 0:
+        # The output keeps its name (later blocks may name it as their carry); onnxsim folds this
+        # Identity away.
         ed.remove_nodes(mix)
-        if block.output in g.graph_outputs:
-            ed.model.graph.node.append(helper.make_node("Identity", [block.carry], [block.output], name=f"{tag}_carry"))
-        else:
-            ed.rename_uses(block.output, block.carry)
+        ed.model.graph.node.append(helper.make_node("Identity", [block.carry], [block.output], name=f"{tag}_carry"))
         ed.refresh()
         return
     hconv = ed.node(block.transform_conv)
@@ -488,7 +482,7 @@ def prune(
         if runner is not None:
             ts = time.perf_counter()
             runner.model = ed.model
-            (y,) = runner.compute([block.carry if len(kept) == 0 else block.output])
+            (y,) = runner.compute([block.output])
             runner.values[block.output] = y
             refit_seconds += time.perf_counter() - ts
         after = _block_params(ed.graph, block) if len(kept) else 0

@@ -27,6 +27,9 @@ class Spec:
     seed: int = 0
 
 
+# Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
+REMOVABLE_DEFAULT = {0: [1, 4, 6], 1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [2, 3, 5, 7, 11]}
+
 SPELLINGS = ("h*t + (1-t)*c", "(1-t)*c + t*h", "c + t*(h-c)", "h*t + (1+(-t))*c", "h*t + c - t*c", "(h-c)*t + c")
 
 

@@ -9,14 +9,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from highway_onnx import SPELLINGS, Spec, build, images
+from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images
 
 from hwtool.cli import main
 from hwtool.graph import count_parameters
 from hwtool.patterns import find_blocks
 from hwtool.prune import PruneConfig, prune
 
-REMOVABLE = {0: [1, 4, 6], 1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [2, 3, 5, 7, 11]}
+REMOVABLE = REMOVABLE_DEFAULT
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

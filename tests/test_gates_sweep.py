@@ -1,0 +1,116 @@
+"""hwtool gates (tables, heat map, JSON) and hwtool sweep (CSV, JSON, PNG) on real files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from highway_onnx import REMOVABLE_DEFAULT, Spec, build, images
+from PIL import Image
+
+from hwtool.cli import main
+from hwtool.gates import GateStats, gates_from_metadata, load_calibration, measure_gates
+from hwtool.patterns import find_blocks
+
+
+def _cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    a = tmp_path / "gated.onnx"
+    onnx.save(build(Spec(removable=REMOVABLE_DEFAULT)), str(a))
+    b = tmp_path / "plain.onnx"
+    onnx.save(build(Spec(seed=5)), str(b))
+    np.save(tmp_path / "calib.npy", images(16))
+    return a, b, tmp_path / "calib.npy"
+
+
+def test_measured_gate_means_match_a_direct_computation(model_files):
+    a, _, calib = model_files
+    model = onnx.load(str(a))
+    blocks = find_blocks(model)
+    x = load_calibration(model, calib)
+    stats, logits = measure_gates(model, blocks, x, batch=5, keep_outputs=True)  # 5 does not divide 16
+    import onnxruntime as ort
+
+    from hwtool.runtime import with_outputs
+
+    sess = ort.InferenceSession(with_outputs(model, [b.gate for b in blocks]).SerializeToString())
+    outs = sess.run(None, {"input": x})
+    for mean, t in zip(stats.means, outs[1:]):
+        np.testing.assert_allclose(mean, t.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(logits, outs[0], rtol=1e-6)
+    # the exactly removable channels have gates of about sigmoid(-40)
+    assert all(stats.means[i][j] < 1e-10 for i, js in REMOVABLE_DEFAULT.items() for j in js)
+    assert stats.fraction_below(1e-6) == pytest.approx(16 / 28)
+
+
+def test_metadata_must_match_the_blocks(model_files):
+    a, _, _ = model_files
+    model = onnx.load(str(a))
+    blocks = find_blocks(model)
+    assert gates_from_metadata(model, blocks) is None
+    model.metadata_props.add(key="hwtool.gate_means", value=json.dumps({"images": 3, "blocks": [[0.5] * 8] * 3}))
+    assert gates_from_metadata(model, blocks) is None  # widths 8, 8, 12 expected: refused
+    del model.metadata_props[:]
+    model.metadata_props.add(key="hwtool.gate_means", value=json.dumps({"images": 3, "blocks": [[0.5] * w for w in (8, 8, 12)]}))
+    stats = gates_from_metadata(model, blocks)
+    assert isinstance(stats, GateStats) and stats.images == 3
+
+
+def test_gates_command_two_panels_png_and_json(model_files, tmp_path):
+    a, b, calib = model_files
+    png, js = tmp_path / "gates.png", tmp_path / "gates.json"
+    res = _cli(["gates", a, b, "--calib", calib, "--png", png, "--json", js])
+    assert res.exit_code == 0, res.output
+    assert "mean T" in res.output and "< 0.05" in res.output
+    with Image.open(png) as im:
+        w, h = im.size
+        assert im.format == "PNG" and 600 <= w <= 3000 and 150 <= h <= 2000
+        assert w > h  # two panels side by side
+    doc = json.loads(js.read_text())
+    assert [len(m) for m in doc[0]["blocks"]] == [8, 8, 12]
+    assert doc[0]["blocks"][1] == pytest.approx([0.0] * 8, abs=1e-10)
+
+
+def test_gates_without_data_or_metadata_is_a_clear_error(model_files, tmp_path):
+    a, _, _ = model_files
+    res = _cli(["gates", a, "--png", tmp_path / "g.png"])
+    assert res.exit_code != 0
+    assert res.output.strip().startswith("error:") and "no gate statistics" in res.output
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sweep_writes_csv_json_png(model_files, tmp_path, cifar_path):
+    a, _, calib = model_files
+    out = tmp_path / "sw"
+    res = _cli(["sweep", a, "--data", cifar_path, "--calib", calib, "--thresholds", "0,0.000001,0.5,1",
+                "--limit", "200", "--csv", f"{out}.csv", "--json", f"{out}.json", "--png", f"{out}.png"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "sw.json").read_text())["rows"]
+    assert [r["threshold"] for r in rows] == [None, 0.0, 1e-6, 0.5, 1.0]
+    kept = [r["kept_channels"] for r in rows]
+    assert kept[0] == kept[1] == 28 and kept[2] == 12 and kept[-1] == 0
+    params = [r["parameters"] for r in rows[1:]]
+    assert params == sorted(params, reverse=True) and params[-1] < params[0]
+    # pruning only exactly removable channels does not change a single prediction
+    assert rows[2]["accuracy"] == rows[0]["accuracy"]
+    assert rows[2]["max_abs_error"] < 1e-4
+    with open(tmp_path / "sw.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    with Image.open(tmp_path / "sw.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_sweep_rejects_bad_thresholds(model_files, cifar_path, tmp_path):
+    a, _, calib = model_files
+    res = _cli(["sweep", a, "--data", cifar_path, "--calib", calib, "--thresholds", "0.1,2",
+                "--csv", tmp_path / "x.csv"])
+    assert res.exit_code != 0 and "outside [0, 1]" in res.output
+    assert not (tmp_path / "x.csv").exists()

@@ -24,8 +24,16 @@ def reference_onnx(path: str | None, out_dir: str) -> str:
     torch.manual_seed(0)
     model = HighwayNet(HighwayConfig()).eval()
     out = Path(out_dir) / "reference-untrained.onnx"
-    torch.onnx.export(model, (torch.rand(1, 3, 32, 32),), str(out), input_names=["input"], output_names=["logits"],
-                      opset_version=18, dynamo=False, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.rand(1, 3, 32, 32),),
+        str(out),
+        input_names=["input"],
+        output_names=["logits"],
+        opset_version=18,
+        dynamo=False,
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
     return str(out)
 
 
@@ -33,5 +41,4 @@ def machine() -> dict:
     """CPU and runtime facts to store next to every figure."""
     from hwtool.bench import cpu_name
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__,
-            "platform": platform.platform()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "platform": platform.platform()}

@@ -75,8 +75,13 @@ def main() -> None:
             stats, _ = measure_gates(model, find_blocks(model), x)
         paths = [path]
         for wb in WRITE_BACKS:
-            m, _ = prune(model, threshold, calib=x[:64], gate_stats=stats,
-                         config=PruneConfig(threshold=threshold, refit=False, write_back=wb))
+            m, _ = prune(
+                model,
+                threshold,
+                calib=x[:64],
+                gate_stats=stats,
+                config=PruneConfig(threshold=threshold, refit=False, write_back=wb),
+            )
             p = Path(tmp) / f"pruned-{wb}.onnx"
             atomic_write_model(m, p)
             paths.append(str(p))
@@ -86,16 +91,18 @@ def main() -> None:
     rows = []
     for p, wb in zip(paths, ("original", *WRITE_BACKS)):
         r = res.ratios(p)
-        rows.append({
-            "model": wb,
-            "p50_ms_batch1": res.timing(p, provider, 1).p50_ms,
-            "p50_ms_batch64": res.timing(p, provider, 64).p50_ms,
-            "speedup_batch1": res.speedup(p, provider, 1),
-            "speedup_batch64": res.speedup(p, provider, 64),
-            "flop_ratio": r["flops"],
-            "param_ratio": r["parameters"],
-            "size_ratio": r["file_size"],
-        })
+        rows.append(
+            {
+                "model": wb,
+                "p50_ms_batch1": res.timing(p, provider, 1).p50_ms,
+                "p50_ms_batch64": res.timing(p, provider, 64).p50_ms,
+                "speedup_batch1": res.speedup(p, provider, 1),
+                "speedup_batch64": res.speedup(p, provider, 64),
+                "flop_ratio": r["flops"],
+                "param_ratio": r["parameters"],
+                "size_ratio": r["file_size"],
+            }
+        )
         print(rows[-1], flush=True)
     doc = {
         "command": "python " + " ".join(sys.argv),

@@ -220,13 +220,20 @@ def _calibration(model_proto, calib, data, count, split):
 
 
 def _calib_options(fn):
-    fn = click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
-                      help="CIFAR-10 split the --data images come from.")(fn)
-    fn = click.option("--count", type=click.IntRange(1), default=512, show_default=True,
-                      help="Calibration images taken from --data.")(fn)
+    fn = click.option(
+        "--split",
+        type=click.Choice(["train", "test"]),
+        default="train",
+        show_default=True,
+        help="CIFAR-10 split the --data images come from.",
+    )(fn)
+    fn = click.option(
+        "--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images taken from --data."
+    )(fn)
     fn = click.option("--data", type=click.Path(), default=None, help="CIFAR-10 folder or .tar.gz.")(fn)
-    fn = click.option("--calib", type=click.Path(), default=None,
-                      help="float32 .npy array in the model's input layout.")(fn)
+    fn = click.option(
+        "--calib", type=click.Path(), default=None, help="float32 .npy array in the model's input layout."
+    )(fn)
     return fn
 
 
@@ -237,15 +244,25 @@ def _calib_options(fn):
 @click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.pruned.onnx.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit of kept gates.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
-@click.option("--write-back", type=click.Choice(["gather", "scatter", "conv"]), default="gather", show_default=True,
-              help="How the kept channels' mix returns into the full-width carry.")
-@click.option("--max-error", type=click.FloatRange(0), default=None,
-              help="Fail, writing nothing, if the max abs output error on the calibration inputs is larger.")
+@click.option(
+    "--write-back",
+    type=click.Choice(["gather", "scatter", "conv"]),
+    default="gather",
+    show_default=True,
+    help="How the kept channels' mix returns into the full-width carry.",
+)
+@click.option(
+    "--max-error",
+    type=click.FloatRange(0),
+    default=None,
+    help="Fail, writing nothing, if the max abs output error on the calibration inputs is larger.",
+)
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
-def prune_cmd(model, threshold, calib, data, count, split, output, no_refit, no_simplify, write_back, max_error,
-              threads, as_json):
+def prune_cmd(
+    model, threshold, calib, data, count, split, output, no_refit, no_simplify, write_back, max_error, threads, as_json
+):
     """Remove low-gate channels from every highway block of MODEL."""
     from hwtool.prune import PruneConfig, prune
     from hwtool.report import progress_bar, prune_tables
@@ -259,8 +276,9 @@ def prune_cmd(model, threshold, calib, data, count, split, output, no_refit, no_
         raise ValueError(f"output {dst} is the input model; choose another -o")
     proto = load_model(src)
     x = _calibration(proto, calib, data, count, split)
-    cfg = PruneConfig(threshold=threshold, refit=not no_refit, simplify=not no_simplify, write_back=write_back,
-                      threads=threads)
+    cfg = PruneConfig(
+        threshold=threshold, refit=not no_refit, simplify=not no_simplify, write_back=write_back, threads=threads
+    )
     with progress_bar(console, "prune", disable=as_json) as bar:
         pruned, report = prune(proto, threshold, calib=x, config=cfg, on_progress=bar.staged)
     if max_error is not None:
@@ -345,22 +363,41 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     stem = Path(model).with_suffix("")
     x = load_calibration(load_model(model), calib) if calib else None
     with progress_bar(console, "sweep") as bar:
-        rows = sweep(model, data, ths, calib=x, calib_count=count, limit=limit,
-                     config=PruneConfig(refit=not no_refit), latency=latency, on_progress=bar.staged)
+        rows = sweep(
+            model,
+            data,
+            ths,
+            calib=x,
+            calib_count=count,
+            limit=limit,
+            config=PruneConfig(refit=not no_refit),
+            latency=latency,
+            on_progress=bar.staged,
+        )
     table = Table(title=f"hwtool sweep {model}")
     for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms b1", "p50 ms b64"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row("original" if r.threshold is None else f"{r.threshold:g}", f"{r.kept_channels}/{r.channels}",
-                      f"{r.parameters:,}", f"{r.bytes / 1e6:.2f}", f"{r.flops / 1e6:.1f}", f"{r.accuracy:.2%}",
-                      "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
-                      "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}")
+        table.add_row(
+            "original" if r.threshold is None else f"{r.threshold:g}",
+            f"{r.kept_channels}/{r.channels}",
+            f"{r.parameters:,}",
+            f"{r.bytes / 1e6:.2f}",
+            f"{r.flops / 1e6:.1f}",
+            f"{r.accuracy:.2%}",
+            "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
+            "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
+        )
     out.print(table)
     csv_path = csv_path or f"{stem}.sweep.csv"
     json_path = json_path or f"{stem}.sweep.json"
     png = png or f"{stem}.sweep.png"
-    meta = {"model": str(model), "refit": not no_refit, "test_images": limit or 10000,
-            "calibration": calib or f"{count} train images"}
+    meta = {
+        "model": str(model),
+        "refit": not no_refit,
+        "test_images": limit or 10000,
+        "calibration": calib or f"{count} train images",
+    }
     write_outputs(rows, csv_path, json_path, meta)
     plot_rows = [{"threshold": r.threshold, "accuracy": r.accuracy, "bytes": r.bytes} for r in rows[1:]]
     sweep_plot(plot_rows, png, f"{Path(model).name}: accuracy and size vs gate threshold")

@@ -40,7 +40,9 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndar
     try:
         x = np.load(p, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"{p} is not a readable .npy array ({type(e).__name__}); expected float32 [{expected}]") from None
+        raise ValueError(
+            f"{p} is not a readable .npy array ({type(e).__name__}); expected float32 [{expected}]"
+        ) from None
     if x.dtype != np.float32:
         raise ValueError(f"calibration array {p} is {x.dtype}; expected float32 [{expected}] for input {name!r}")
     want = [d if isinstance(d, int) and d > 0 else None for d in dims]
@@ -74,7 +76,9 @@ def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStat
         return None
     if len(means) != len(blocks) or any(len(m) != b.width for m, b in zip(means, blocks)):
         return None
-    return GateStats(means, f"model metadata ({stored.get('images', '?')} images at export)", int(stored.get("images", 0)))
+    return GateStats(
+        means, f"model metadata ({stored.get('images', '?')} images at export)", int(stored.get("images", 0))
+    )
 
 
 def measure_gates(

@@ -15,8 +15,20 @@ import onnx
 from hwtool.graph import Graph, attr
 
 # Nodes that may sit between the transform conv and H: per-channel, one data input.
-TRANSFORM_POST_OPS = ("BatchNormalization", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Clip", "HardSwish",
-                      "Softplus", "Tanh", "PRelu", "Identity")
+TRANSFORM_POST_OPS = (
+    "BatchNormalization",
+    "Relu",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Clip",
+    "HardSwish",
+    "Softplus",
+    "Tanh",
+    "PRelu",
+    "Identity",
+)
 COMMUTATIVE = ("Add", "Mul")
 
 

@@ -112,7 +112,6 @@ class _Editor:
         self.refresh()
 
 
-
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drop nodes whose outputs nobody reads, unused initializers, then sort topologically."""
     g = model.graph
@@ -452,7 +451,9 @@ def prune(
         before = _block_params(ed.graph, block)
         note = ""
         if len(kept) == block.width:
-            reports.append(BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None))
+            reports.append(
+                BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None)
+            )
             continue
         if not block_is_self_contained(ed.graph, block):
             note = "left whole: H, T or the mix is read outside the block"

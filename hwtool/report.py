@@ -54,12 +54,26 @@ def prune_tables(report) -> list:
     from rich.table import Table
 
     blocks = Table(title=f"hwtool prune: threshold {report.threshold}, gates from {report.gate_source}")
-    for col in ("block", "spelling", "width", "kept", "params before", "params after", "gate err naive",
-                "gate err refit", "note"):
+    for col in (
+        "block",
+        "spelling",
+        "width",
+        "kept",
+        "params before",
+        "params after",
+        "gate err naive",
+        "gate err refit",
+        "note",
+    ):
         blocks.add_column(col, justify="left" if col in ("spelling", "note") else "right")
     for b in report.blocks:
         blocks.add_row(
-            str(b.index), b.spelling, str(b.width), str(b.kept), f"{b.params_before:,}", f"{b.params_after:,}",
+            str(b.index),
+            b.spelling,
+            str(b.width),
+            str(b.kept),
+            f"{b.params_before:,}",
+            f"{b.params_after:,}",
             "-" if b.gate_error_naive is None else f"{b.gate_error_naive:.4f}",
             "-" if b.gate_error_refit is None else f"{b.gate_error_refit:.4f}",
             b.note,
@@ -67,12 +81,21 @@ def prune_tables(report) -> list:
     totals = Table(title="totals")
     for col in ("", "before", "after", "after/before"):
         totals.add_column(col, justify="right")
-    totals.add_row("parameters", f"{report.params_before:,}", f"{report.params_after:,}",
-                   _ratio(report.params_after, report.params_before))
-    totals.add_row("FLOPs (batch 1)", f"{report.flops_before:,}", f"{report.flops_after:,}",
-                   _ratio(report.flops_after, report.flops_before))
-    totals.add_row("file size", _mb(report.bytes_before), _mb(report.bytes_after),
-                   _ratio(report.bytes_after, report.bytes_before))
+    totals.add_row(
+        "parameters",
+        f"{report.params_before:,}",
+        f"{report.params_after:,}",
+        _ratio(report.params_after, report.params_before),
+    )
+    totals.add_row(
+        "FLOPs (batch 1)",
+        f"{report.flops_before:,}",
+        f"{report.flops_after:,}",
+        _ratio(report.flops_after, report.flops_before),
+    )
+    totals.add_row(
+        "file size", _mb(report.bytes_before), _mb(report.bytes_after), _ratio(report.bytes_after, report.bytes_before)
+    )
     check = Table(title=f"verification on {report.calibration_images} calibration inputs")
     for col in ("max abs error", "max rel error", "top-1 agreement", "seconds"):
         check.add_column(col, justify="right")
@@ -80,8 +103,12 @@ def prune_tables(report) -> list:
     if report.max_abs_error is None:
         check.add_row("-", "-", "-", secs)
     else:
-        check.add_row(f"{report.max_abs_error:.4g}", f"{report.max_rel_error:.4g}",
-                      "-" if report.top1_agreement is None else f"{report.top1_agreement:.2%}", secs)
+        check.add_row(
+            f"{report.max_abs_error:.4g}",
+            f"{report.max_rel_error:.4g}",
+            "-" if report.top1_agreement is None else f"{report.top1_agreement:.2%}",
+            secs,
+        )
     return [blocks, totals, check]
 
 

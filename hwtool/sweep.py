@@ -69,17 +69,40 @@ def sweep(
     from hwtool.graph import count_flops, count_parameters
 
     rows = [
-        SweepRow(None, channels, channels, count_parameters(original), original.ByteSize(), count_flops(original),
-                 correct / len(test), 0.0)
+        SweepRow(
+            None,
+            channels,
+            channels,
+            count_parameters(original),
+            original.ByteSize(),
+            count_flops(original),
+            correct / len(test),
+            0.0,
+        )
     ]
     models = [original]
     for t in thresholds:
-        pruned, rep = prune(original, t, calib=calib, config=replace(config, threshold=t), gate_stats=stats,
-                            reference=ref, on_progress=on_progress)
+        pruned, rep = prune(
+            original,
+            t,
+            calib=calib,
+            config=replace(config, threshold=t),
+            gate_stats=stats,
+            reference=ref,
+            on_progress=on_progress,
+        )
         correct, _ = accuracy_onnx(pruned, test, on_batch=bar(f"accuracy at {t}"))
         rows.append(
-            SweepRow(t, sum(b.kept for b in rep.blocks), channels, rep.params_after, rep.bytes_after, rep.flops_after,
-                     correct / len(test), rep.max_abs_error)
+            SweepRow(
+                t,
+                sum(b.kept for b in rep.blocks),
+                channels,
+                rep.params_after,
+                rep.bytes_after,
+                rep.flops_after,
+                correct / len(test),
+                rep.max_abs_error,
+            )
         )
         models.append(pruned)
     if latency:
@@ -99,8 +122,11 @@ def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRo
             paths.append(str(p))
         res = bench(paths, BenchConfig(batches=(1, 64), warmup=3, runs=runs))
         return [
-            replace(r, p50_ms_batch1=res.timing(p, res.timings[0].provider, 1).p50_ms,
-                    p50_ms_batch64=res.timing(p, res.timings[0].provider, 64).p50_ms)
+            replace(
+                r,
+                p50_ms_batch1=res.timing(p, res.timings[0].provider, 1).p50_ms,
+                p50_ms_batch64=res.timing(p, res.timings[0].provider, 64).p50_ms,
+            )
             for r, p in zip(rows, paths)
         ]
 

@@ -311,7 +311,10 @@ def train(
                 progress.update(
                     task,
                     advance=1,
-                    stats=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} gate {gate_sum / seen:.3f} {rate:.0f} img/s",
+                    stats=(
+                        f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
+                        f"gate {gate_sum / seen:.3f} {rate:.0f} img/s"
+                    ),
                 )
             train_time = time.perf_counter() - t0
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)

@@ -55,7 +55,11 @@ class _B:
         return out
 
     def conv(self, x: str, c_in: int, c_out: int, k: int, stride: int = 1, w=None, b=None) -> str:
-        w = self.rng.normal(0, (2.0 / (c_in * k * k)) ** 0.5, (c_out, c_in, k, k)).astype(np.float32) if w is None else w
+        w = (
+            self.rng.normal(0, (2.0 / (c_in * k * k)) ** 0.5, (c_out, c_in, k, k)).astype(np.float32)
+            if w is None
+            else w
+        )
         b = self.rng.normal(0, 0.1, c_out).astype(np.float32) if b is None else b
         p = k // 2
         return self.node("Conv", [x, self.init(w, "w"), self.init(b, "b")], pads=[p, p, p, p], strides=[stride, stride])
@@ -124,10 +128,14 @@ def build(spec: Spec) -> onnx.ModelProto:
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
         h = b.node(spec.activation, [hc])
         t = b.node("Sigmoid", [b.conv(h, width, width, 3, 1, w_t, b_t)])
-        carry = x if stride == 1 else b.node(
-            "Conv",
-            [x, b.init(b.rng.normal(0, (1.0 / c) ** 0.5, (width, c, 1, 1)).astype(np.float32), "proj")],
-            strides=[2, 2],
+        carry = (
+            x
+            if stride == 1
+            else b.node(
+                "Conv",
+                [x, b.init(b.rng.normal(0, (1.0 / c) ** 0.5, (width, c, 1, 1)).astype(np.float32), "proj")],
+                strides=[2, 2],
+            )
         )
         x = _mix(b, spec.spelling, h, t, carry)
         c = width

@@ -59,7 +59,9 @@ def test_metadata_must_match_the_blocks(model_files):
     model.metadata_props.add(key="hwtool.gate_means", value=json.dumps({"images": 3, "blocks": [[0.5] * 8] * 3}))
     assert gates_from_metadata(model, blocks) is None  # widths 8, 8, 12 expected: refused
     del model.metadata_props[:]
-    model.metadata_props.add(key="hwtool.gate_means", value=json.dumps({"images": 3, "blocks": [[0.5] * w for w in (8, 8, 12)]}))
+    model.metadata_props.add(
+        key="hwtool.gate_means", value=json.dumps({"images": 3, "blocks": [[0.5] * w for w in (8, 8, 12)]})
+    )
     stats = gates_from_metadata(model, blocks)
     assert isinstance(stats, GateStats) and stats.images == 3
 
@@ -90,8 +92,26 @@ def test_gates_without_data_or_metadata_is_a_clear_error(model_files, tmp_path):
 def test_sweep_writes_csv_json_png(model_files, tmp_path, cifar_path):
     a, _, calib = model_files
     out = tmp_path / "sw"
-    res = _cli(["sweep", a, "--data", cifar_path, "--calib", calib, "--thresholds", "0,0.000001,0.5,1",
-                "--limit", "200", "--csv", f"{out}.csv", "--json", f"{out}.json", "--png", f"{out}.png"])
+    res = _cli(
+        [
+            "sweep",
+            a,
+            "--data",
+            cifar_path,
+            "--calib",
+            calib,
+            "--thresholds",
+            "0,0.000001,0.5,1",
+            "--limit",
+            "200",
+            "--csv",
+            f"{out}.csv",
+            "--json",
+            f"{out}.json",
+            "--png",
+            f"{out}.png",
+        ]
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "sw.json").read_text())["rows"]
     assert [r["threshold"] for r in rows] == [None, 0.0, 1e-6, 0.5, 1.0]
@@ -110,7 +130,8 @@ def test_sweep_writes_csv_json_png(model_files, tmp_path, cifar_path):
 
 def test_sweep_rejects_bad_thresholds(model_files, cifar_path, tmp_path):
     a, _, calib = model_files
-    res = _cli(["sweep", a, "--data", cifar_path, "--calib", calib, "--thresholds", "0.1,2",
-                "--csv", tmp_path / "x.csv"])
+    res = _cli(
+        ["sweep", a, "--data", cifar_path, "--calib", calib, "--thresholds", "0.1,2", "--csv", tmp_path / "x.csv"]
+    )
     assert res.exit_code != 0 and "outside [0, 1]" in res.output
     assert not (tmp_path / "x.csv").exists()

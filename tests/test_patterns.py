@@ -40,8 +40,9 @@ def test_opsets_and_batchnorm_placement(opset, bn_before, bn_after):
 
 
 def test_odd_names_fixed_batch_and_other_activation():
-    model = build(Spec(input_name="images:0", output_name="probs/out", batch=4, activation="LeakyRelu",
-                       normalise=False))
+    model = build(
+        Spec(input_name="images:0", output_name="probs/out", batch=4, activation="LeakyRelu", normalise=False)
+    )
     assert len(find_blocks(model)) == 3
 
 

@@ -119,8 +119,12 @@ def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, 
         inits = {t.name: t for t in model.graph.initializer}
         b = blocks[1]
         hconv, tconv = g[b.transform_conv], g[b.gate_conv]
-        for name, rows, value in ((hconv.input[1], [0, 1, 2, 3], 0.0), (hconv.input[2], [0, 1, 2, 3], 0.0),
-                                  (tconv.input[1], [0, 1, 2, 3], 0.0), (tconv.input[2], [0, 1, 2, 3], -40.0)):
+        for name, rows, value in (
+            (hconv.input[1], [0, 1, 2, 3], 0.0),
+            (hconv.input[2], [0, 1, 2, 3], 0.0),
+            (tconv.input[1], [0, 1, 2, 3], 0.0),
+            (tconv.input[2], [0, 1, 2, 3], -40.0),
+        ):
             arr = onnx.numpy_helper.to_array(inits[name]).copy()
             arr[rows] = value
             inits[name].CopyFrom(onnx.numpy_helper.from_array(arr, name))
@@ -206,7 +210,9 @@ def test_cli_bad_inputs(tmp_path, case, message):
     if case == "not_highway":
         x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 32, 32])
         y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 32, 32])
-        plain = onnx.helper.make_model(onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
+        plain = onnx.helper.make_model(
+            onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+        )
         _save(plain, src)
     elif case == "truncated":
         src.write_bytes(good.SerializeToString()[:500])

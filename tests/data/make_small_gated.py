@@ -21,15 +21,24 @@ OUT = Path(__file__).with_name("small_gated.pt")
 
 def main(data: str) -> None:
     cfg = config_from_options(
-        epochs=8, limit=10_000, widths=(16, 32, 64), depth=2, gate_penalty=3.0, gate_weighting="uniform",
-        silence_penalty=0.3, lr=0.1, seed=0,
+        epochs=8,
+        limit=10_000,
+        widths=(16, 32, 64),
+        depth=2,
+        gate_penalty=3.0,
+        gate_weighting="uniform",
+        silence_penalty=0.3,
+        lr=0.1,
+        seed=0,
     )
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = train(cfg, data, tmp)
     ckpt = {k: v for k, v in ckpt.items() if k != "optimizer"}
     torch.save(ckpt, OUT)
     last = ckpt["log"][-1]
-    print(f"wrote {OUT}: test acc {last['test_acc']:.3f}, block gates {[round(g, 3) for g in last['test_block_gates']]}")
+    print(
+        f"wrote {OUT}: test acc {last['test_acc']:.3f}, block gates {[round(g, 3) for g in last['test_block_gates']]}"
+    )
 
 
 if __name__ == "__main__":

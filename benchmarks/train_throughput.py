@@ -161,6 +161,7 @@ def main() -> None:
     batch_times = time_batches(train.images, train.labels, args.batch, n=20, rounds=6)
 
     base = statistics.median(step_times["fp32"])
+    base_best = min(step_times["fp32"])
     result = {
         "benchmark": "training step of HighwayNet(HighwayConfig()) and batch assembly",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -176,15 +177,18 @@ def main() -> None:
         "note": (
             "Shared 2-core machine: a long background training job ran throughout, so absolute "
             "img/s are noisy and low; settings were interleaved in rounds so drift hits all of "
-            "them, and the ratios against fp32 are the result to read. Step times are medians."
+            "them, and the ratios against fp32 are the result to read. Other jobs only ever add "
+            "time, so the best (minimum) step is the least disturbed estimate; medians are given too."
         ),
         "train_step": {
             name: {
+                "best_s": min(t),
                 "median_s": statistics.median(t),
-                "min_s": min(t),
                 "max_s": max(t),
-                "img_per_s": args.batch / statistics.median(t),
-                "speedup_vs_fp32": base / statistics.median(t),
+                "img_per_s_best": args.batch / min(t),
+                "img_per_s_median": args.batch / statistics.median(t),
+                "speedup_vs_fp32_best": base_best / min(t),
+                "speedup_vs_fp32_median": base / statistics.median(t),
                 "seconds": t,
             }
             for name, t in step_times.items()
@@ -193,7 +197,7 @@ def main() -> None:
             name: {
                 "median_s_per_batch": statistics.median(t),
                 "img_per_s": args.batch / statistics.median(t),
-                "share_of_fastest_step": statistics.median(t) / min(map(statistics.median, step_times.values())),
+                "share_of_fastest_step": statistics.median(t) / min(map(min, step_times.values())),
             }
             for name, t in batch_times.items()
         },
@@ -202,7 +206,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in result["train_step"].items():
-        print(f"{name:20s} {r['img_per_s']:8.1f} img/s  x{r['speedup_vs_fp32']:.2f} vs fp32")
+        print(
+            f"{name:20s} best {r['img_per_s_best']:6.1f} img/s (x{r['speedup_vs_fp32_best']:.2f} vs fp32), "
+            f"median {r['img_per_s_median']:6.1f} img/s (x{r['speedup_vs_fp32_median']:.2f})"
+        )
     for name, r in result["batch_assembly"].items():
         print(f"batches {name:12s} {r['img_per_s']:8.0f} img/s  ({r['share_of_fastest_step']:.1%} of the fastest step)")
     print(f"wrote {out}")

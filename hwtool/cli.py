@@ -252,6 +252,13 @@ def _calib_options(fn):
     help="How the kept channels' mix returns into the full-width carry.",
 )
 @click.option(
+    "--round-to",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Keep a multiple of N channels per block (the next-highest gates fill up).",
+)
+@click.option(
     "--max-error",
     type=click.FloatRange(0),
     default=None,
@@ -261,7 +268,20 @@ def _calib_options(fn):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
 def prune_cmd(
-    model, threshold, calib, data, count, split, output, no_refit, no_simplify, write_back, max_error, threads, as_json
+    model,
+    threshold,
+    calib,
+    data,
+    count,
+    split,
+    output,
+    no_refit,
+    no_simplify,
+    write_back,
+    round_to,
+    max_error,
+    threads,
+    as_json,
 ):
     """Remove low-gate channels from every highway block of MODEL."""
     from hwtool.prune import PruneConfig, prune
@@ -277,7 +297,12 @@ def prune_cmd(
     proto = load_model(src)
     x = _calibration(proto, calib, data, count, split)
     cfg = PruneConfig(
-        threshold=threshold, refit=not no_refit, simplify=not no_simplify, write_back=write_back, threads=threads
+        threshold=threshold,
+        refit=not no_refit,
+        simplify=not no_simplify,
+        write_back=write_back,
+        round_to=round_to,
+        threads=threads,
     )
     with progress_bar(console, "prune", disable=as_json) as bar:
         pruned, report = prune(proto, threshold, calib=x, config=cfg, on_progress=bar.staged)

@@ -36,6 +36,7 @@ class PruneConfig:
     ridge: float = 1e-3  # regularisation toward the original weights, relative to mean feature energy
     max_rows: int = 32768  # sampled positions per block for the least-squares fit
     write_back: str = "gather"  # how the kept channels' mix returns into the full-width carry
+    round_to: int = 1  # keep a multiple of this many channels per block (next-highest gates fill up)
     simplify: bool = True  # run onnxsim on the result
     batch: int = 64  # calibration batch
     threads: int | None = None  # ORT intra-op threads (None: ORT's default)
@@ -374,6 +375,20 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
 # the whole prune
 
 
+def kept_channels(means: np.ndarray, threshold: float, round_to: int = 1) -> np.ndarray:
+    """Sorted indices of channels with mean gate >= threshold, rounded up to a multiple of round_to.
+
+    Rounding adds the highest-gated of the removed channels; a block that keeps nothing stays empty.
+    SIMD convolution kernels work on channel blocks (8 or 16 floats), so odd widths waste lanes.
+    """
+    kept = np.flatnonzero(means >= threshold)
+    if round_to > 1 and 0 < len(kept) % round_to:
+        want = min(len(means), -(-len(kept) // round_to) * round_to)
+        order = np.argsort(-means, kind="stable")
+        kept = np.sort(order[:want])
+    return kept
+
+
 def _gate_conv_geometry(g: Graph, block: Block) -> list[int] | None:
     """Pads of the gate conv if the refit supports it (stride 1, no dilation, no groups)."""
     conv = g.producer[block.gate_conv]
@@ -447,7 +462,7 @@ def prune(
     reports: list[BlockReport] = []
     refit_seconds = 0.0
     for block, means in zip(blocks, gate_stats.means):
-        kept = np.flatnonzero(means >= cfg.threshold)
+        kept = kept_channels(means, cfg.threshold, cfg.round_to)
         before = _block_params(ed.graph, block)
         note = ""
         if len(kept) == block.width:

@@ -262,3 +262,23 @@ def test_patches_match_a_padded_reference():
     hp = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
     ref = np.stack([hp[n, :, i : i + 3, j : j + 3].reshape(-1) for n, i, j in rows])
     np.testing.assert_array_equal(_patches(h, rows, (3, 3), [1, 1, 1, 1]), ref)
+
+
+def test_round_to_fills_up_with_the_highest_gates():
+    from hwtool.prune import kept_channels
+
+    means = np.array([0.9, 0.01, 0.3, 0.02, 0.5, 0.04, 0.0, 0.03])
+    assert kept_channels(means, 0.05).tolist() == [0, 2, 4]
+    assert kept_channels(means, 0.05, round_to=4).tolist() == [0, 2, 4, 5]
+    assert kept_channels(means, 0.05, round_to=16).tolist() == list(range(8))  # capped at the width
+    assert kept_channels(means, 0.95, round_to=4).tolist() == []  # an empty block stays empty
+
+
+def test_cli_round_to(tmp_path):
+    src = _save(build(Spec(removable=REMOVABLE)), tmp_path / "net.onnx")
+    np.save(tmp_path / "calib.npy", images(8))
+    res = _cli(
+        ["prune", src, "--threshold", "0.000001", "--calib", tmp_path / "calib.npy", "--round-to", "4", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert [b["kept"] for b in json.loads(res.output)["blocks"]] == [8, 0, 8]

@@ -56,8 +56,8 @@ def test_return_gates_gives_one_gate_and_transform_per_block_with_stage_shapes(i
     assert logits.shape == (5, 10)
     torch.testing.assert_close(plain, logits)
     assert len(gates) == len(transforms) == len(SMALL.widths) * SMALL.depth == 6
-    # Stage s runs at 32 / 2**s: stage 0 keeps the full resolution, later stages halve it once.
-    expected = [(5, w, 32 >> s, 32 >> s) for s, w in enumerate(SMALL.widths) for _ in range(SMALL.depth)]
+    # The first block of every stage halves the resolution: stages run at 16x16, 8x8 and 4x4.
+    expected = [(5, w, 16 >> s, 16 >> s) for s, w in enumerate(SMALL.widths) for _ in range(SMALL.depth)]
     assert [tuple(t.shape) for t in gates] == expected
     assert [tuple(h.shape) for h in transforms] == expected
     for t, h in zip(gates, transforms, strict=True):
@@ -68,11 +68,14 @@ def test_return_gates_gives_one_gate_and_transform_per_block_with_stage_shapes(i
 def test_strides_and_carry_projections_per_stage():
     model = HighwayNet(SMALL)
     strides = [b.transform.stride for b in model.blocks]
-    assert strides == [(1, 1), (1, 1), (2, 2), (1, 1), (2, 2), (1, 1)]
+    assert strides == [(2, 2), (1, 1), (2, 2), (1, 1), (2, 2), (1, 1)]
     # A projection only where width or resolution change; elsewhere the carry is x itself.
     has_project = [b.project is not None for b in model.blocks]
     assert has_project == [True, False, True, False, True, False]
-    assert model.blocks[2].project.stride == (2, 2)
+    assert [model.blocks[i].project.stride for i in (0, 2, 4)] == [(2, 2)] * 3
+    # Same width, stride 2: still a projection, since the carry must be downsampled too.
+    same_width = HighwayNet(HighwayConfig(widths=(16, 16), depth=1, stem=16))
+    assert [b.project.stride for b in same_width.blocks] == [(2, 2), (2, 2)]
     assert model.fc.in_features == SMALL.widths[-1]
 
 

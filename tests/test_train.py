@@ -112,12 +112,12 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path):
 
 
 def test_gate_penalty_lowers_the_mean_gate(cifar_path, cifar, tmp_path):
-    """Same seed and data, λ = 10 against λ = 0: after 8 steps the gates are clearly lower."""
+    """Same seed and data, λ = 30 against λ = 0: after 8 steps the gates are clearly lower."""
     model_cfg = HighwayConfig(widths=(8, 16, 32), depth=1)
     x = to_input(cifar["test"].images[:256])
     weights = block_weights(model_cfg, "params")
     means = {}
-    for lam in (0.0, 10.0):
+    for lam in (0.0, 30.0):
         cfg = TrainConfig(
             epochs=1, batch_size=64, limit=512, gate_penalty=lam, gate_ramp=0.0, bf16=False, model=model_cfg
         )
@@ -126,11 +126,12 @@ def test_gate_penalty_lowers_the_mean_gate(cifar_path, cifar, tmp_path):
             _, gates, _ = model(x, return_gates=True)
         per_block = torch.stack([t.mean() for t in gates])
         means[lam] = (weights * per_block).sum().item(), per_block
-    # Measured: 0.120 without the incentive, 0.100 with it; the noise of 8 steps is below 0.005.
-    assert means[10.0][0] < means[0.0][0] - 0.01
-    # The 'params' weighting puts most weight on the widest block; its gates must fall most.
-    drop = means[0.0][1] - means[10.0][1]
-    assert drop.argmax().item() == 2 and drop[2] > 0.01
+    # Measured over seeds 0-2: 0.120 without the incentive, 0.062-0.069 with it.
+    assert means[30.0][0] < means[0.0][0] - 0.03
+    # The 'params' weighting puts most weight on the widest block; its gates must fall most
+    # (measured: by 0.060-0.066, against 0.016-0.040 for the other two).
+    drop = means[0.0][1] - means[30.0][1]
+    assert drop.argmax().item() == 2 and drop[2] > 0.03
 
 
 # ---------------------------------------------------------------------------------------------

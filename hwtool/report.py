@@ -135,6 +135,8 @@ def gate_heatmap(panels: list[tuple[str, list]], out: str, sort: bool = True) ->
     from hwtool.runtime import atomic_write_bytes
 
     plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
     width = max(len(m) for _, means in panels for m in means)
     fig, axes = plt.subplots(
         1, len(panels), figsize=(5.5 * len(panels), 0.28 * max(len(m) for _, m in panels) + 2.2), squeeze=False
@@ -145,12 +147,15 @@ def gate_heatmap(panels: list[tuple[str, list]], out: str, sort: bool = True) ->
         for i, m in enumerate(means):
             row = np.sort(m)[::-1] if sort else np.asarray(m)
             grid[i, : len(row)] = row
-        image = ax.imshow(grid, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        # Log colour scale: the interesting gates live between 0.001 and 0.1.
+        image = ax.imshow(
+            np.clip(grid, 1e-3, 1.0), aspect="auto", cmap="magma", norm=LogNorm(1e-3, 1.0), interpolation="nearest"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("channel" + (" (sorted by mean T)" if sort else ""))
         ax.set_ylabel("block")
         ax.set_yticks(range(len(means)))
-    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate T", shrink=0.9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="mean gate T (log scale)", shrink=0.9)
     import io
 
     buf = io.BytesIO()

@@ -282,3 +282,16 @@ def test_cli_round_to(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert [b["kept"] for b in json.loads(res.output)["blocks"]] == [8, 0, 8]
+
+
+def test_python_api_takes_a_path(tmp_path):
+    import hwtool
+
+    src = _save(build(Spec(removable=REMOVABLE)), tmp_path / "net.onnx")
+    pruned, report = hwtool.prune(str(src), 1e-6, calib=images(8))
+    assert isinstance(pruned, onnx.ModelProto)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    import hwtool.prune as module  # the submodule import must not break the call
+
+    assert hwtool.prune(src, 1e-6, calib=images(8))[1].params_after == report.params_after
+    assert module.PruneConfig().threshold == 0.05

@@ -13,11 +13,11 @@ import onnx
 import torch
 
 from hwtool.data import CLASSES, load_cifar10
+from hwtool.gates import GATE_METADATA
 from hwtool.runtime import atomic_write_model, make_session
 from hwtool.train import build_model, load_checkpoint
 
 EXPORTERS = ("dynamo", "torchscript")
-GATE_METADATA = "hwtool.gate_means"
 
 
 @dataclass(frozen=True)

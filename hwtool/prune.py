@@ -35,6 +35,7 @@ class PruneConfig:
     refit: bool = True  # refit kept gate convs by ridge least squares (False: the paper's plain drop)
     ridge: float = 1e-3  # regularisation toward the original weights, relative to mean feature energy
     max_rows: int = 32768  # sampled positions per block for the least-squares fit
+    refit_images: int = 256  # calibration images whose activations the refit uses (the first ones)
     write_back: str = "gather"  # how the kept channels' mix returns into the full-width carry
     round_to: int = 1  # keep a multiple of this many channels per block (next-highest gates fill up)
     simplify: bool = True  # run onnxsim on the result
@@ -458,7 +459,7 @@ def prune(
     model = onnx.ModelProto()
     model.CopyFrom(original)
     ed = _Editor(model)
-    runner = _Runner(model, calib, cfg.batch, cfg.threads) if cfg.refit else None
+    runner = _Runner(model, calib[: cfg.refit_images], cfg.batch, cfg.threads) if cfg.refit else None
     reports: list[BlockReport] = []
     refit_seconds = 0.0
     for block, means in zip(blocks, gate_stats.means):

@@ -19,21 +19,13 @@ def reference_onnx(path: str | None, out_dir: str) -> str:
         return path
     import torch
 
+    from hwtool.export import export_model
     from hwtool.model import HighwayConfig, HighwayNet
 
     torch.manual_seed(0)
     model = HighwayNet(HighwayConfig()).eval()
     out = Path(out_dir) / "reference-untrained.onnx"
-    torch.onnx.export(
-        model,
-        (torch.rand(1, 3, 32, 32),),
-        str(out),
-        input_names=["input"],
-        output_names=["logits"],
-        opset_version=18,
-        dynamo=False,
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-    )
+    export_model(model, out, exporter="torchscript", opset=18)
     return str(out)
 
 

@@ -58,7 +58,7 @@ from torch import nn
 
 from hwtool.data import Split, load_cifar10
 from hwtool.evaluate import accuracy_onnx
-from hwtool.export import export_checkpoint
+from hwtool.export import export_checkpoint, export_model
 from hwtool.gates import GateStats
 from hwtool.graph import count_flops, count_parameters
 from hwtool.model import HighwayNet
@@ -212,16 +212,7 @@ def export_torch(model: nn.Module, path: Path, check_x: np.ndarray) -> onnx.Mode
     """TorchScript-exporter ONNX (dynamic batch, as hwtool export writes it), checked against PyTorch."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer chatter
-        torch.onnx.export(
-            model,
-            (torch.rand(2, 3, 32, 32),),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=OPSET,
-            dynamo=False,
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        export_model(model, path, exporter="torchscript", opset=OPSET)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     ort_logits = make_session(proto).run(None, {"input": check_x})[0]

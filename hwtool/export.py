@@ -34,33 +34,18 @@ class ExportReport:
     gate_images: int
 
 
-def _export_raw(model: torch.nn.Module, path: Path, exporter: str, opset: int) -> None:
+def export_model(model: torch.nn.Module, path: str | os.PathLike, exporter: str = "dynamo", opset: int = 18) -> None:
+    """torch.onnx.export with hwtool's contract: input 'input', output 'logits', dynamic batch."""
+    common = {"input_names": ["input"], "output_names": ["logits"], "opset_version": opset}
     x = torch.rand(2, 3, 32, 32)
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=4096)
         torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=True,
-            dynamic_shapes={"x": {0: batch}},
-            external_data=False,
-            verbose=False,
+            model, (x,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, external_data=False, **common
         )
     else:
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=False,
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}}
+        torch.onnx.export(model, (x,), str(path), dynamo=False, dynamic_axes=dynamic, **common)
 
 
 @torch.no_grad()
@@ -105,7 +90,7 @@ def export_checkpoint(
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.onnx"
-        _export_raw(model, raw, exporter, opset)
+        export_model(model, raw, exporter, opset)
         proto = onnx.load(str(raw))
 
     cfg = ckpt["config"]

@@ -102,23 +102,12 @@ def _chmod_like_new(path: str) -> None:
 
 
 def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
-    """Serialize to a temporary file beside `out`, then rename over it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString(deterministic=True))
-        _chmod_like_new(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Serialize deterministically and write atomically."""
+    atomic_write_bytes(model.SerializeToString(deterministic=True), out)
 
 
 def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
-    """Write bytes atomically."""
+    """Write to a temporary file beside `out`, then rename over it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -94,7 +94,6 @@ class _Editor:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = Graph(model)
-        self.new_inits: dict[str, onnx.TensorProto] = {}
 
     def refresh(self) -> None:
         self.graph = Graph(self.model)
@@ -276,7 +275,10 @@ def refit_gate(
 
 
 def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int, tag: str) -> None:
-    """Slice the per-channel parameters of a BN/activation node to the kept channels."""
+    """Slice the per-channel parameters of a BN/activation node to the kept channels.
+
+    Other post ops (Relu, Clip with scalar bounds, ...) have none.
+    """
     g = ed.graph
     if node.op_type == "BatchNormalization":
         for idx in range(1, 5):
@@ -287,8 +289,6 @@ def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int,
             raise ValueError(f"PRelu {node.name} has a non-constant slope; cannot prune its block")
         if slope.size == width:
             ed.set_input(node, 1, f"{tag}_slope", slope.reshape(width, *slope.shape[1:])[kept] if slope.ndim else slope)
-    elif node.op_type == "Clip":
-        pass  # scalar bounds
 
 
 def _write_back(kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.ndarray, width: int, out: str):
@@ -346,8 +346,8 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     ed.set_input(hconv, 1, f"{tag}_transform_w", g.const(hconv.input[1])[kept])
     if len(hconv.input) > 2 and hconv.input[2]:
         ed.set_input(hconv, 2, f"{tag}_transform_b", g.const(hconv.input[2])[kept])
-    for t in block.transform_post:
-        _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_{len(t)}")
+    for i, t in enumerate(block.transform_post):
+        _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_post{i}")
     tconv = ed.node(block.gate_conv)
     ed.set_input(tconv, 1, f"{tag}_gate_w", gate_w)
     if len(tconv.input) > 2 and tconv.input[2]:

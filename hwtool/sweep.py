@@ -15,6 +15,7 @@ import numpy as np
 from hwtool.data import load_cifar10
 from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
+from hwtool.graph import count_flops, count_parameters
 from hwtool.patterns import find_blocks
 from hwtool.prune import PruneConfig, prune
 from hwtool.runtime import atomic_write_bytes, atomic_write_model, load_model
@@ -66,8 +67,6 @@ def sweep(
     stats, ref = measure_gates(original, blocks, calib, batch=config.batch, on_batch=bar("gates"), keep_outputs=True)
     channels = sum(b.width for b in blocks)
     correct, _ = accuracy_onnx(original, test, on_batch=bar("accuracy original"))
-    from hwtool.graph import count_flops, count_parameters
-
     rows = [
         SweepRow(
             None,

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_errors import one_line_error
 from click.testing import CliRunner
 from highway_onnx import Spec, build, images
 
@@ -81,24 +82,16 @@ def test_quantized_model_converts_and_matches(tmp_path):
     assert "QuantizeLinear" in text or "QLinearConv" in text
 
 
-def _error(res) -> str:
-    assert res.exit_code != 0
-    assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
-
-
 def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(build(Spec(widths=(8,))), model)
     (tmp_path / "junk.onnx").write_bytes(b"\x00garbage")
     res = CliRunner().invoke(main, ["convert", str(model), "-o", str(tmp_path / "m.onnx2")])
-    assert ".ort" in _error(res)
+    assert ".ort" in one_line_error(res)
     res = CliRunner().invoke(main, ["convert", str(tmp_path / "missing.onnx")])
-    assert "does not exist" in _error(res)
+    assert "does not exist" in one_line_error(res)
     res = CliRunner().invoke(main, ["convert", str(tmp_path / "junk.onnx")])
-    assert "ONNX" in _error(res)
+    assert "ONNX" in one_line_error(res)
     res = CliRunner().invoke(main, ["convert", str(model), "--to", "tflite"])
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "m.onnx"]

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_errors import one_line_error
 from click.testing import CliRunner
 from highway_onnx import Spec, build, images
 from onnx import numpy_helper
@@ -130,14 +131,6 @@ def test_pruned_model_quantizes(tmp_path):
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
 
 
-def _error(res) -> str:
-    assert res.exit_code != 0
-    assert "Traceback" not in res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    return lines[0]
-
-
 def test_bad_calibration_gives_one_line_error_naming_the_shape(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(build(Spec(widths=(8,))), model)
@@ -148,12 +141,12 @@ def test_bad_calibration_gives_one_line_error_naming_the_shape(tmp_path):
     out = tmp_path / "q.onnx"
     for name in ("shape.npy", "f64.npy", "missing.npy", "junk.npy"):
         res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / name)])
-        assert "3x32x32" in _error(res), name
+        assert "3x32x32" in one_line_error(res), name
         assert not out.exists()
     res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(tmp_path / "nan.npy")])
-    assert "NaN" in _error(res) and not out.exists()
+    assert "NaN" in one_line_error(res) and not out.exists()
     res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out)])
-    assert "--calib" in _error(res) and not out.exists()
+    assert "--calib" in one_line_error(res) and not out.exists()
 
 
 def test_refuses_to_overwrite_input_or_requantize(tmp_path):
@@ -163,8 +156,8 @@ def test_refuses_to_overwrite_input_or_requantize(tmp_path):
     np.save(calib, images(8))
     before = _sha(model)
     res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(model), "--calib", str(calib)])
-    assert "input model" in _error(res) and _sha(model) == before
+    assert "input model" in one_line_error(res) and _sha(model) == before
     q = tmp_path / "q.onnx"
     assert CliRunner().invoke(main, ["quantize", str(model), "-o", str(q), "--calib", str(calib)]).exit_code == 0
     res = CliRunner().invoke(main, ["quantize", str(q), "-o", str(tmp_path / "qq.onnx"), "--calib", str(calib)])
-    assert "already" in _error(res) and not (tmp_path / "qq.onnx").exists()
+    assert "already" in one_line_error(res) and not (tmp_path / "qq.onnx").exists()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 @dataclass
@@ -90,7 +90,18 @@ def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
     """Static shapes of every tensor with the batch dimension fixed to `batch`."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    inits = {i.name for i in m.graph.initializer}
+    # Large initializers (weights) become typed inputs: shape inference needs only their shapes,
+    # and copying their bytes through it costs more than the inference. Small ones stay, since
+    # shape arguments (Reshape, Slice, ...) are read by value.
+    big = [t for t in m.graph.initializer if np.prod(t.dims) > 64]
+    kept = [t for t in m.graph.initializer if np.prod(t.dims) <= 64]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    have = {i.name for i in m.graph.input}
+    m.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big if t.name not in have
+    )
+    inits = {i.name for i in model.graph.initializer}
     for inp in m.graph.input:
         if inp.name in inits:
             continue
@@ -105,7 +116,7 @@ def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
         d = vi.type.tensor_type.shape.dim
         if d and all(x.HasField("dim_value") for x in d):
             shapes[vi.name] = [x.dim_value for x in d]
-    for t in m.graph.initializer:
+    for t in model.graph.initializer:
         shapes[t.name] = list(t.dims)
     return shapes
 

@@ -162,11 +162,22 @@ class _Runner:
     def __init__(self, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int | None):
         self.model = model
         inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+        self.input = inp.name
         self.values: dict[str, np.ndarray] = {inp.name: x}
         self.batch = batch
         self.threads = threads
 
+    def keep_only(self, values: dict[str, np.ndarray]) -> None:
+        """Forget every known activation but the network's input and `values` (bounds memory)."""
+        self.values = {self.input: self.values[self.input], **values}
+
     def compute(self, targets: list[str]) -> list[np.ndarray]:
+        """The targets' values; known ones are taken as they are, nothing new is remembered."""
+        missing = [t for t in dict.fromkeys(targets) if t not in self.values]
+        found = dict(zip(missing, self._run(missing))) if missing else {}
+        return [self.values[t] if t in self.values else found[t] for t in targets]
+
+    def _run(self, targets: list[str]) -> list[np.ndarray]:
         g = Graph(self.model)
         needed_nodes: list[onnx.NodeProto] = []
         inputs: set[str] = set()
@@ -176,7 +187,7 @@ class _Runner:
             if t in seen or not t:
                 continue
             seen.add(t)
-            if t in self.values and t not in targets:
+            if t in self.values:
                 inputs.add(t)
                 continue
             if t in g.initializers:
@@ -212,7 +223,8 @@ class _Runner:
 
 
 def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: list[int]) -> np.ndarray:
-    """im2col at sampled positions: h (N, C, H, W), rows (R, 3) of (n, i, j) -> float64 (R, C*kh*kw).
+    """im2col at sampled positions plus a column of ones for the bias:
+    h (N, C, H, W), rows (R, 3) of (n, i, j) -> float64 (R, C*kh*kw + 1).
 
     Reads h in place (no padded copy): taps that fall in the zero padding are masked to zero.
     """
@@ -222,8 +234,11 @@ def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: lis
     j = rows[:, 2][:, None, None] + np.arange(kw)[None, None, :] - pads[1]  # (R, 1, kw)
     inside = (i >= 0) & (i < hh) & (j >= 0) & (j < ww)  # (R, kh, kw)
     taps = h[rows[:, 0][:, None, None], :, np.clip(i, 0, hh - 1), np.clip(j, 0, ww - 1)]  # (R, kh, kw, C)
-    taps = np.where(inside[..., None], taps, 0).astype(np.float64)
-    return taps.transpose(0, 3, 1, 2).reshape(len(rows), c * kh * kw)
+    out = np.empty((len(rows), c * kh * kw + 1))
+    out[:, -1] = 1.0
+    body = out[:, :-1].reshape(len(rows), c, kh, kw)  # a view: the last axis splits evenly
+    np.multiply(taps.transpose(0, 3, 1, 2), inside[:, None], out=body)
+    return out
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -254,8 +269,7 @@ def refit_gate(
     pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
     rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
     z = target[rows[:, 0], :, rows[:, 1], rows[:, 2]][:, kept].astype(np.float64)  # (R, k)
-    x = _patches(np.ascontiguousarray(h[:, kept]), rows, (kh, kw), pads)  # (R, k*kh*kw)
-    x = np.concatenate([x, np.ones((len(rows), 1))], axis=1)
+    x = _patches(np.ascontiguousarray(h[:, kept]), rows, (kh, kw), pads)  # (R, k*kh*kw + 1)
     theta0 = np.concatenate([weight[kept][:, kept].reshape(k, -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
     gram = x.T @ x
     alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
@@ -492,7 +506,11 @@ def prune(
                 note = "gate conv has strides, dilations or groups; refit skipped"
             else:
                 ts = time.perf_counter()
-                h, z = runner.compute([block.transform, block.gate_conv])
+                # the block's own inputs are kept too, so that its pruned output is computed from
+                # them alone instead of from the network's input
+                inputs = list(dict.fromkeys([ed.node(block.transform_conv).input[0], block.carry]))
+                h, z, *known = runner.compute([block.transform, block.gate_conv, *inputs])
+                runner.values.update(zip(inputs, known))
                 gate_w, gate_b, err_naive, err_refit = refit_gate(h, z, weight, bias, kept, pads, cfg)
                 refit_seconds += time.perf_counter() - ts
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
@@ -500,7 +518,7 @@ def prune(
             ts = time.perf_counter()
             runner.model = ed.model
             (y,) = runner.compute([block.output])
-            runner.values[block.output] = y
+            runner.keep_only({block.output: y})
             refit_seconds += time.perf_counter() - ts
         after = _block_params(ed.graph, block) if len(kept) else 0
         reports.append(
@@ -556,10 +574,29 @@ def _run_first(model: onnx.ModelProto, x: np.ndarray, cfg: PruneConfig, on_batch
     return np.concatenate([r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)])
 
 
+def _import_onnxsim() -> types.ModuleType:
+    """Import onnxsim without letting it pull in torch.
+
+    onnxsim's optional PPQ bridge imports torch at import time only to find out whether PPQ is
+    usable, and its model printer imports sympy; hwtool uses neither, and with torch installed
+    the two cost about 1.1 s per prune. Modules not loaded yet are hidden from onnxsim while it
+    is imported (a None entry in sys.modules makes `import` raise ImportError, which onnxsim
+    catches for both).
+    """
+    if "onnxsim" not in sys.modules:
+        hidden = [name for name in ("torch", "sympy") if name not in sys.modules]
+        sys.modules.update(dict.fromkeys(hidden))
+        try:
+            import onnxsim  # noqa: F401
+        finally:
+            for name in hidden:
+                del sys.modules[name]
+    return sys.modules["onnxsim"]
+
+
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim with its own check; keeps names, dims and metadata."""
-    import onnxsim
-
+    onnxsim = _import_onnxsim()
     meta = [(p.key, p.value) for p in model.metadata_props]
     simplified, ok = onnxsim.simplify(model)
     if not ok:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -261,7 +263,9 @@ def test_patches_match_a_padded_reference():
     rows = np.array([[0, 0, 0], [1, 5, 4], [2, 2, 3], [0, 0, 4]])
     hp = np.pad(h, ((0, 0), (0, 0), (1, 1), (1, 1)))
     ref = np.stack([hp[n, :, i : i + 3, j : j + 3].reshape(-1) for n, i, j in rows])
-    np.testing.assert_array_equal(_patches(h, rows, (3, 3), [1, 1, 1, 1]), ref)
+    x = _patches(h, rows, (3, 3), [1, 1, 1, 1])
+    np.testing.assert_array_equal(x[:, :-1], ref)
+    np.testing.assert_array_equal(x[:, -1], 1.0)  # the bias column
 
 
 def test_round_to_fills_up_with_the_highest_gates():
@@ -295,3 +299,17 @@ def test_python_api_takes_a_path(tmp_path):
 
     assert hwtool.prune(src, 1e-6, calib=images(8))[1].params_after == report.params_after
     assert module.PruneConfig().threshold == 0.05
+
+
+def test_onnxsim_is_imported_without_torch_and_torch_still_imports_after():
+    # hwtool hides torch and sympy while onnxsim is imported (a second of startup); the hiding
+    # must not outlive the import, or `import torch` would fail for the rest of the process
+    pytest.importorskip("torch")
+    code = (
+        "import sys; from hwtool.prune import _import_onnxsim; m = _import_onnxsim(); "
+        "assert callable(m.simplify); assert 'torch' not in sys.modules and 'sympy' not in sys.modules; "
+        "import sympy, torch; print(torch.tensor([1.0]).sum().item())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1.0"

@@ -92,6 +92,13 @@ def main() -> None:
     help="Weigh each block's mean gate by its channels' parameter cost, or equally.",
 )
 @click.option(
+    "--gate-shape",
+    type=click.Choice(["mean", "sqrt"]),
+    default="mean",
+    show_default=True,
+    help="Incentive per block: the mean gate, or the mean over channels of sqrt(mean gate) (drives gates off or on).",
+)
+@click.option(
     "--silence-penalty",
     type=click.FloatRange(0),
     default=0.0,
@@ -114,6 +121,7 @@ def train(
     lr,
     gate_penalty,
     gate_weighting,
+    gate_shape,
     silence_penalty,
     widths,
     depth,
@@ -133,6 +141,7 @@ def train(
         lr=lr,
         gate_penalty=gate_penalty,
         gate_weighting=gate_weighting,
+        gate_shape=gate_shape,
         silence_penalty=silence_penalty,
         widths=_ints(widths),
         depth=depth,
@@ -146,6 +155,59 @@ def train(
         last = ckpt["log"][-1]
         out_path = Path(out) / "checkpoint.pt"
         console.print(f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs; checkpoint {out_path}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder for the fine-tuned checkpoint.")
+@click.option(
+    "--threshold",
+    type=float,
+    required=True,
+    help="Channels whose mean gate is under this are removed before training (as `hwtool prune` would).",
+)
+@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True, help="Peak LR.")
+@click.option("--gate-penalty", type=click.FloatRange(0), default=0.0, show_default=True, help="λ while fine-tuning.")
+@click.option(
+    "--count", type=click.IntRange(1), default=512, show_default=True, help="Training images that measure the gates."
+)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
+@click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast on CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
+@click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out.")
+@friendly
+def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, limit, fp32, compile_, resume):
+    """Fine-tune a trained checkpoint with its low-gate channels removed.
+
+    The removed channels are baked into the weights (zero transform, gate bias -30), so exporting
+    the result and pruning it at the same threshold removes exactly them, with no refit needed.
+    """
+    from hwtool.train import finetune_config
+    from hwtool.train import train as run
+
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} is outside [0, 1]; gates are sigmoids")
+    cfg = finetune_config(
+        checkpoint,
+        threshold,
+        epochs=epochs,
+        lr=lr,
+        gate_penalty=gate_penalty,
+        calib_images=count,
+        limit=limit,
+        bf16=not fp32,
+        compile=compile_,
+    )
+    ckpt = run(cfg, data, out, resume=resume, console=console)
+    if ckpt:
+        last = ckpt["log"][-1]
+        kept = sum(last.get("kept_channels", []))
+        console.print(
+            f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs with {kept} transform channels kept; "
+            f"checkpoint {Path(out) / 'checkpoint.pt'}"
+        )
 
 
 @main.command()

@@ -51,10 +51,16 @@ class HighwayBlock(nn.Module):
             self.project = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_transforms: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune."""
+        """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune.
+
+        drop_transforms also zeroes the masked H channels, so that the kept gates no longer read
+        them: what the pruned graph computes without a gate refit (fine-tuning trains this).
+        """
         h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
+        if mask is not None and drop_transforms:
+            h = h * mask.view(1, -1, 1, 1)
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
         if mask is not None:
             t = t * mask.view(1, -1, 1, 1)
@@ -83,15 +89,22 @@ class HighwayNet(nn.Module):
         self.head_norm = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, cfg.num_classes)
 
-    def forward(self, x: torch.Tensor, return_gates: bool = False, masks: list[torch.Tensor] | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_gates: bool = False,
+        masks: list[torch.Tensor] | None = None,
+        drop_transforms: bool = False,
+    ):
         """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms).
 
-        masks: one 0/1 tensor per block that zeroes those gates (what pruning removes).
+        masks: one 0/1 tensor per block that zeroes those gates (what pruning removes);
+        drop_transforms: zero the masked H channels too (see HighwayBlock.forward).
         """
         x = self.stem((x - self.mean) / self.std)
         gates, transforms = [], []
         for i, block in enumerate(self.blocks):
-            x, h, t = block(x, None if masks is None else masks[i])
+            x, h, t = block(x, None if masks is None else masks[i], drop_transforms)
             gates.append(t)
             transforms.append(h)
         x = F.relu(self.head_norm(x))
@@ -99,6 +112,42 @@ class HighwayNet(nn.Module):
         if return_gates:
             return logits, gates, transforms
         return logits
+
+
+# The gate bias that baking gives a removed channel: sigmoid(-30) = 9e-14, far under any threshold.
+OFF_GATE_BIAS = -30.0
+
+
+@torch.no_grad()
+def gate_masks(model: HighwayNet, x: torch.Tensor, threshold: float, batch: int = 256) -> list[torch.Tensor]:
+    """Per block, a float 0/1 mask of the channels whose mean gate over images x is >= threshold.
+
+    The same rule as `hwtool prune`: mean over images and positions, in float32, eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    sums = None
+    for i in range(0, len(x), batch):
+        _, gates, _ = model(x[i : i + batch], return_gates=True)
+        s = [t.float().mean(dim=(2, 3)).sum(0) for t in gates]
+        sums = s if sums is None else [a + b for a, b in zip(sums, s)]
+    model.train(was_training)
+    return [(s / len(x) >= threshold).float() for s in sums]
+
+
+@torch.no_grad()
+def bake_masks(model: HighwayNet, masks: list[torch.Tensor]) -> None:
+    """Write masks into the weights: a removed channel's H filter, T filter and T input are zeroed
+    and its gate bias set to OFF_GATE_BIAS, so the plain network computes (to 1e-13) what the
+    masked one with drop_transforms does, and prunes exactly at any threshold above 1e-13."""
+    for block, m in zip(model.blocks, masks):
+        off = m == 0
+        block.transform.weight[off] = 0
+        if block.transform.bias is not None:
+            block.transform.bias[off] = 0
+        block.gate.weight[off] = 0
+        block.gate.weight[:, off] = 0
+        block.gate.bias[off] = OFF_GATE_BIAS
 
 
 def block_channel_costs(cfg: HighwayConfig) -> list[int]:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hwtool.data import Split, load_cifar10
-from hwtool.model import HighwayConfig, HighwayNet, block_channel_costs
+from hwtool.model import HighwayConfig, HighwayNet, bake_masks, block_channel_costs, gate_masks
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -35,8 +35,12 @@ class TrainConfig:
     gate_penalty: float = 0.0  # λ: weight of the gate incentive
     gate_weighting: str = "params"  # 'params': weight each block by what its channels cost
     gate_ramp: float = 0.2  # fraction of steps over which λ rises linearly from 0
+    gate_shape: str = "mean"  # 'mean': λ·mean T; 'sqrt': λ·mean over channels of sqrt(mean T)
     silence_penalty: float = 0.0  # μ: weight of mean(H·(1−T)), T detached
     limit: int | None = None  # train (and test) on the first N images only
+    init: str | None = None  # start from this checkpoint's weights (fine-tuning)
+    prune_threshold: float | None = None  # with init: train with the gates under it removed
+    calib_images: int = 512  # first N training images that measure the gates for prune_threshold
     seed: int = 0
     bf16: bool = True  # bf16 autocast on CPU (mixed precision on CUDA)
     channels_last: bool = True
@@ -103,11 +107,34 @@ def block_weights(cfg: HighwayConfig, how: str) -> torch.Tensor:
     return (w / w.sum()).float()
 
 
+GATE_SHAPES = ("mean", "sqrt")
+
+
+def gate_cost(t: torch.Tensor, shape: str = "mean") -> torch.Tensor:
+    """One block's gate incentive, a float32 scalar, from its gates t (B, C, H, W).
+
+    'mean' is the mean gate: every gate is pushed down equally hard. 'sqrt' averages the square
+    root of each channel's mean gate (over batch and positions): concave, so a channel whose gate
+    is already low is pushed harder than one in use, which drives gates apart, toward "off" or
+    "on", instead of leaving many at small values that still carry signal.
+    """
+    if shape == "mean":
+        return t.mean(dtype=torch.float32)
+    if shape == "sqrt":
+        per_channel = t.float().mean(dim=(0, 2, 3))
+        return torch.sqrt(per_channel + 1e-4).mean()
+    raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {shape!r}")
+
+
 def incentive(
-    gates: list[torch.Tensor], transforms: list[torch.Tensor], weights: torch.Tensor, with_silence: bool = True
+    gates: list[torch.Tensor],
+    transforms: list[torch.Tensor],
+    weights: torch.Tensor,
+    with_silence: bool = True,
+    shape: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted mean gate, weighted mean of H·(1−T) with T detached), both float32 scalars."""
-    mean_t = torch.stack([t.mean(dtype=torch.float32) for t in gates])
+    """(weighted gate incentive, weighted mean of H·(1−T) with T detached), both float32 scalars."""
+    mean_t = torch.stack([gate_cost(t, shape) for t in gates])
     if not with_silence:
         return (weights * mean_t).sum(), mean_t.new_zeros(())
     silence = torch.stack([(h * (1 - t.detach())).mean(dtype=torch.float32) for h, t in zip(transforms, gates)])
@@ -208,6 +235,8 @@ def train(
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
 
     ckpt = None
+    if not resume and (out / CHECKPOINT).exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if resume:
         path = out / CHECKPOINT
         if not path.exists():
@@ -221,6 +250,10 @@ def train(
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
     if cfg.gate_weighting not in ("params", "uniform"):
         raise ValueError(f"gate weighting must be 'params' or 'uniform', not {cfg.gate_weighting!r}")
+    if cfg.prune_threshold is not None and not (cfg.init and 0.0 <= cfg.prune_threshold <= 1.0):
+        raise ValueError("a prune threshold needs a starting checkpoint (init) and must lie in [0, 1]")
+    if cfg.gate_shape not in GATE_SHAPES:
+        raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {cfg.gate_shape!r}")
 
     splits = load_cifar10(data)
     train_set = splits["train"].head(cfg.limit)
@@ -240,11 +273,16 @@ def train(
     )
     log: list[dict] = []
     start_epoch = 0
+    masks: list[torch.Tensor] | None = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         log = list(ckpt["log"])
         start_epoch = ckpt["epoch"] + 1
+        if ckpt.get("keep") is not None:
+            masks = [torch.tensor(k, dtype=torch.float32, device=device) for k in ckpt["keep"]]
+    elif cfg.init is not None:
+        masks = _start_from(model, cfg, train_set, device)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -293,9 +331,11 @@ def train(
                     group["lr"] = lr_at(cfg, step, total)
                 lam = penalty_at(cfg, step, total)
                 with _autocast(device, cfg.bf16):
-                    logits, gates, transforms = net(x, return_gates=True)
+                    logits, gates, transforms = net(
+                        x, return_gates=True, masks=masks, drop_transforms=masks is not None
+                    )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0)
+                gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0, cfg.gate_shape)
                 loss = ce + lam * gate_term + cfg.silence_penalty * silence_term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -317,6 +357,8 @@ def train(
                     ),
                 )
             train_time = time.perf_counter() - t0
+            if masks is not None:
+                bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
             entry = {
                 "epoch": epoch + 1,
@@ -330,6 +372,8 @@ def train(
                 "img_per_s": seen * world / train_time,
                 "seconds": train_time,
             }
+            if masks is not None:
+                entry["kept_channels"] = [int(m.sum().item()) for m in masks]
             log.append(entry)
             if not quiet:
                 progress.console.print(
@@ -343,6 +387,7 @@ def train(
                     "config": cfg.to_dict(),
                     "log": log,
                     "data": str(data),
+                    "keep": None if masks is None else [m.bool().tolist() for m in masks],
                 }
                 _save_atomic(ckpt, out / CHECKPOINT)
                 tmp = out / "log.json.tmp"
@@ -358,6 +403,30 @@ def train(
     if ckpt is None:  # nothing left to train: the run was already complete
         ckpt = load_checkpoint(out / CHECKPOINT)
     return ckpt
+
+
+def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: torch.device) -> list | None:
+    """Load cfg.init's weights; with cfg.prune_threshold, the masks of the channels that stay (baked in)."""
+    start = load_checkpoint(cfg.init)
+    if HighwayConfig.from_dict(start["config"]["model"]) != cfg.model:
+        raise ValueError(f"{cfg.init} holds a different network shape than this run's; fine-tune with its own")
+    model.load_state_dict(start["model"])
+    if cfg.prune_threshold is None:
+        return None
+    x = to_input(train_set.images[: cfg.calib_images]).to(device)
+    masks = gate_masks(model, x, cfg.prune_threshold)
+    bake_masks(model, masks)
+    return masks
+
+
+def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainConfig:
+    """A fine-tuning run of checkpoint `init` with the channels whose mean gate is under `threshold`
+    removed: its network shape, a short low-rate schedule and no incentive unless `kw` says so."""
+    start = load_checkpoint(init)
+    base = {"epochs": 3, "lr": 0.01, "warmup": 0.1, "gate_penalty": 0.0, "silence_penalty": 0.0, "gate_ramp": 0.0}
+    base.update({k: v for k, v in kw.items() if v is not None})
+    model = HighwayConfig.from_dict(start["config"]["model"])
+    return TrainConfig(model=model, init=str(init), prune_threshold=threshold, **base)
 
 
 def config_from_options(**kw) -> TrainConfig:

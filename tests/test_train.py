@@ -24,6 +24,7 @@ from hwtool.train import (
     batch_flip_lr,
     block_weights,
     build_model,
+    gate_cost,
     load_checkpoint,
     to_input,
     train,
@@ -132,6 +133,28 @@ def test_gate_penalty_lowers_the_mean_gate(cifar_path, cifar, tmp_path):
     # (measured: by 0.060-0.066, against 0.016-0.040 for the other two).
     drop = means[0.0][1] - means[30.0][1]
     assert drop.argmax().item() == 2 and drop[2] > 0.03
+
+
+def test_sqrt_gate_shape_pushes_low_gate_channels_hardest():
+    """'mean' pushes every gate equally; 'sqrt' pushes a channel at 0.01 harder than one at 0.5."""
+    logits = torch.tensor([-4.6, 0.0]).view(1, 2, 1, 1).repeat(4, 1, 3, 3).requires_grad_()  # gates 0.01, 0.5
+    grads = {}
+    for shape in ("mean", "sqrt"):
+        t = torch.sigmoid(logits)
+        (g,) = torch.autograd.grad(gate_cost(t, shape), t)
+        grads[shape] = g[0, :, 0, 0]
+    assert torch.allclose(grads["mean"][0], grads["mean"][1])
+    # d sqrt(m)/dm = 1/(2 sqrt(m)): about sqrt(0.5 / 0.01) = 7x harder at 0.01
+    ratio = (grads["sqrt"][0] / grads["sqrt"][1]).item()
+    assert 6.0 < ratio < 7.5
+    with pytest.raises(ValueError, match="gate shape"):
+        gate_cost(torch.sigmoid(logits), "cube")
+
+
+def test_train_cli_records_the_gate_shape(cifar_path, tmp_path):
+    _train_cli(cifar_path, tmp_path / "run", "--gate-penalty", "1", "--gate-shape", "sqrt")
+    cfg = load_checkpoint(tmp_path / "run" / CHECKPOINT)["config"]
+    assert cfg["gate_shape"] == "sqrt" and cfg["gate_penalty"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""`hwtool finetune`: a trained checkpoint retrained with its low-gate channels removed.
+
+Starts from `tests/data/small_gated.pt` (a small net really trained with a gate penalty, so many
+gates sit under the threshold) and fine-tunes it for one short epoch on real CIFAR-10 images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_errors import one_line_error
+from click.testing import CliRunner
+
+from hwtool.cli import main
+from hwtool.model import OFF_GATE_BIAS, HighwayNet, bake_masks, gate_masks
+from hwtool.train import build_model, load_checkpoint, to_input
+
+START = Path(__file__).parent / "data" / "small_gated.pt"
+THRESHOLD = 0.05
+OPTIONS = ["--threshold", str(THRESHOLD), "--epochs", "1", "--limit", "1024", "--count", "256"]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, cifar_path):
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    res = CliRunner().invoke(main, ["finetune", str(START), "--data", cifar_path, "--out", str(out), *OPTIONS])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_finetune_removes_the_channels_prune_would_and_trains_the_rest(tuned, cifar):
+    start = build_model(load_checkpoint(START))
+    expected = gate_masks(start, to_input(cifar["train"].images[:256]), THRESHOLD)
+    ckpt = load_checkpoint(tuned / "checkpoint.pt")
+    keep = [torch.tensor(k, dtype=torch.float32) for k in ckpt["keep"]]
+    assert all(torch.equal(a, b) for a, b in zip(keep, expected))
+    assert ckpt["log"][-1]["kept_channels"] == [int(m.sum()) for m in expected]
+    assert 0 < sum(ckpt["log"][-1]["kept_channels"]) < sum(len(m) for m in expected)
+    assert ckpt["config"]["init"] == str(START) and ckpt["config"]["prune_threshold"] == THRESHOLD
+
+    tuned_model = build_model(ckpt)
+    # kept weights moved (it trained); removed ones are baked: zero H filter and T, gate bias off
+    moved = [not torch.equal(a.transform.weight, b.transform.weight) for a, b in zip(tuned_model.blocks, start.blocks)]
+    assert any(moved)
+    for block, m in zip(tuned_model.blocks, keep):
+        off = m == 0
+        assert torch.all(block.transform.weight[off] == 0) and torch.all(block.gate.weight[:, off] == 0)
+        assert torch.all(block.gate.bias[off] == OFF_GATE_BIAS)
+    # so the plain network computes what the masked one without removed transforms does
+    x = to_input(cifar["test"].images[:64])
+    with torch.no_grad():
+        plain, gates, _ = tuned_model(x, return_gates=True)
+        masked = tuned_model(x, masks=keep, drop_transforms=True)
+    torch.testing.assert_close(plain, masked, atol=1e-5, rtol=1e-5)
+    assert max(float(t[:, m == 0].max()) for t, m in zip(gates, keep) if (m == 0).any()) < 1e-12
+
+
+def test_finetuned_export_prunes_exactly_without_a_refit(tuned, cifar, cifar_path, tmp_path):
+    import onnx
+
+    from hwtool.export import export_checkpoint
+    from hwtool.prune import PruneConfig, prune
+
+    ckpt = load_checkpoint(tuned / "checkpoint.pt")
+    path = tmp_path / "tuned.onnx"
+    export_checkpoint(tuned / "checkpoint.pt", path, exporter="torchscript", data=cifar_path, gate_images=256)
+    x = cifar["test"].as_float(256)
+    pruned, report = prune(onnx.load(str(path)), THRESHOLD, calib=x, config=PruneConfig(refit=False))
+    assert [b.kept for b in report.blocks] == ckpt["log"][-1]["kept_channels"]
+    assert report.params_after < 0.7 * report.params_before
+    # the removed channels carry nothing, so even the paper's plain drop is exact
+    assert report.max_abs_error < 1e-4 and report.top1_agreement == 1.0
+    with torch.no_grad():
+        ref = build_model(ckpt)(torch.from_numpy(x)).numpy()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_bake_masks_is_what_drop_transforms_computes():
+    torch.manual_seed(0)
+    from hwtool.model import HighwayConfig
+
+    model = HighwayNet(HighwayConfig(widths=(8, 16), depth=2)).eval()
+    masks = [(torch.rand(b.gate.out_channels) < 0.5).float() for b in model.blocks]
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        masked = model(x, masks=masks, drop_transforms=True)
+        unmasked = model(x)
+        bake_masks(model, masks)
+        baked = model(x)
+    torch.testing.assert_close(baked, masked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked, masked, atol=1e-3)
+
+
+def test_finetune_bad_inputs_are_one_line_errors(cifar_path, tmp_path, tuned):
+    run = CliRunner()
+    res = run.invoke(
+        main, ["finetune", str(START), "--data", cifar_path, "--out", str(tmp_path / "a"), "--threshold", "2"]
+    )
+    assert "outside [0, 1]" in one_line_error(res)
+    res = run.invoke(
+        main, ["finetune", str(tmp_path / "none.pt"), "--data", cifar_path, "--out", str(tmp_path / "b"), *OPTIONS]
+    )
+    one_line_error(res)
+    assert not (tmp_path / "b").exists()
+    # an existing run is never overwritten without --resume
+    before = (tuned / "checkpoint.pt").read_bytes()
+    res = run.invoke(main, ["finetune", str(START), "--data", cifar_path, "--out", str(tuned), *OPTIONS])
+    assert "--resume" in one_line_error(res)
+    assert (tuned / "checkpoint.pt").read_bytes() == before

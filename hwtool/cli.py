@@ -150,11 +150,17 @@ def train(
         bf16=not fp32,
         compile=compile_,
     )
-    ckpt = run(cfg, data, out, resume=resume, console=console)
-    if ckpt:
-        last = ckpt["log"][-1]
-        out_path = Path(out) / "checkpoint.pt"
-        console.print(f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs; checkpoint {out_path}")
+    _summary(run(cfg, data, out, resume=resume, console=console), out)
+
+
+def _summary(ckpt: dict, out: str) -> None:
+    """One line on a finished (or, under DDP, non-zero rank: empty) run."""
+    if not ckpt:
+        return
+    last = ckpt["log"][-1]
+    kept = f" with {sum(last['kept_channels'])} transform channels kept" if "kept_channels" in last else ""
+    path = Path(out) / "checkpoint.pt"
+    console.print(f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs{kept}; checkpoint {path}")
 
 
 @main.command()
@@ -200,14 +206,7 @@ def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, 
         bf16=not fp32,
         compile=compile_,
     )
-    ckpt = run(cfg, data, out, resume=resume, console=console)
-    if ckpt:
-        last = ckpt["log"][-1]
-        kept = sum(last.get("kept_channels", []))
-        console.print(
-            f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs with {kept} transform channels kept; "
-            f"checkpoint {Path(out) / 'checkpoint.pt'}"
-        )
+    _summary(run(cfg, data, out, resume=resume, console=console), out)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
     HWTOOL_CACHE=/work/hwcache python benchmarks/incentive_ablation.py NAME --data ../shared/data/cifar10-jpeg.tar.gz \\
         [--shape mean|sqrt] [--lam 1.5] [--mu 0.5] [--weighting params] [--epochs 10] [--threads 1] \\
+        [--dropout 0.5 --dropout-threshold 0.05] \\
         [--widths 32,64,128] [--depth 4] [--runs runs/ablation] [--out benchmarks/results/ablation-NAME.json]
 
 Trains with `hwtool.train.train` (resuming if RUNS/NAME holds a checkpoint), measures every
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=1.5)
     ap.add_argument("--mu", type=float, default=0.5)
     ap.add_argument("--weighting", default="params", choices=["params", "uniform"])
+    ap.add_argument("--dropout", type=float, default=0.0, help="targeted dropout p")
+    ap.add_argument("--dropout-threshold", type=float, default=0.05, help="targeted dropout threshold")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--widths", default="32,64,128")
@@ -75,6 +78,8 @@ def main() -> None:
         silence_penalty=args.mu,
         gate_weighting=args.weighting,
         gate_shape=args.shape,
+        targeted_dropout=args.dropout,
+        targeted_threshold=args.dropout_threshold,
         widths=tuple(int(w) for w in args.widths.split(",")),
         depth=args.depth,
         seed=0,

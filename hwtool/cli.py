@@ -105,6 +105,20 @@ def main() -> None:
     show_default=True,
     help="μ: weight of mean(H·(1−T)) with T detached; silences H where the gate is low.",
 )
+@click.option(
+    "--targeted-dropout",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="p: each step, drop each channel whose running mean gate is under --targeted-threshold with prob p.",
+)
+@click.option(
+    "--targeted-threshold",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Running mean gate under which a channel is a dropout target (the prune threshold you plan).",
+)
 @click.option("--widths", default="64,128,256", show_default=True, help="Filters per stage.")
 @click.option("--depth", type=click.IntRange(1), default=6, show_default=True, help="Blocks per stage.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
@@ -123,6 +137,8 @@ def train(
     gate_weighting,
     gate_shape,
     silence_penalty,
+    targeted_dropout,
+    targeted_threshold,
     widths,
     depth,
     limit,
@@ -143,6 +159,8 @@ def train(
         gate_weighting=gate_weighting,
         gate_shape=gate_shape,
         silence_penalty=silence_penalty,
+        targeted_dropout=targeted_dropout,
+        targeted_threshold=targeted_threshold,
         widths=_ints(widths),
         depth=depth,
         limit=limit,

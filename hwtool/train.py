@@ -37,6 +37,8 @@ class TrainConfig:
     gate_ramp: float = 0.2  # fraction of steps over which λ rises linearly from 0
     gate_shape: str = "mean"  # 'mean': λ·mean T; 'sqrt': λ·mean over channels of sqrt(mean T)
     silence_penalty: float = 0.0  # μ: weight of mean(H·(1−T)), T detached
+    targeted_dropout: float = 0.0  # p: each step, drop a channel whose running mean gate is low with prob p
+    targeted_threshold: float = 0.05  # "low" for targeted dropout: running mean gate under this
     limit: int | None = None  # train (and test) on the first N images only
     init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     prune_threshold: float | None = None  # with init: train with the gates under it removed
@@ -139,6 +141,41 @@ def incentive(
         return (weights * mean_t).sum(), mean_t.new_zeros(())
     silence = torch.stack([(h * (1 - t.detach())).mean(dtype=torch.float32) for h, t in zip(transforms, gates)])
     return (weights * mean_t).sum(), (weights * silence).sum()
+
+
+class TargetedDropout:
+    """Targeted dropout on the gates: trains the network not to lean on channels pruning will remove.
+
+    Keeps a running mean of every channel's gate; each step, every channel whose running mean is
+    under `threshold` is dropped with probability `p`: its gate is zeroed and its H hidden from the
+    kept gates, exactly what pruning it does. A channel kept in use by the loss survives the drops
+    by becoming useful enough to rise above the threshold; the others learn to carry nothing.
+    """
+
+    def __init__(self, p: float, threshold: float, momentum: float = 0.98):
+        self.p, self.threshold, self.momentum = p, threshold, momentum
+        self.means: list[torch.Tensor] | None = None
+
+    def masks(self, g: torch.Generator, device: torch.device) -> list[torch.Tensor] | None:
+        """Per block a 0/1 mask for this step (None before the first gates are seen)."""
+        if self.means is None:
+            return None
+        out = []
+        for m in self.means:
+            drop = (m < self.threshold) & (torch.rand(len(m), generator=g) < self.p)
+            out.append((~drop).float().to(device))
+        return out
+
+    @torch.no_grad()
+    def update(self, gates: list[torch.Tensor], masks: list[torch.Tensor] | None) -> None:
+        """Fold this step's per-channel mean gates in; dropped channels (gate forced to 0) keep theirs."""
+        batch = [t.float().mean(dim=(0, 2, 3)).cpu() for t in gates]
+        if self.means is None:
+            self.means = batch
+            return
+        for i, b in enumerate(batch):
+            new = self.momentum * self.means[i] + (1 - self.momentum) * b
+            self.means[i] = new if masks is None else torch.where(masks[i].cpu() > 0, new, self.means[i])
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -283,6 +320,9 @@ def train(
             masks = [torch.tensor(k, dtype=torch.float32, device=device) for k in ckpt["keep"]]
     elif cfg.init is not None:
         masks = _start_from(model, cfg, train_set, device)
+    dropout = TargetedDropout(cfg.targeted_dropout, cfg.targeted_threshold) if cfg.targeted_dropout > 0 else None
+    if dropout is not None and ckpt is not None and ckpt.get("gate_running_means") is not None:
+        dropout.means = [torch.tensor(m) for m in ckpt["gate_running_means"]]
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -312,6 +352,7 @@ def train(
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         for epoch in range(start_epoch, cfg.epochs):
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            g_drop = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 7_919)
             perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
             seen, correct, loss_sum, gate_sum, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
@@ -330,9 +371,14 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
                 lam = penalty_at(cfg, step, total)
+                step_masks = masks
+                if dropout is not None:
+                    drops = dropout.masks(g_drop, device) if step >= int(cfg.gate_ramp * total) else None
+                    if drops is not None:
+                        step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
                 with _autocast(device, cfg.bf16):
                     logits, gates, transforms = net(
-                        x, return_gates=True, masks=masks, drop_transforms=masks is not None
+                        x, return_gates=True, masks=step_masks, drop_transforms=step_masks is not None
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0, cfg.gate_shape)
@@ -340,6 +386,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if dropout is not None:
+                    dropout.update(gates, step_masks)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
                 seen += len(y)
@@ -388,6 +436,7 @@ def train(
                     "log": log,
                     "data": str(data),
                     "keep": None if masks is None else [m.bool().tolist() for m in masks],
+                    "gate_running_means": None if dropout is None else [m.tolist() for m in dropout.means],
                 }
                 _save_atomic(ckpt, out / CHECKPOINT)
                 tmp = out / "log.json.tmp"

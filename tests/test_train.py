@@ -19,6 +19,7 @@ from hwtool.cli import main
 from hwtool.model import HighwayConfig, HighwayNet
 from hwtool.train import (
     CHECKPOINT,
+    TargetedDropout,
     TrainConfig,
     batch_crop,
     batch_flip_lr,
@@ -155,6 +156,32 @@ def test_train_cli_records_the_gate_shape(cifar_path, tmp_path):
     _train_cli(cifar_path, tmp_path / "run", "--gate-penalty", "1", "--gate-shape", "sqrt")
     cfg = load_checkpoint(tmp_path / "run" / CHECKPOINT)["config"]
     assert cfg["gate_shape"] == "sqrt" and cfg["gate_penalty"] == 1.0
+
+
+def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():
+    drop = TargetedDropout(p=0.5, threshold=0.05, momentum=0.9)
+    assert drop.masks(torch.Generator().manual_seed(0), torch.device("cpu")) is None  # nothing seen yet
+    gates = [torch.tensor([0.01, 0.5, 0.02, 0.9]).view(1, 4, 1, 1).repeat(8, 1, 2, 2)]
+    drop.update(gates, None)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([drop.masks(g, torch.device("cpu"))[0] for _ in range(2000)])
+    assert torch.all(masks[:, [1, 3]] == 1)  # channels in use are never dropped
+    rate = 1 - masks[:, [0, 2]].mean().item()
+    assert 0.45 < rate < 0.55
+    # a dropped channel's gate reads 0 in that step; its running mean must not learn that 0
+    before = drop.means[0].clone()
+    drop.update([gates[0] * torch.tensor([0.0, 1, 1, 1]).view(1, 4, 1, 1)], [torch.tensor([0.0, 1, 1, 1])])
+    assert drop.means[0][0] == before[0]
+    assert torch.allclose(drop.means[0][1:], before[1:])
+
+
+def test_train_cli_with_targeted_dropout_keeps_running_means(cifar_path, tmp_path):
+    _train_cli(cifar_path, tmp_path / "run", "--targeted-dropout", "0.5", "--targeted-threshold", "0.2")
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert ckpt["config"]["targeted_dropout"] == 0.5 and ckpt["config"]["targeted_threshold"] == 0.2
+    means = ckpt["gate_running_means"]
+    assert [len(m) for m in means] == [8, 16, 32]
+    assert all(0 < v < 1 for m in means for v in m)
 
 
 # ---------------------------------------------------------------------------------------------

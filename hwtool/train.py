@@ -178,6 +178,14 @@ class TargetedDropout:
             self.means[i] = new if masks is None else torch.where(masks[i].cpu() > 0, new, self.means[i])
 
 
+def _dead_channels(dropout: TargetedDropout | None, dropping: bool) -> list[torch.Tensor] | None:
+    """With p = 1 a target is dropped every step from then on: it is pruned. Its masks, to bake in
+    so that the saved network is the one that trained (None when p < 1 or before dropping began)."""
+    if dropout is None or dropout.p < 1 or dropout.means is None or not dropping:
+        return None
+    return [(m >= dropout.threshold).float() for m in dropout.means]
+
+
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     """One-cycle: linear rise over `warmup` of the steps, then linear decay to zero."""
     up = max(1, int(cfg.warmup * total))
@@ -407,6 +415,9 @@ def train(
             train_time = time.perf_counter() - t0
             if masks is not None:
                 bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
+            dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > int(cfg.gate_ramp * total))
+            if dead is not None:
+                bake_masks(model, dead if masks is None else [a * b for a, b in zip(masks, dead)])
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
             entry = {
                 "epoch": epoch + 1,

@@ -175,6 +175,22 @@ def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():
     assert torch.allclose(drop.means[0][1:], before[1:])
 
 
+def test_targeted_dropout_with_p_one_prunes_for_good(cifar_path, cifar, tmp_path):
+    """p = 1: every channel under the threshold is dropped each step, so the saved network has
+    them baked out (off gates, zero transforms), matching the running means it checkpointed."""
+    _train_cli(cifar_path, tmp_path / "run", "--targeted-dropout", "1", "--targeted-threshold", "0.13")
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    dead = [torch.tensor(m) < 0.13 for m in ckpt["gate_running_means"]]
+    assert 0 < sum(int(d.sum()) for d in dead) < sum(len(d) for d in dead)
+    model = build_model(ckpt)
+    with torch.no_grad():
+        _, gates, _ = model(to_input(cifar["test"].images[:32]), return_gates=True)
+    for t, d, block in zip(gates, dead, model.blocks):
+        if d.any():
+            assert float(t[:, d].max()) < 1e-12 and torch.all(block.transform.weight[d] == 0)
+        assert torch.all(t[:, ~d].mean(dim=(0, 2, 3)) > 1e-6)
+
+
 def test_train_cli_with_targeted_dropout_keeps_running_means(cifar_path, tmp_path):
     _train_cli(cifar_path, tmp_path / "run", "--targeted-dropout", "0.5", "--targeted-threshold", "0.2")
     ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)

@@ -21,13 +21,15 @@ def incentive(cfg: dict) -> str:
 
 
 def table() -> str:
-    head = "| run | incentive | top-1 | " + " | ".join(f"at {t}: removed / lost" for t in THRESHOLDS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(THRESHOLDS))]
+    head = "| run | incentive | top-1 | " + " | ".join(f"at {t}: removed / lost" for t in THRESHOLDS)
+    lines = [head + " | pruned in training: removed / top-1 |", "|" + "---|" * (4 + len(THRESHOLDS))]
     for path in sorted(RESULTS.glob("ablation-*.json")):
         r = json.loads(path.read_text())
         rows = {row["threshold"]: row for row in r["rows"]}
         cells = [f"{100 * rows[t]['removed']:.0f}% / {rows[t]['lost_points']:.1f}" for t in THRESHOLDS]
         name = path.stem.removeprefix("ablation-")
+        during = r.get("pruned_in_training")
+        cells.append(f"{100 * during['removed']:.0f}% / {100 * during['top1']:.1f}%" if during else "-")
         lines.append(f"| {name} | {incentive(r['config'])} | {100 * r['top1']:.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -111,6 +111,19 @@ def main() -> None:
             }
         )
         print(f"{args.name} threshold {threshold}: {result['rows'][-1]}")
+    cfg = ckpt["config"]
+    if cfg.get("targeted_dropout", 0) >= 1 and ckpt.get("gate_running_means") is not None:
+        # p = 1 prunes while training: the channels dropped for good, removed as the run removed them
+        dead = [(torch.tensor(m) >= cfg["targeted_threshold"]).float() for m in ckpt["gate_running_means"]]
+        with torch.no_grad():
+            logits = torch.cat(
+                [model(x[i : i + 1000], masks=dead, drop_transforms=True) for i in range(0, len(x), 1000)]
+            )
+        result["pruned_in_training"] = {
+            "removed": removed_fraction(model, dead),
+            "top1": (logits.argmax(1) == y).float().mean().item(),
+        }
+        print(f"{args.name} pruned in training: {result['pruned_in_training']}")
     result["machine"] = machine()
     out = args.out or f"benchmarks/results/ablation-{args.name}.json"
     atomic_write_bytes((json.dumps(result, indent=2) + "\n").encode(), out)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +42,11 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, exporter: str 
     x = torch.rand(2, 3, 32, 32)
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(
-            model, (x,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, external_data=False, **common
-        )
+        # the dynamo exporter prints its progress on stdout, where `hwtool export --json` writes
+        with contextlib.redirect_stdout(sys.stderr):
+            torch.onnx.export(
+                model, (x,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, external_data=False, **common
+            )
     else:
         dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}}
         torch.onnx.export(model, (x,), str(path), dynamo=False, dynamic_axes=dynamic, **common)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +42,9 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, exporter: str 
     x = torch.rand(2, 3, 32, 32)
     if exporter == "dynamo":
         batch = torch.export.Dim("batch", min=1, max=4096)
-        # the dynamo exporter prints its progress on stdout, where `hwtool export --json` writes
-        with contextlib.redirect_stdout(sys.stderr):
+        # the dynamo exporter prints its progress on stdout, where `hwtool export --json` writes;
+        # hwtool reports the export itself
+        with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(
                 model, (x,), str(path), dynamo=True, dynamic_shapes={"x": {0: batch}}, external_data=False, **common
             )
@@ -96,6 +97,12 @@ def export_checkpoint(
         raw = Path(tmp) / "raw.onnx"
         export_model(model, raw, exporter, opset)
         proto = onnx.load(str(raw))
+    written = {o.domain: o.version for o in proto.opset_import}.get("", opset)
+    if written != opset:
+        raise ValueError(
+            f"the {exporter} exporter wrote opset {written}, not {opset}; ask for --opset {written} "
+            "or use --exporter torchscript"
+        )
 
     cfg = ckpt["config"]
     log = ckpt.get("log") or [{}]
@@ -111,6 +118,9 @@ def export_checkpoint(
                 "gate_penalty": cfg["gate_penalty"],
                 "gate_weighting": cfg["gate_weighting"],
                 "silence_penalty": cfg["silence_penalty"],
+                "gate_shape": cfg.get("gate_shape", "mean"),
+                "targeted_dropout": cfg.get("targeted_dropout", 0.0),
+                "finetuned_from": cfg.get("init"),
                 "test_accuracy_torch": log[-1].get("test_acc"),
                 "limit": cfg["limit"],
             }

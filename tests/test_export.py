@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from cli_errors import one_line_error
 from click.testing import CliRunner
 
 from hwtool.cli import main
@@ -111,3 +112,13 @@ def test_cli_export_of_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_p
     assert result.output.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"]
     assert "Traceback" not in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_dynamo_below_opset_18_is_refused_not_mislabelled(tiny_checkpoint, tmp_path):
+    # torch's dynamo exporter does not go below opset 18; a report saying 17 would be a lie
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(
+        main, ["export", str(tiny_checkpoint), "-o", str(out), "--exporter", "dynamo", "--opset", "17"]
+    )
+    assert "opset 18" in one_line_error(res)
+    assert not out.exists()

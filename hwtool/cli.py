@@ -211,8 +211,6 @@ def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, 
     from hwtool.train import finetune_config
     from hwtool.train import train as run
 
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold} is outside [0, 1]; gates are sigmoids")
     cfg = finetune_config(
         checkpoint,
         threshold,

@@ -16,6 +16,7 @@ import torch
 
 from hwtool.data import CLASSES, load_cifar10
 from hwtool.gates import GATE_METADATA
+from hwtool.model import HighwayNet, gate_means
 from hwtool.runtime import atomic_write_model, make_session
 from hwtool.train import build_model, load_checkpoint
 
@@ -53,15 +54,9 @@ def export_model(model: torch.nn.Module, path: str | os.PathLike, exporter: str 
         torch.onnx.export(model, (x,), str(path), dynamo=False, dynamic_axes=dynamic, **common)
 
 
-@torch.no_grad()
-def gate_means_torch(model: torch.nn.Module, x: np.ndarray) -> list[list[float]]:
-    """Mean gate T per block and channel over float32 NCHW images, in float32."""
-    sums = None
-    for i in range(0, len(x), 256):
-        _, gates, _ = model(torch.from_numpy(x[i : i + 256]), return_gates=True)
-        s = [t.double().mean(dim=(2, 3)).sum(0) for t in gates]
-        sums = s if sums is None else [a + b for a, b in zip(sums, s)]
-    return [(s / len(x)).tolist() for s in sums]
+def gate_means_torch(model: HighwayNet, x: np.ndarray) -> list[list[float]]:
+    """Mean gate T per block and channel over float32 NCHW images (float64 accumulation)."""
+    return [m.tolist() for m in gate_means(model, torch.from_numpy(x))]
 
 
 def export_checkpoint(

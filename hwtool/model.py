@@ -119,20 +119,24 @@ OFF_GATE_BIAS = -30.0
 
 
 @torch.no_grad()
-def gate_masks(model: HighwayNet, x: torch.Tensor, threshold: float, batch: int = 256) -> list[torch.Tensor]:
-    """Per block, a float 0/1 mask of the channels whose mean gate over images x is >= threshold.
-
-    The same rule as `hwtool prune`: mean over images and positions, in float32, eval mode.
-    """
+def gate_means(model: HighwayNet, x: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
+    """Per block, each channel's mean gate over images x (and positions), accumulated in float64
+    as `hwtool prune` does; the model runs in eval mode and is left in the mode it had."""
     was_training = model.training
     model.eval()
     sums = None
     for i in range(0, len(x), batch):
         _, gates, _ = model(x[i : i + batch], return_gates=True)
-        s = [t.float().mean(dim=(2, 3)).sum(0) for t in gates]
+        s = [t.double().mean(dim=(2, 3)).sum(0) for t in gates]
         sums = s if sums is None else [a + b for a, b in zip(sums, s)]
     model.train(was_training)
-    return [(s / len(x) >= threshold).float() for s in sums]
+    return [s / len(x) for s in sums]
+
+
+def gate_masks(model: HighwayNet, x: torch.Tensor, threshold: float) -> list[torch.Tensor]:
+    """Per block, a float 0/1 mask of the channels whose mean gate over images x is >= threshold:
+    the channels `hwtool prune` keeps at that threshold."""
+    return [(m >= threshold).float() for m in gate_means(model, x)]
 
 
 @torch.no_grad()

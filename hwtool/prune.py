@@ -167,6 +167,10 @@ class _Runner:
         self.batch = batch
         self.threads = threads
 
+    def remember(self, values: dict[str, np.ndarray]) -> None:
+        """Known activations that later segments start from instead of recomputing them."""
+        self.values.update(values)
+
     def keep_only(self, values: dict[str, np.ndarray]) -> None:
         """Forget every known activation but the network's input and `values` (bounds memory)."""
         self.values = {self.input: self.values[self.input], **values}
@@ -510,7 +514,7 @@ def prune(
                 # them alone instead of from the network's input
                 inputs = list(dict.fromkeys([ed.node(block.transform_conv).input[0], block.carry]))
                 h, z, *known = runner.compute([block.transform, block.gate_conv, *inputs])
-                runner.values.update(zip(inputs, known))
+                runner.remember(dict(zip(inputs, known)))
                 gate_w, gate_b, err_naive, err_refit = refit_gate(h, z, weight, bias, kept, pads, cfg)
                 refit_seconds += time.perf_counter() - ts
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)

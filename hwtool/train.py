@@ -345,6 +345,7 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
     total = steps_per_epoch * cfg.epochs
+    drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
     out.mkdir(parents=True, exist_ok=True)
     if not quiet:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -381,7 +382,7 @@ def train(
                 lam = penalty_at(cfg, step, total)
                 step_masks = masks
                 if dropout is not None:
-                    drops = dropout.masks(g_drop, device) if step >= int(cfg.gate_ramp * total) else None
+                    drops = dropout.masks(g_drop, device) if step >= drop_from else None
                     if drops is not None:
                         step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
                 with _autocast(device, cfg.bf16):
@@ -415,7 +416,7 @@ def train(
             train_time = time.perf_counter() - t0
             if masks is not None:
                 bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
-            dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > int(cfg.gate_ramp * total))
+            dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > drop_from)
             if dead is not None:
                 bake_masks(model, dead if masks is None else [a * b for a, b in zip(masks, dead)])
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
@@ -482,6 +483,8 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
 def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainConfig:
     """A fine-tuning run of checkpoint `init` with the channels whose mean gate is under `threshold`
     removed: its network shape, a short low-rate schedule and no incentive unless `kw` says so."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold} is outside [0, 1]; gates are sigmoids")
     start = load_checkpoint(init)
     base = {"epochs": 3, "lr": 0.01, "warmup": 0.1, "gate_penalty": 0.0, "silence_penalty": 0.0, "gate_ramp": 0.0}
     base.update({k: v for k, v in kw.items() if v is not None})

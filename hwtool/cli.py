@@ -119,8 +119,22 @@ def main() -> None:
     show_default=True,
     help="Running mean gate under which a channel is a dropout target (the prune threshold you plan).",
 )
-@click.option("--widths", default="64,128,256", show_default=True, help="Filters per stage.")
-@click.option("--depth", type=click.IntRange(1), default=6, show_default=True, help="Blocks per stage.")
+@click.option(
+    "--gate-ramp",
+    type=click.FloatRange(0, 1),
+    default=0.2,
+    show_default=True,
+    help="Fraction of the steps over which λ and μ rise linearly from zero.",
+)
+@click.option(
+    "--from",
+    "init",
+    type=click.Path(),
+    default=None,
+    help="Start from this checkpoint's weights (new schedule; its network shape unless --widths/--depth).",
+)
+@click.option("--widths", default=None, help="Filters per stage.  [default: 64,128,256]")
+@click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast on CPU).")
@@ -139,6 +153,8 @@ def train(
     silence_penalty,
     targeted_dropout,
     targeted_threshold,
+    gate_ramp,
+    init,
     widths,
     depth,
     limit,
@@ -161,6 +177,8 @@ def train(
         silence_penalty=silence_penalty,
         targeted_dropout=targeted_dropout,
         targeted_threshold=targeted_threshold,
+        gate_ramp=gate_ramp,
+        init=init,
         widths=_ints(widths),
         depth=depth,
         limit=limit,

@@ -493,8 +493,14 @@ def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainCon
 
 
 def config_from_options(**kw) -> TrainConfig:
-    """A TrainConfig from CLI-style options (widths as a tuple, depth, stem)."""
+    """A TrainConfig from CLI-style options (widths as a tuple, depth, stem).
+
+    With `init` (a checkpoint to start from), the network shape is the checkpoint's unless given.
+    """
     model_kw = {k: kw.pop(k) for k in ("widths", "depth", "stem") if kw.get(k) is not None}
-    model = replace(HighwayConfig(), **model_kw)
+    base = HighwayConfig()
+    if kw.get("init") is not None:
+        base = HighwayConfig.from_dict(load_checkpoint(kw["init"])["config"]["model"])
+    model = replace(base, **model_kw)
     kw = {k: v for k, v in kw.items() if v is not None}
     return TrainConfig(model=model, **kw)

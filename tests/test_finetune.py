@@ -114,3 +114,33 @@ def test_finetune_bad_inputs_are_one_line_errors(cifar_path, tmp_path, tuned):
     res = run.invoke(main, ["finetune", str(START), "--data", cifar_path, "--out", str(tuned), *OPTIONS])
     assert "--resume" in one_line_error(res)
     assert (tuned / "checkpoint.pt").read_bytes() == before
+
+
+def test_train_from_a_checkpoint_starts_from_its_weights_and_shape(cifar, cifar_path, tmp_path):
+    """`hwtool train --from`: a new schedule (here a stronger incentive) on a trained network."""
+    start = build_model(load_checkpoint(START))
+    out = tmp_path / "phase2"
+    args = ["train", "--data", cifar_path, "--out", str(out), "--from", str(START), "--epochs", "1"]
+    args += ["--limit", "512", "--lr", "1e-4", "--gate-penalty", "3", "--gate-shape", "sqrt", "--gate-ramp", "0"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    cfg = ckpt["config"]
+    assert cfg["init"] == str(START) and cfg["gate_ramp"] == 0 and cfg["gate_shape"] == "sqrt"
+    assert cfg["model"] == load_checkpoint(START)["config"]["model"]  # shape from the checkpoint
+    # a tiny learning rate keeps it next to the start: same predictions on held-out images
+    x = to_input(cifar["test"].images[:256])
+    with torch.no_grad():
+        before, after = start(x).argmax(1), build_model(ckpt)(x).argmax(1)
+    assert float((before == after).float().mean()) > 0.95
+    assert float((after == torch.from_numpy(cifar["test"].labels[:256]).long()).float().mean()) > 0.4
+
+
+def test_train_from_bad_inputs_are_one_line_errors(cifar_path, tmp_path):
+    run = CliRunner()
+    base = ["train", "--data", cifar_path, "--epochs", "1", "--limit", "256"]
+    res = run.invoke(main, [*base, "--out", str(tmp_path / "a"), "--from", str(tmp_path / "none.pt")])
+    assert "none.pt" in one_line_error(res)
+    res = run.invoke(main, [*base, "--out", str(tmp_path / "b"), "--from", str(START), "--widths", "8,8,8"])
+    assert "different network shape" in one_line_error(res)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -124,7 +124,7 @@ def main() -> None:
     type=click.FloatRange(0, 1),
     default=0.2,
     show_default=True,
-    help="Fraction of the steps over which λ and μ rise linearly from zero.",
+    help="Fraction of the steps over which λ rises linearly from zero (μ applies from the start).",
 )
 @click.option(
     "--from",

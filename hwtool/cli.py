@@ -137,7 +137,11 @@ def main() -> None:
 @click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast on CPU).")
+@click.option(
+    "--fp32/--mixed",
+    default=None,
+    help="Float32, or mixed precision (bf16 autocast on CPU).  [default: mixed on CUDA and on CPUs with native bf16]",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @friendly
@@ -183,7 +187,7 @@ def train(
         depth=depth,
         limit=limit,
         seed=seed,
-        bf16=not fp32,
+        bf16=None if fp32 is None else not fp32,
         compile=compile_,
     )
     _summary(run(cfg, data, out, resume=resume, console=console), out)
@@ -216,7 +220,11 @@ def _summary(ckpt: dict, out: str) -> None:
     "--count", type=click.IntRange(1), default=512, show_default=True, help="Training images that measure the gates."
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
-@click.option("--fp32", is_flag=True, help="Train in float32 (default: bf16 autocast on CPU).")
+@click.option(
+    "--fp32/--mixed",
+    default=None,
+    help="Float32, or mixed precision (bf16 autocast on CPU).  [default: mixed on CUDA and on CPUs with native bf16]",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out.")
 @friendly
@@ -237,7 +245,7 @@ def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, 
         gate_penalty=gate_penalty,
         calib_images=count,
         limit=limit,
-        bf16=not fp32,
+        bf16=None if fp32 is None else not fp32,
         compile=compile_,
     )
     _summary(run(cfg, data, out, resume=resume, console=console), out)

@@ -16,9 +16,9 @@ import torch
 
 from hwtool.data import CLASSES, load_cifar10
 from hwtool.gates import GATE_METADATA
-from hwtool.model import HighwayNet, gate_means
+from hwtool.model import HighwayConfig, HighwayNet, gate_means
 from hwtool.runtime import atomic_write_model, make_session
-from hwtool.train import build_model, load_checkpoint
+from hwtool.train import TrainConfig, build_model, load_checkpoint
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -148,3 +148,41 @@ def export_checkpoint(
         images_compared=len(test_x),
         gate_images=len(gate_x),
     )
+
+
+def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
+    """A checkpoint (weights, configuration, last log entry) read back from an ONNX model that
+    `hwtool export` wrote: its network shape from the metadata, every weight by its name.
+
+    Raises ValueError for a model without hwtool's metadata or with weights missing (a pruned
+    model has narrower blocks than its configuration: start from the unpruned one).
+    """
+    try:
+        proto = onnx.load(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # onnx raises DecodeError and others on files that are not ONNX
+        raise ValueError(f"{path} is not an ONNX model ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "hwtool.model_config" not in meta:
+        raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")
+    shape = HighwayConfig.from_dict(json.loads(meta["hwtool.model_config"]))
+    model = HighwayNet(shape)
+    weights = {i.name: i for i in proto.graph.initializer}
+    state = {}
+    for name, ref in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = torch.zeros((), dtype=torch.long)
+            continue
+        init = weights.get(name)
+        array = None if init is None else onnx.numpy_helper.to_array(init)
+        if array is None or tuple(array.shape) != tuple(ref.shape):
+            found = "missing" if array is None else f"shaped {list(array.shape)}"
+            raise ValueError(
+                f"{path}: weight {name} is {found}, the network needs {list(ref.shape)}; "
+                "load the unpruned model that `hwtool export` wrote"
+            )
+        state[name] = torch.from_numpy(array.copy())
+    training = json.loads(meta.get("hwtool.training", "{}"))
+    log = [{"epoch": training.get("epochs", 0), "test_acc": training.get("test_accuracy_torch")}]
+    return {"model": state, "config": TrainConfig(model=shape).to_dict(), "log": log, "data": None, "onnx": str(path)}

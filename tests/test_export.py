@@ -122,3 +122,46 @@ def test_dynamo_below_opset_18_is_refused_not_mislabelled(tiny_checkpoint, tmp_p
     )
     assert "opset 18" in one_line_error(res)
     assert not out.exists()
+
+
+def test_an_exported_model_reads_back_as_the_checkpoint_it_came_from(exported, tiny_checkpoint):
+    # training or fine-tuning can start from a shipped .onnx: its weights, bit for bit, and its shape
+    _, path = exported
+    want = load_checkpoint(tiny_checkpoint)
+    got = load_checkpoint(path)
+    assert got["config"]["model"] == want["config"]["model"]
+    assert got["model"].keys() == want["model"].keys()
+    for name, w in want["model"].items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(got["model"][name], w.float()), name
+    assert got["log"][-1]["test_acc"] == want["log"][-1]["test_acc"]
+
+
+def test_train_from_an_onnx_model_starts_from_its_weights(tiny_onnx_dynamo, cifar_path, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", cifar_path, "--out", str(out), "--from", str(tiny_onnx_dynamo)]
+    res = CliRunner().invoke(main, [*args, "--epochs", "1", "--limit", "256", "--lr", "1e-9", "--fp32"])
+    assert res.exit_code == 0, res.output
+    # with a learning rate of 1e-9 the weights barely move from the ONNX model's
+    start, trained = load_checkpoint(tiny_onnx_dynamo)["model"], load_checkpoint(out / "checkpoint.pt")["model"]
+    assert trained["blocks.0.transform.weight"].shape == start["blocks.0.transform.weight"].shape
+    torch.testing.assert_close(trained["blocks.2.gate.weight"], start["blocks.2.gate.weight"], atol=1e-6, rtol=0)
+
+
+def test_train_from_a_pruned_or_foreign_onnx_model_is_one_line(tiny_onnx_dynamo, cifar_path, tmp_path):
+    from hwtool.prune import PruneConfig, prune
+
+    pruned = tmp_path / "pruned.onnx"
+    gates = json.loads({p.key: p.value for p in onnx.load(str(tiny_onnx_dynamo)).metadata_props}[GATE_METADATA])
+    median = float(np.median([g for b in gates["blocks"] for g in b]))
+    slim, _ = prune(str(tiny_onnx_dynamo), median, config=PruneConfig(threshold=median, refit=False))
+    onnx.save(slim, str(pruned))
+    foreign = tmp_path / "foreign.onnx"
+    model = onnx.load(str(tiny_onnx_dynamo))
+    del model.metadata_props[:]
+    onnx.save(model, str(foreign))
+    for path, says in ((pruned, "load the unpruned model"), (foreign, "no hwtool.model_config")):
+        out = tmp_path / f"run-{path.stem}"
+        res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), "--from", str(path)])
+        assert says in one_line_error(res)
+        assert not out.exists()

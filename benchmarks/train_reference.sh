@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The two reference runs of issue 5 as run in the session that made them, resumable (rerun the
+# script after an interruption and each run continues from its last epoch):
+#
+#   bash benchmarks/train_reference.sh [DATA] [RUNS]
+#
+# plain: the network trained from scratch without the incentive (λ = 0), for comparison.
+# gated: the first reference run's 25-epoch incentive model (λ = 1.5, μ = 0.5; models/reference.onnx
+#        as of commit fb060ef, read back as weights) trained 3 more epochs with a stronger incentive: λ = 3 with the sqrt shape, the
+#        silence term μ = 3 (E7 of the ablation) and targeted dropout p = 1 under the prune
+#        threshold 0.05, so that the channels pruning removes are trained out (a schedule for λ in
+#        two phases).
+# float32 (--fp32): this machine's CPU has no native bf16 (no avx512_bf16 or AMX), where bf16
+# autocast runs 3.4x slower than float32 (benchmarks/train_throughput.py).
+set -euo pipefail
+data=${1:-../shared/data/cifar10-jpeg.tar.gz}
+runs=${2:-runs}
+hw=${HWTOOL:-hwtool}
+
+phase() {  # phase OUT ARGS...: start the run, or resume it when it has a checkpoint
+    local out=$1
+    shift
+    if [[ -f $out/checkpoint.pt ]]; then
+        $hw train --data "$data" --out "$out" --resume "$@"
+    else
+        $hw train --data "$data" --out "$out" "$@"
+    fi
+}
+
+first="$runs/reference-run1.onnx"
+[[ -f $first ]] || git show fb060ef:models/reference.onnx > "$first"
+
+phase "$runs/ref-plain" --epochs 6 --gate-penalty 0 --fp32
+phase "$runs/ref-gated" --from "$first" --epochs 3 --lr 0.02 \
+    --gate-penalty 3 --gate-shape sqrt --silence-penalty 3 --gate-ramp 0.3 \
+    --targeted-dropout 1 --targeted-threshold 0.05 --fp32

@@ -5,13 +5,15 @@
 #   bash benchmarks/train_reference.sh [DATA] [RUNS]
 #
 # plain: the network trained from scratch without the incentive (λ = 0), for comparison.
-# gated: the first reference run's 25-epoch incentive model (λ = 1.5, μ = 0.5; models/reference.onnx
-#        as of commit fb060ef, read back as weights) trained 3 more epochs with a stronger incentive: λ = 3 with the sqrt shape, the
-#        silence term μ = 3 (E7 of the ablation) and targeted dropout p = 1 under the prune
-#        threshold 0.05, so that the channels pruning removes are trained out (a schedule for λ in
-#        two phases).
+# gated: the first reference run's 25-epoch incentive model (λ = 1.5, params weighting, μ = 0.5;
+#        models/reference.onnx as of commit fb060ef, read back as weights) trained 3 more epochs
+#        with a stronger incentive (a schedule for λ in two phases): λ = 3 with the sqrt shape and
+#        the silence term μ = 3 (E7 of the ablation), now weighting blocks uniformly (the first
+#        phase's params weighting had already emptied stage 3, which holds 76% of the parameters but
+#        a third of the FLOPs; stages 1 and 2 hold the rest of the compute), and targeted dropout
+#        p = 1 under the prune threshold 0.05, so that the channels pruning removes are trained out.
 # float32 (--fp32): this machine's CPU has no native bf16 (no avx512_bf16 or AMX), where bf16
-# autocast runs 3.4x slower than float32 (benchmarks/train_throughput.py).
+# autocast runs at 0.36x the speed of float32 (benchmarks/results/train_throughput_no_native_bf16.json).
 set -euo pipefail
 data=${1:-../shared/data/cifar10-jpeg.tar.gz}
 runs=${2:-runs}
@@ -32,5 +34,5 @@ first="$runs/reference-run1.onnx"
 
 phase "$runs/ref-plain" --epochs 6 --gate-penalty 0 --fp32
 phase "$runs/ref-gated" --from "$first" --epochs 3 --lr 0.02 \
-    --gate-penalty 3 --gate-shape sqrt --silence-penalty 3 --gate-ramp 0.3 \
+    --gate-penalty 3 --gate-shape sqrt --gate-weighting uniform --silence-penalty 3 --gate-ramp 0.3 \
     --targeted-dropout 1 --targeted-threshold 0.05 --fp32

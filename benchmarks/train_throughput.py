@@ -29,7 +29,15 @@ import torch.nn.functional as F
 
 from hwtool.data import load_cifar10
 from hwtool.model import HighwayConfig, HighwayNet, count_parameters
-from hwtool.train import TrainConfig, batch_crop, batch_flip_lr, block_weights, incentive, to_input
+from hwtool.train import (
+    TrainConfig,
+    batch_crop,
+    batch_flip_lr,
+    block_weights,
+    incentive,
+    native_mixed_precision,
+    to_input,
+)
 
 SETTINGS = {  # name: (bf16 autocast, channels_last)
     "fp32": (False, False),
@@ -169,6 +177,7 @@ def main() -> None:
         "numpy": np.__version__,
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_native_bf16": native_mixed_precision(),  # AVX512-BF16 or AMX: what `hwtool train` decides by
         "threads": torch.get_num_threads(),
         "parameters": count_parameters(steps["fp32"].model),
         "batch": args.batch,

@@ -1,0 +1,62 @@
+"""The shipped models and the README's quick start: `hwtool prune` of models/reference.onnx with
+the bundled calibration sample gives what models/ ships and what the README claims, with no data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from hwtool.cli import main
+from hwtool.runtime import make_session
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+THRESHOLD = "0.05"  # the README's quick start
+MAX_KEPT = 0.10  # the README's claim: at least 90% of the parameters removed
+
+
+@pytest.fixture(scope="module")
+def quick_start(tmp_path_factory):
+    """(report, path) of the quick start's prune, run as the README runs it."""
+    out = tmp_path_factory.mktemp("quick-start") / "reference.pruned.onnx"
+    args = ["prune", str(MODELS / "reference.onnx"), "--threshold", THRESHOLD, "--calib", str(MODELS / "calib256.npy")]
+    res = CliRunner().invoke(main, [*args, "-o", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    (line,) = [ln for ln in res.stdout.splitlines() if ln.strip().startswith("{")]
+    return json.loads(line), out
+
+
+def test_quick_start_removes_what_the_readme_says(quick_start):
+    report, out = quick_start
+    assert report["params_after"] <= MAX_KEPT * report["params_before"]
+    assert report["top1_agreement"] >= 0.98  # on the 256 calibration images, against the unpruned model
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+def test_shipped_pruned_model_is_what_the_quick_start_makes(quick_start):
+    _, out = quick_start
+    x = np.load(MODELS / "calib256.npy")[:64]
+    fresh = make_session(out).run(None, {"input": x})[0]
+    shipped = make_session(MODELS / "reference.pruned.onnx").run(None, {"input": x})[0]
+    np.testing.assert_allclose(fresh, shipped, rtol=0, atol=1e-4)
+
+
+def test_shipped_int8_model_agrees_with_the_pruned_one():
+    x = np.load(MODELS / "calib256.npy")
+    pruned = make_session(MODELS / "reference.pruned.onnx").run(None, {"input": x})[0]
+    int8 = make_session(MODELS / "reference.pruned.int8.onnx").run(None, {"input": x})[0]
+    assert (pruned.argmax(1) == int8.argmax(1)).mean() >= 0.95
+    model = onnx.load(str(MODELS / "reference.pruned.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+def test_shipped_reference_carries_its_gate_statistics_and_training_facts():
+    meta = {p.key: p.value for p in onnx.load(str(MODELS / "reference.onnx")).metadata_props}
+    gates = json.loads(meta["hwtool.gate_means"])
+    assert len(gates["blocks"]) == 18 and [len(b) for b in gates["blocks"]][::6] == [64, 128, 256]
+    training = json.loads(meta["hwtool.training"])
+    assert training["gate_penalty"] > 0  # the shipped reference is the model trained with the incentive

@@ -15,5 +15,5 @@ mkdir -p "$res" docs
 $hw export "$run/checkpoint.pt" -o "$run/$name.onnx" --data "$data" --json > "$res/$name-export.json"
 $hw eval "$run/$name.onnx" --data "$data" --json > "$res/$name-eval.json"
 $hw gates "$run/$name.onnx" --calib models/calib256.npy --png "docs/gates-$name.png" --json "$res/$name-gates.json"
-$hw sweep "$run/$name.onnx" --data "$data" --calib models/calib256.npy --thresholds 0.02,0.05,0.1 \
+$hw sweep "$run/$name.onnx" --data "$data" --calib models/calib256.npy --thresholds 0,0.02,0.05,0.1 \
     --csv "$res/$name-sweep.csv" --json "$res/$name-sweep.json" --png "docs/sweep-$name.png"

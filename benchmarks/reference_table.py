@@ -1,6 +1,11 @@
-"""Print the README's results table (markdown) from the JSON that benchmarks/reference.sh wrote.
+"""Print the README's reference results table (markdown) from the JSON the reference scripts wrote.
 
-python benchmarks/reference_table.py [NAME]
+    python benchmarks/reference_table.py [NAME]
+
+Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
+latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the model the
+second phase started from (benchmarks/results/run1/) and the model trained without the incentive
+(benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
 """
 
 from __future__ import annotations
@@ -12,39 +17,55 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 # The original work's figures for this network on CIFAR-10 (lossless data): 34 MB, pruned about 85%
 # to 5.2 MB for 1.72 points of accuracy.
-PAPER = "| paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - / −1.72 points | - | - |"
+PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | - / −1.72 points | - | - |"
+HEADER = [
+    "| model | size (MB) | parameters | removed | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",
+    "|---|---|---|---|---|---|---|---|",
+]
 
 
-def _load(name: str, part: str) -> dict:
-    return json.loads((RESULTS / f"{name}-{part}.json").read_text())
+def _load(name: str, part: str, folder: Path = RESULTS) -> dict | None:
+    path = folder / f"{name}-{part}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def table(name: str) -> str:
     bench = _load(name, "bench")
-    models = {m["path"]: m for m in bench["models"]}
+    models = bench["models"]
     p50 = {(t["model"], t["batch"]): t["p50_ms"] for t in bench["timings"]}
-    acc = {
-        "original": _load(name, "eval")["accuracy"],
-        "pruned": _load(name, "pruned-eval")["accuracy"],
-        "pruned + int8": _load(name, "pruned-int8")["accuracy_after"],
-    }
-    prune = _load(name, "prune")
-    base = acc["original"]
-    rows = [
-        "| model | size (MB) | parameters | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",
-        "|---|---|---|---|---|---|---|",
+    labels = ["original", f"pruned at {_load(name, 'prune')['threshold']}", "pruned + int8"]
+    acc = [
+        _load(name, "eval")["accuracy"],
+        _load(name, "pruned-eval")["accuracy"],
+        _load(name, "pruned-int8")["accuracy_after"],
     ]
-    for label, path in zip(acc, [m["path"] for m in bench["models"]]):
-        m = models[path]
-        delta = "" if label == "original" else f" ({100 * (acc[label] - base):+.2f})"
+    base_params = models[0]["parameters"]
+    rows = list(HEADER)
+    for label, m, a in zip(labels, models, acc):
+        delta = "" if label == "original" else f" ({100 * (a - acc[0]):+.2f})"
         rows.append(
-            f"| {label} | {m['file_bytes'] / 1e6:.2f} | {m['parameters']:,} | {m['flops_per_image'] / 1e6:.1f} "
-            f"| {100 * acc[label]:.2f}%{delta} | {p50[(path, 1)]:.2f} | {p50[(path, 64)]:.1f} |"
+            f"| {label} | {m['file_bytes'] / 1e6:.2f} | {m['parameters']:,} | {1 - m['parameters'] / base_params:.1%} "
+            f"| {m['flops_per_image'] / 1e6:.1f} | {100 * a:.2f}%{delta} "
+            f"| {p50[(m['path'], 1)]:.2f} | {p50[(m['path'], 64)]:.1f} |"
+        )
+    first = _load("reference", "eval", RESULTS / "run1")
+    if first:
+        prune = _load("reference", "prune", RESULTS / "run1")
+        rows.append(
+            f"| first run, the start of the second phase | {prune['bytes_before'] / 1e6:.2f} "
+            f"| {prune['params_before']:,} | - | {prune['flops_before'] / 1e6:.1f} "
+            f"| {100 * first['accuracy']:.2f}% ({100 * (first['accuracy'] - acc[0]):+.2f}) | - | - |"
+        )
+    plain = _load(f"{name}-plain", "eval")
+    if plain:
+        sweep = _load(f"{name}-plain", "sweep")
+        r0 = next(r for r in sweep["rows"] if r["threshold"] == 0)
+        rows.append(
+            f"| no incentive (λ = 0) | {r0['bytes'] / 1e6:.2f} | {r0['parameters']:,} | - "
+            f"| {r0['flops'] / 1e6:.1f} | {100 * plain['accuracy']:.2f}% ({100 * (plain['accuracy'] - acc[0]):+.2f}) "
+            "| - | - |"
         )
     rows.append(PAPER)
-    removed = 1 - prune["params_after"] / prune["params_before"]
-    rows.append("")
-    rows.append(f"Threshold {prune['threshold']}: {removed:.1%} of the parameters removed.")
     return "\n".join(rows)
 
 

@@ -79,6 +79,10 @@ def export_checkpoint(
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset} is outside the supported range 17..21")
+    if str(checkpoint).endswith(".onnx"):
+        raise ValueError(
+            f"{checkpoint} is already an ONNX model; export takes the checkpoint.pt that `hwtool train` wrote"
+        )
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt).float()
     data = data or ckpt.get("data")

@@ -16,7 +16,7 @@ from hwtool.runtime import make_session
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 THRESHOLD = "0.05"  # the README's quick start
-MAX_KEPT = 0.10  # the README's claim: at least 90% of the parameters removed
+MAX_KEPT = 0.24  # the README's figure: 76.4% of the parameters removed
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,8 @@ def quick_start(tmp_path_factory):
 def test_quick_start_removes_what_the_readme_says(quick_start):
     report, out = quick_start
     assert report["params_after"] <= MAX_KEPT * report["params_before"]
-    assert report["top1_agreement"] >= 0.98  # on the 256 calibration images, against the unpruned model
+    # the shipped model was trained with what 0.05 removes dropped out, so the prune is exact
+    assert report["top1_agreement"] == 1.0 and report["max_abs_error"] < 1e-3
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
 
 

@@ -79,10 +79,6 @@ def export_checkpoint(
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}")
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset} is outside the supported range 17..21")
-    if str(checkpoint).endswith(".onnx"):
-        raise ValueError(
-            f"{checkpoint} is already an ONNX model; export takes the checkpoint.pt that `hwtool train` wrote"
-        )
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt).float()
     data = data or ckpt.get("data")
@@ -189,4 +185,4 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
         state[name] = torch.from_numpy(array.copy())
     training = json.loads(meta.get("hwtool.training", "{}"))
     log = [{"epoch": training.get("epochs", 0), "test_acc": training.get("test_accuracy_torch")}]
-    return {"model": state, "config": TrainConfig(model=shape).to_dict(), "log": log, "data": None, "onnx": str(path)}
+    return {"model": state, "config": TrainConfig(model=shape).to_dict(), "log": log, "data": None}

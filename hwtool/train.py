@@ -254,15 +254,7 @@ def _save_atomic(obj: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint with weights_only=True (no code runs); ValueError when it is not one of ours.
-
-    An ONNX model that `hwtool export` wrote (a `.onnx` path) loads too, as a checkpoint of its
-    weights: training or fine-tuning can start from a shipped model.
-    """
-    if str(path).endswith(".onnx"):
-        from hwtool.export import checkpoint_from_onnx  # export imports this module
-
-        return checkpoint_from_onnx(path)
+    """Load a checkpoint with weights_only=True (no code runs); ValueError when it is not one of ours."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -275,6 +267,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise ValueError(f"{path} is not an hwtool checkpoint (no model and config entries)")
     return ckpt
+
+
+def load_start(path: str | os.PathLike) -> dict:
+    """The checkpoint a run starts from (--from, finetune): a checkpoint.pt, or an unpruned ONNX
+    model that `hwtool export` wrote, read back as a checkpoint of its weights."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist; start from a checkpoint.pt of `hwtool train` or a model of `hwtool export`"
+        )
+    if str(path).endswith(".onnx"):
+        from hwtool.export import checkpoint_from_onnx  # export imports this module
+
+        return checkpoint_from_onnx(path)
+    return load_checkpoint(path)
 
 
 def build_model(ckpt: dict) -> HighwayNet:
@@ -488,7 +494,7 @@ def train(
 
 def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: torch.device) -> list | None:
     """Load cfg.init's weights; with cfg.prune_threshold, the masks of the channels that stay (baked in)."""
-    start = load_checkpoint(cfg.init)
+    start = load_start(cfg.init)
     if HighwayConfig.from_dict(start["config"]["model"]) != cfg.model:
         raise ValueError(f"{cfg.init} holds a different network shape than this run's; fine-tune with its own")
     model.load_state_dict(start["model"])
@@ -500,16 +506,21 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
     return masks
 
 
+def _auto_precision(kw: dict) -> dict:
+    """Options with bf16=None (the CLI's default) resolved to what this machine runs natively."""
+    if "bf16" in kw and kw["bf16"] is None:
+        return {**kw, "bf16": native_mixed_precision()}
+    return kw
+
+
 def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainConfig:
     """A fine-tuning run of checkpoint `init` with the channels whose mean gate is under `threshold`
     removed: its network shape, a short low-rate schedule and no incentive unless `kw` says so."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold} is outside [0, 1]; gates are sigmoids")
-    start = load_checkpoint(init)
+    start = load_start(init)
     base = {"epochs": 3, "lr": 0.01, "warmup": 0.1, "gate_penalty": 0.0, "silence_penalty": 0.0, "gate_ramp": 0.0}
-    base.update({k: v for k, v in kw.items() if v is not None})
-    if "bf16" in kw and kw["bf16"] is None:  # auto: where this machine runs it natively
-        base["bf16"] = native_mixed_precision()
+    base.update({k: v for k, v in _auto_precision(kw).items() if v is not None})
     model = HighwayConfig.from_dict(start["config"]["model"])
     return TrainConfig(model=model, init=str(init), prune_threshold=threshold, **base)
 
@@ -519,12 +530,11 @@ def config_from_options(**kw) -> TrainConfig:
 
     With `init` (a checkpoint to start from), the network shape is the checkpoint's unless given.
     """
+    kw = _auto_precision(kw)
     model_kw = {k: kw.pop(k) for k in ("widths", "depth", "stem") if kw.get(k) is not None}
-    if "bf16" in kw and kw["bf16"] is None:  # auto: where this machine runs it natively
-        kw["bf16"] = native_mixed_precision()
     base = HighwayConfig()
     if kw.get("init") is not None:
-        base = HighwayConfig.from_dict(load_checkpoint(kw["init"])["config"]["model"])
+        base = HighwayConfig.from_dict(load_start(kw["init"])["config"]["model"])
     model = replace(base, **model_kw)
     kw = {k: v for k, v in kw.items() if v is not None}
     return TrainConfig(model=model, **kw)

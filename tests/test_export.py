@@ -15,7 +15,7 @@ from hwtool.cli import main
 from hwtool.data import CLASSES
 from hwtool.export import GATE_METADATA, gate_means_torch
 from hwtool.runtime import make_session
-from hwtool.train import build_model, load_checkpoint
+from hwtool.train import build_model, load_checkpoint, load_start
 
 WIDTHS = (8, 16, 32)
 
@@ -128,7 +128,7 @@ def test_an_exported_model_reads_back_as_the_checkpoint_it_came_from(exported, t
     # training or fine-tuning can start from a shipped .onnx: its weights, bit for bit, and its shape
     _, path = exported
     want = load_checkpoint(tiny_checkpoint)
-    got = load_checkpoint(path)
+    got = load_start(path)
     assert got["config"]["model"] == want["config"]["model"]
     assert got["model"].keys() == want["model"].keys()
     for name, w in want["model"].items():
@@ -143,12 +143,12 @@ def test_train_from_an_onnx_model_starts_from_its_weights(tiny_onnx_dynamo, cifa
     res = CliRunner().invoke(main, [*args, "--epochs", "1", "--limit", "256", "--lr", "1e-9", "--fp32"])
     assert res.exit_code == 0, res.output
     # with a learning rate of 1e-9 the weights barely move from the ONNX model's
-    start, trained = load_checkpoint(tiny_onnx_dynamo)["model"], load_checkpoint(out / "checkpoint.pt")["model"]
+    start, trained = load_start(tiny_onnx_dynamo)["model"], load_checkpoint(out / "checkpoint.pt")["model"]
     assert trained["blocks.0.transform.weight"].shape == start["blocks.0.transform.weight"].shape
     torch.testing.assert_close(trained["blocks.2.gate.weight"], start["blocks.2.gate.weight"], atol=1e-6, rtol=0)
 
 
-def test_train_from_a_pruned_or_foreign_onnx_model_is_one_line(tiny_onnx_dynamo, cifar_path, tmp_path):
+def test_train_from_a_pruned_foreign_or_missing_onnx_model_is_one_line(tiny_onnx_dynamo, cifar_path, tmp_path):
     from hwtool.prune import PruneConfig, prune
 
     pruned = tmp_path / "pruned.onnx"
@@ -160,7 +160,8 @@ def test_train_from_a_pruned_or_foreign_onnx_model_is_one_line(tiny_onnx_dynamo,
     model = onnx.load(str(tiny_onnx_dynamo))
     del model.metadata_props[:]
     onnx.save(model, str(foreign))
-    for path, says in ((pruned, "load the unpruned model"), (foreign, "no hwtool.model_config")):
+    missing = tmp_path / "missing.onnx"
+    for path, says in ((pruned, "load the unpruned model"), (foreign, "no hwtool.model_config"), (missing, "exist")):
         out = tmp_path / f"run-{path.stem}"
         res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), "--from", str(path)])
         assert says in one_line_error(res)

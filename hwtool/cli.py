@@ -120,6 +120,20 @@ def main() -> None:
     help="Running mean gate under which a channel is a dropout target (the prune threshold you plan).",
 )
 @click.option(
+    "--targeted-keep",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Prune while training: remove channels for good, lowest running mean gate first, until this "
+    "fraction of the parameters is left (reached by --targeted-keep-by of the steps).",
+)
+@click.option(
+    "--targeted-keep-by",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.6,
+    show_default=True,
+    help="Fraction of the steps by which --targeted-keep is reached (removal starts when λ is at full strength).",
+)
+@click.option(
     "--gate-ramp",
     type=click.FloatRange(0, 1),
     default=0.2,
@@ -157,6 +171,8 @@ def train(
     silence_penalty,
     targeted_dropout,
     targeted_threshold,
+    targeted_keep,
+    targeted_keep_by,
     gate_ramp,
     init,
     widths,
@@ -181,6 +197,8 @@ def train(
         silence_penalty=silence_penalty,
         targeted_dropout=targeted_dropout,
         targeted_threshold=targeted_threshold,
+        targeted_keep=targeted_keep,
+        targeted_keep_by=targeted_keep_by,
         gate_ramp=gate_ramp,
         init=init,
         widths=_ints(widths),

@@ -166,6 +166,24 @@ def block_channel_costs(cfg: HighwayConfig) -> list[int]:
     return costs
 
 
+def block_inputs(cfg: HighwayConfig) -> list[int]:
+    """Per block, the channels of its input (the carry it receives)."""
+    return [c for c in [cfg.stem] + [w for w in cfg.widths for _ in range(cfg.depth)]][:-1]
+
+
+def block_parameters(cfg: HighwayConfig, kept: list[int]) -> list[int]:
+    """Per block, the parameters its transform and gate hold with `kept[b]` channels left: H
+    (9·c_in + 1 per channel), T (9·k² + k) and the input BatchNorm, which goes with the last channel.
+    The carry (identity or projection) stays whatever is kept."""
+    widths = [w for w in cfg.widths for _ in range(cfg.depth)]
+    out = []
+    for b, (c, width, k) in enumerate(zip(block_inputs(cfg), widths, kept, strict=True)):
+        if not 0 <= k <= width:
+            raise ValueError(f"block {b} has {width} channels; cannot keep {k}")
+        out.append(k * (9 * c + 1) + 9 * k * k + k + (2 * c if k else 0))
+    return out
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters())

@@ -16,7 +16,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from hwtool.data import Split, load_cifar10
-from hwtool.model import HighwayConfig, HighwayNet, bake_masks, block_channel_costs, gate_masks
+from hwtool.model import (
+    HighwayConfig,
+    HighwayNet,
+    bake_masks,
+    block_channel_costs,
+    block_parameters,
+    count_parameters,
+    gate_masks,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -39,6 +47,8 @@ class TrainConfig:
     silence_penalty: float = 0.0  # μ: weight of mean(H·(1−T)), T detached
     targeted_dropout: float = 0.0  # p: each step, drop a channel whose running mean gate is low with prob p
     targeted_threshold: float = 0.05  # "low" for targeted dropout: running mean gate under this
+    targeted_keep: float | None = None  # remove lowest-gate channels for good until this fraction of parameters is left
+    targeted_keep_by: float = 0.6  # fraction of the steps by which targeted_keep is reached
     limit: int | None = None  # train (and test) on the first N images only
     init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     prune_threshold: float | None = None  # with init: train with the gates under it removed
@@ -155,16 +165,44 @@ class TargetedDropout:
     def __init__(self, p: float, threshold: float, momentum: float = 0.98):
         self.p, self.threshold, self.momentum = p, threshold, momentum
         self.means: list[torch.Tensor] | None = None
+        self.removed: list[torch.Tensor] | None = None  # per block, channels removed for good (remove_to)
 
     def masks(self, g: torch.Generator, device: torch.device) -> list[torch.Tensor] | None:
         """Per block a 0/1 mask for this step (None before the first gates are seen)."""
         if self.means is None:
             return None
         out = []
-        for m in self.means:
+        for b, m in enumerate(self.means):
             drop = (m < self.threshold) & (torch.rand(len(m), generator=g) < self.p)
+            if self.removed is not None:
+                drop |= self.removed[b]
             out.append((~drop).float().to(device))
         return out
+
+    def remove_to(self, cfg: HighwayConfig, budget: int) -> None:
+        """Remove channels for good, lowest running mean gate first across all blocks, until the
+        transforms and gates hold at most `budget` parameters (see model.block_parameters): a
+        threshold that rises just as far as the budget needs."""
+        if self.means is None:
+            return
+        if self.removed is None:
+            self.removed = [torch.zeros(len(m), dtype=torch.bool) for m in self.means]
+        kept = [int((~r).sum()) for r in self.removed]
+        per_block = block_parameters(cfg, kept)
+        total = sum(per_block)
+        if total <= budget:
+            return
+        order = sorted(
+            (float(m[i]), b, i) for b, m in enumerate(self.means) for i in range(len(m)) if not self.removed[b][i]
+        )
+        for _, b, i in order:
+            if total <= budget:
+                break
+            kept[b] -= 1
+            after = block_parameters(cfg, kept)[b]
+            total -= per_block[b] - after
+            per_block[b] = after
+            self.removed[b][i] = True
 
     @torch.no_grad()
     def update(self, gates: list[torch.Tensor], masks: list[torch.Tensor] | None) -> None:
@@ -179,11 +217,32 @@ class TargetedDropout:
 
 
 def _dead_channels(dropout: TargetedDropout | None, dropping: bool) -> list[torch.Tensor] | None:
-    """With p = 1 a target is dropped every step from then on: it is pruned. Its masks, to bake in
-    so that the saved network is the one that trained (None when p < 1 or before dropping began)."""
-    if dropout is None or dropout.p < 1 or dropout.means is None or not dropping:
+    """With p = 1 a target is dropped every step from then on, and a channel removed to meet the
+    budget is dropped for good: it is pruned. Their masks, to bake in so that the saved network is
+    the one that trained (None when nothing is dropped for good, or before dropping began)."""
+    if dropout is None or dropout.means is None or not dropping:
         return None
-    return [(m >= dropout.threshold).float() for m in dropout.means]
+    if dropout.p < 1 and dropout.removed is None:
+        return None
+    out = []
+    for b, m in enumerate(dropout.means):
+        keep = m >= dropout.threshold if dropout.p >= 1 else torch.ones(len(m), dtype=torch.bool)
+        if dropout.removed is not None:
+            keep &= ~dropout.removed[b]
+        out.append(keep.float())
+    return out
+
+
+def budget_at(cfg: TrainConfig, step: int, total: int, full: int, fixed: int) -> int:
+    """Parameters the transforms and gates may hold at `step` when pruning to cfg.targeted_keep of
+    the network (`full` parameters, `fixed` of them outside the blocks' transforms and gates): from
+    when the incentive is at full strength to `targeted_keep_by` of the steps, the kept fraction
+    falls as keep + (1 − keep)(1 − s)³, fast at first and gently at the end, then stays."""
+    start = int(cfg.gate_ramp * total)
+    end = max(start + 1, int(cfg.targeted_keep_by * total))
+    s = min(1.0, max(0.0, (step - start) / (end - start)))
+    frac = cfg.targeted_keep + (1 - cfg.targeted_keep) * (1 - s) ** 3
+    return int(frac * full) - fixed
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -325,6 +384,8 @@ def train(
         raise ValueError("a prune threshold needs a starting checkpoint (init) and must lie in [0, 1]")
     if cfg.gate_shape not in GATE_SHAPES:
         raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {cfg.gate_shape!r}")
+    if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
+        raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
 
     splits = load_cifar10(data)
     train_set = splits["train"].head(cfg.limit)
@@ -354,9 +415,17 @@ def train(
             masks = [torch.tensor(k, dtype=torch.float32, device=device) for k in ckpt["keep"]]
     elif cfg.init is not None:
         masks = _start_from(model, cfg, train_set, device)
-    dropout = TargetedDropout(cfg.targeted_dropout, cfg.targeted_threshold) if cfg.targeted_dropout > 0 else None
+    dropout = None
+    if cfg.targeted_dropout > 0 or cfg.targeted_keep is not None:
+        dropout = TargetedDropout(cfg.targeted_dropout, cfg.targeted_threshold)
     if dropout is not None and ckpt is not None and ckpt.get("gate_running_means") is not None:
         dropout.means = [torch.tensor(m) for m in ckpt["gate_running_means"]]
+        if ckpt.get("removed_channels") is not None:
+            dropout.removed = [torch.tensor(r, dtype=torch.bool) for r in ckpt["removed_channels"]]
+    full_params = count_parameters(model)
+    fixed_params = full_params - sum(
+        block_parameters(cfg.model, [w for w in cfg.model.widths for _ in range(cfg.model.depth)])
+    )
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -408,6 +477,8 @@ def train(
                 lam = penalty_at(cfg, step, total)
                 step_masks = masks
                 if dropout is not None:
+                    if cfg.targeted_keep is not None and step >= drop_from:
+                        dropout.remove_to(cfg.model, budget_at(cfg, step, total, full_params, fixed_params))
                     drops = dropout.masks(g_drop, device) if step >= drop_from else None
                     if drops is not None:
                         step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
@@ -460,6 +531,10 @@ def train(
             }
             if masks is not None:
                 entry["kept_channels"] = [int(m.sum().item()) for m in masks]
+            if dropout is not None and dropout.removed is not None:
+                kept = [int((~r).sum()) for r in dropout.removed]
+                entry["kept_channels"] = kept
+                entry["kept_parameters"] = fixed_params + sum(block_parameters(cfg.model, kept))
             log.append(entry)
             if not quiet:
                 progress.console.print(
@@ -475,6 +550,9 @@ def train(
                     "data": str(data),
                     "keep": None if masks is None else [m.bool().tolist() for m in masks],
                     "gate_running_means": None if dropout is None else [m.tolist() for m in dropout.means],
+                    "removed_channels": None
+                    if dropout is None or dropout.removed is None
+                    else [r.tolist() for r in dropout.removed],
                 }
                 _save_atomic(ckpt, out / CHECKPOINT)
                 tmp = out / "log.json.tmp"

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from hwtool.model import HighwayConfig, HighwayNet, block_channel_costs, count_parameters
+from hwtool.model import (
+    HighwayConfig,
+    HighwayNet,
+    block_channel_costs,
+    block_inputs,
+    block_parameters,
+    count_parameters,
+)
 
 SMALL = HighwayConfig(widths=(8, 16, 32), depth=2)
 
@@ -90,3 +97,25 @@ def test_block_channel_costs_match_the_modules():
             block.transform.weight[j].numel() + 1 + block.gate.weight[j].numel() + 1 + block.gate.weight[:, j].numel()
         )
         assert cost == counted
+
+
+def test_block_parameters_count_what_a_block_holds_with_k_channels_kept():
+    """Full width: the block's norm, transform and gate modules. Fewer channels: H rows and T's
+    k×k core; nothing kept: nothing, the norm included (the carry stays outside the count)."""
+    model = HighwayNet(SMALL)
+    widths = [w for w in SMALL.widths for _ in range(SMALL.depth)]
+    assert block_inputs(SMALL) == [SMALL.stem] + widths[:-1]
+    full = block_parameters(SMALL, widths)
+    for block, n in zip(model.blocks, full, strict=True):
+        assert n == sum(p.numel() for m in (block.norm, block.transform, block.gate) for p in m.parameters())
+    carries = sum(p.numel() for b in model.blocks if b.project is not None for p in b.project.parameters())
+    assert count_parameters(model) - sum(full) > carries  # stem, carries and head lie outside
+    c, w = block_inputs(SMALL)[1], widths[1]
+    k = w // 2
+    kept = list(widths)
+    kept[1], kept[2] = k, 0
+    part = block_parameters(SMALL, kept)
+    assert part[1] == k * (9 * c + 1) + k * (9 * k + 1) + 2 * c and part[2] == 0
+    assert part[0] == full[0] and part[3:] == full[3:]
+    with pytest.raises(ValueError, match="cannot keep"):
+        block_parameters(SMALL, [w + 1 for w in widths])

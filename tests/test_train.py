@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from hwtool.cli import main
-from hwtool.model import HighwayConfig, HighwayNet
+from hwtool.model import HighwayConfig, HighwayNet, block_parameters, count_parameters
 from hwtool.train import (
     CHECKPOINT,
     TargetedDropout,
@@ -24,6 +24,7 @@ from hwtool.train import (
     batch_crop,
     batch_flip_lr,
     block_weights,
+    budget_at,
     build_model,
     gate_cost,
     load_checkpoint,
@@ -72,15 +73,19 @@ def test_train_cli_smoke(cifar_path, tmp_path):
     assert (out / CHECKPOINT).read_bytes() == before
 
 
-def test_resume_after_a_kill_is_exact(cifar_path, tmp_path):
+@pytest.mark.parametrize(
+    "extra", [(), ("--targeted-keep", "0.4", "--targeted-keep-by", "0.9")], ids=["plain", "budget"]
+)
+def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     """A 2-epoch run killed after epoch 1 and resumed ends with the weights of an uninterrupted run.
 
     The one-cycle schedule depends on the total number of epochs, so only a run that keeps its
     configuration can be resumed exactly: here a real process is killed once epoch 1 is saved.
-    Runs in bf16 autocast (the default): on CPU every op is deterministic, so the match is exact.
+    On CPU every op is deterministic, so the match is exact. With a parameter budget still falling
+    in epoch 2, the channels removed in epoch 1 must come back from the checkpoint too.
     """
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    args = ["train", "--data", cifar_path, *TINY_OPTIONS, "--epochs", "2"]
+    args = ["train", "--data", cifar_path, *TINY_OPTIONS, "--epochs", "2", *extra]
     proc = subprocess.Popen(
         [sys.executable, "-m", "hwtool", *args, "--out", str(broken)],
         stdout=subprocess.DEVNULL,
@@ -99,11 +104,14 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path):
         proc.wait()
     assert load_checkpoint(broken / CHECKPOINT)["epoch"] == 0, "the run finished before it was killed"
 
-    _train_cli(cifar_path, whole, "--epochs", "2")  # meanwhile the uninterrupted reference
+    _train_cli(cifar_path, whole, "--epochs", "2", *extra)  # meanwhile the uninterrupted reference
     _train_cli(cifar_path, broken, "--resume")
 
     a, b = load_checkpoint(whole / CHECKPOINT), load_checkpoint(broken / CHECKPOINT)
     assert a["epoch"] == b["epoch"] == 1
+    assert a["removed_channels"] == b["removed_channels"]
+    if extra:
+        assert 0 < sum(map(sum, a["removed_channels"])) < sum(map(len, a["removed_channels"]))
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
@@ -190,6 +198,86 @@ def test_targeted_dropout_with_p_one_prunes_for_good(cifar_path, cifar, tmp_path
         if d.any():
             assert float(t[:, d].max()) < 1e-12 and torch.all(block.transform.weight[d] == 0)
         assert torch.all(t[:, ~d].mean(dim=(0, 2, 3)) > 1e-6)
+
+
+def test_remove_to_takes_the_lowest_gates_first_across_blocks_until_the_budget_fits():
+    cfg = HighwayConfig(widths=(4, 8), depth=1, stem=4)
+    drop = TargetedDropout(p=0.0, threshold=0.05)
+    drop.remove_to(cfg, 0)  # nothing seen yet: nothing to rank
+    assert drop.removed is None
+    a, b = torch.tensor([0.30, 0.01, 0.20, 0.40]), torch.tensor([0.05, 0.9, 0.02, 0.6, 0.8, 0.03, 0.7, 0.5])
+    drop.update([a.view(1, 4, 1, 1), b.view(1, 8, 1, 1)], None)
+    full = sum(block_parameters(cfg, [4, 8]))
+    drop.remove_to(cfg, full - 1)  # one channel must go: the lowest gate of all, in block 0
+    assert drop.removed[0].tolist() == [False, True, False, False] and not drop.removed[1].any()
+    # a budget that fits four channels fewer in block 1 takes its three lowest (0.02, 0.03, 0.05) and 0.20
+    budget = sum(block_parameters(cfg, [2, 5]))
+    drop.remove_to(cfg, budget)
+    assert drop.removed[0].tolist() == [False, True, True, False]
+    assert drop.removed[1].tolist() == [True, False, True, False, False, True, False, False]
+    assert sum(block_parameters(cfg, [2, 5])) <= budget
+    # removed is for good: the masks drop them every step, even with p = 0, and a looser budget brings none back
+    drop.remove_to(cfg, full)
+    masks = drop.masks(torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert masks[0].tolist() == [1, 0, 0, 1] and masks[1].tolist() == [0, 1, 0, 1, 1, 0, 1, 1]
+
+
+def test_budget_falls_from_the_full_network_to_the_kept_fraction_then_stays():
+    cfg = TrainConfig(targeted_keep=0.1, targeted_keep_by=0.6, gate_ramp=0.2)
+    full, fixed, total = 1000, 100, 100
+    seq = [budget_at(cfg, s, total, full, fixed) for s in range(total)]
+    assert seq[20] == full - fixed  # removal begins when the incentive is at full strength
+    assert seq[60] == seq[99] == 100 - fixed
+    assert all(x >= y for x, y in zip(seq, seq[1:]))
+    assert seq[40] < (full + 100) / 2 - fixed  # cubic: most of the removal early
+
+
+def test_train_cli_prunes_to_a_parameter_budget_while_training(cifar_path, cifar, tmp_path):
+    """--targeted-keep: the run ends at most at that fraction of the parameters, the removed
+    channels baked out of the saved network (off gates, zero transforms) and logged."""
+    _train_cli(cifar_path, tmp_path / "run", "--targeted-keep", "0.4", "--gate-ramp", "0.1")
+    ckpt = load_checkpoint(tmp_path / "run" / CHECKPOINT)
+    assert ckpt["config"]["targeted_keep"] == 0.4
+    model = build_model(ckpt)
+    removed = [torch.tensor(r) for r in ckpt["removed_channels"]]
+    kept = [int((~r).sum()) for r in removed]
+    full = count_parameters(model)
+    fixed = full - sum(block_parameters(model.cfg, [len(r) for r in removed]))
+    entry = ckpt["log"][-1]
+    assert entry["kept_channels"] == kept and entry["kept_parameters"] == fixed + sum(block_parameters(model.cfg, kept))
+    assert 0.3 * full < entry["kept_parameters"] <= 0.4 * full
+    with torch.no_grad():
+        _, gates, _ = model(to_input(cifar["test"].images[:32]), return_gates=True)
+    for t, r, block in zip(gates, removed, model.blocks):
+        if r.any():
+            assert float(t[:, r].max()) < 1e-12 and torch.all(block.transform.weight[r] == 0)
+
+
+def test_resume_keeps_the_channels_removed_for_good(cifar_path, tmp_path):
+    """A resumed run goes on from the checkpoint's removed channels, not from a fresh ranking: a
+    channel marked removed in the checkpoint (the best-used one, which no ranking would pick) stays out."""
+    out = tmp_path / "run"
+    _train_cli(cifar_path, out, "--targeted-keep", "0.5", "--gate-ramp", "0.1")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    means = [torch.tensor(m) for m in ckpt["gate_running_means"]]
+    removed = [torch.tensor(r) for r in ckpt["removed_channels"]]
+    b = max(range(len(means)), key=lambda i: float(means[i].masked_fill(removed[i], -1).max()))
+    c = int(means[b].masked_fill(removed[b], -1).argmax())
+    ckpt["removed_channels"][b][c] = True
+    ckpt["config"]["epochs"] = 2  # one more epoch to resume into
+    torch.save(ckpt, out / CHECKPOINT)
+    _train_cli(cifar_path, out, "--resume")
+    after = load_checkpoint(out / CHECKPOINT)
+    assert after["epoch"] == 1 and after["removed_channels"][b][c]
+    assert torch.all(build_model(after).blocks[b].transform.weight[c] == 0)
+
+
+def test_train_cli_rejects_an_empty_budget(cifar_path, tmp_path):
+    result = CliRunner().invoke(
+        main, ["train", "--data", cifar_path, "--out", str(tmp_path / "run"), *TINY_OPTIONS, "--targeted-keep", "0"]
+    )
+    assert result.exit_code == 2 and "targeted-keep" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_cli_with_targeted_dropout_keeps_running_means(cifar_path, tmp_path):

@@ -9,6 +9,7 @@ with very different ranges. No torch here (directly or through imports).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -117,13 +118,15 @@ def _method(name: str) -> CalibrationMethod:
 
 
 @contextlib.contextmanager
-def _quiet_root_logger():
-    """Silence the quantizer's root-logger chatter (e.g. per-channel axis notes on BN scales)."""
+def _quiet_quantizer():
+    """Silence the quantizer's chatter: root-logger notes (e.g. per-channel axis notes on BN scales)
+    and the histogram calibrators' print() progress, which would land in a --json report's stdout."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
@@ -134,7 +137,7 @@ def quantize_model(
     """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs."""
     if is_quantized(model):
         raise ModelError("the model already holds quantization ops; quantize the float model instead")
-    with _quiet_root_logger(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         onnx.save(model, src)
         preprocessed = False

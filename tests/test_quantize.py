@@ -100,15 +100,19 @@ def test_int8_is_small_and_agrees_with_float_on_cifar(fitted, cifar, cifar_path,
     assert res.exit_code == 0 and "agree" in res.stdout and "0." in res.stdout
 
 
-def test_calib_file_and_fixed_batch_model(tmp_path):
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_calib_file_and_fixed_batch_model(tmp_path, method):
+    """Every calibration method; --json stays one JSON line (ORT's histogram calibrators print)."""
     model = tmp_path / "fixed4.onnx"
     onnx.save(build(Spec(widths=(16, 32), batch=4)), model)
     calib = tmp_path / "calib.npy"
     np.save(calib, images(10))  # 10 images: two full batches of 4 are used, the rest skipped
     out = tmp_path / "q.onnx"
-    res = CliRunner().invoke(main, ["quantize", str(model), "-o", str(out), "--calib", str(calib), "--json"])
+    args = ["quantize", str(model), "-o", str(out), "--calib", str(calib), "--method", method, "--json"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["calib_images"] == 8
+    report = json.loads(res.stdout)
+    assert report["calib_images"] == 8 and report["config"]["method"] == method
     x = images(4, seed=7)
     a, b = _logits(model, x), _logits(out, x)
     assert b.shape == (4, 10)

@@ -627,7 +627,7 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
 @click.option(
     "--method",
     type=click.Choice(["minmax", "entropy", "percentile"]),
-    default="minmax",
+    default="percentile",
     show_default=True,
     help="Activation range calibration.",
 )

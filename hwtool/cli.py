@@ -639,7 +639,12 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
     show_default=True,
     help="Activation type: uint8 is what x86 CPUs run fast; int8 suits Arm.",
 )
-@click.option("--ops", default=None, help="Comma-separated op types to quantize (default: all ORT can).")
+@click.option(
+    "--ops",
+    default="Conv",
+    show_default=True,
+    help="Comma-separated op types to quantize, or 'all' for every op ORT can (the gate's sigmoid and mix too).",
+)
 @click.option("--no-preprocess", is_flag=True, help="Skip ORT's quant_pre_process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
 @friendly
@@ -654,7 +659,7 @@ def quantize_cmd(
         per_channel=not per_tensor,
         activations=activations,
         method=method,
-        ops=_names(ops) if ops else None,
+        ops=None if ops.strip().lower() == "all" else _names(ops),
         preprocess=not no_preprocess,
     )
     with progress_bar(console, "quantize", disable=as_json) as bar:

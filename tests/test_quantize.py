@@ -100,6 +100,31 @@ def test_int8_is_small_and_agrees_with_float_on_cifar(fitted, cifar, cifar_path,
     assert res.exit_code == 0 and "agree" in res.stdout and "0." in res.stdout
 
 
+@pytest.mark.parametrize("ops,mix_quantized", [(None, False), ("Conv", False), ("all", True)])
+def test_the_gate_and_its_mix_stay_float_unless_all_ops_are_asked_for(tmp_path, ops, mix_quantized):
+    """By default (and with --ops Conv) only the convolutions are quantized: the gate T (Sigmoid) and
+    the products H·T and (1−T)·carry (Mul) stay float, only the sum that feeds the next conv is
+    quantized as that conv's input; --ops all quantizes the gate and the products too."""
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(16, 32))), model)
+    calib = tmp_path / "calib.npy"
+    np.save(calib, images(8))
+    out = tmp_path / "q.onnx"
+    args = ["quantize", str(model), "-o", str(out), "--calib", str(calib), *(["--ops", ops] if ops else [])]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    q = onnx.load(out)
+    made_by = {o: n.op_type for n in q.graph.node for o in n.output}
+    convs = [n for n in q.graph.node if n.op_type == "Conv"]
+    assert convs and all(made_by.get(n.input[0]) == "DequantizeLinear" for n in convs)
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    mix = [n for n in q.graph.node if n.op_type in ("Sigmoid", "Mul")]
+    assert {n.op_type for n in mix} == {"Sigmoid", "Mul"}
+    assert any(o in quantized for n in mix for o in n.output) == mix_quantized
+    settings = json.loads({p.key: p.value for p in q.metadata_props}["hwtool.quantize"])
+    assert settings["ops"] == (None if ops == "all" else ["Conv"])
+
+
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_calib_file_and_fixed_batch_model(tmp_path, method):
     """Every calibration method; --json stays one JSON line (ORT's histogram calibrators print)."""

@@ -205,9 +205,19 @@ class TargetedDropout:
             self.removed[b][i] = True
 
     @torch.no_grad()
-    def update(self, gates: list[torch.Tensor], masks: list[torch.Tensor] | None) -> None:
-        """Fold this step's per-channel mean gates in; dropped channels (gate forced to 0) keep theirs."""
-        batch = [t.float().mean(dim=(0, 2, 3)).cpu() for t in gates]
+    def update(self, gates: list[torch.Tensor], masks: list[torch.Tensor] | None, world: int = 1) -> None:
+        """Fold this step's per-channel mean gates in; dropped channels (gate forced to 0) keep theirs.
+
+        Under DDP (world > 1) the means are averaged over the processes' batches first, so that
+        every process holds the same running means and drops and removes the same channels."""
+        batch = [t.float().mean(dim=(0, 2, 3)) for t in gates]
+        if world > 1:
+            import torch.distributed as dist
+
+            flat = torch.cat(batch)
+            dist.all_reduce(flat)
+            batch = list((flat / world).split([len(b) for b in batch]))
+        batch = [b.cpu() for b in batch]
         if self.means is None:
             self.means = batch
             return
@@ -493,7 +503,7 @@ def train(
                 loss.backward()
                 opt.step()
                 if dropout is not None:
-                    dropout.update(gates, step_masks)
+                    dropout.update(gates, step_masks, world)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
                 seen += len(y)

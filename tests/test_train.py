@@ -365,6 +365,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _update_in_a_group(rank: int, port: int, out: str) -> None:
+    """One process of a 2-process gloo group: fold rank-specific gates into TargetedDropout."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    drop = TargetedDropout(p=1.0, threshold=0.05, momentum=0.5)
+    for step in range(3):
+        gates = [torch.full((2, 4, 1, 1), 0.1 * (rank + 1) + 0.01 * step), torch.full((2, 2, 1, 1), 0.3 * rank)]
+        drop.update(gates, None, world=2)
+    torch.save([m.clone() for m in drop.means], f"{out}/means{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_targeted_dropout_means_agree_across_ddp_processes(tmp_path):
+    """Each process sees other gates, but all fold in the mean over processes: the same running means
+    everywhere, so every process drops and removes the same channels."""
+    torch.multiprocessing.spawn(_update_in_a_group, args=(_free_port(), str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"means{r}.pt") for r in (0, 1))
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # the average of the two processes' gates, folded with momentum 0.5 over steps 0, 1, 2
+    want = 0.5 * (0.5 * 0.15 + 0.5 * 0.16) + 0.5 * 0.17
+    torch.testing.assert_close(a[0], torch.full((4,), want), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a[1], torch.full((2,), 0.15), rtol=0, atol=1e-6)
+
+
 def test_ddp_two_cpu_processes(cifar_path, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
@@ -391,6 +417,10 @@ def test_ddp_two_cpu_processes(cifar_path, tmp_path):
         "256",
         "--batch-size",
         "64",
+        "--targeted-keep",  # the running gate means are all-reduced across the two processes
+        "0.5",
+        "--gate-ramp",
+        "0.1",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -398,6 +428,6 @@ def test_ddp_two_cpu_processes(cifar_path, tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["config"]["batch_size"] == 64
     log = json.loads((out / "log.json").read_text())
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
-    build_model(ckpt)
+    assert log[0]["kept_parameters"] <= 0.5 * sum(p.numel() for p in build_model(ckpt).parameters())
     # Only rank 0 writes: one checkpoint, one log, no leftovers from the other process.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.json"]

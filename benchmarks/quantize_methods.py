@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--no-bench", action="store_true", help="accuracy and size only")
     args = ap.parse_args()
 
-    rows = []
+    rows, counts = [], {}
     with tempfile.TemporaryDirectory(prefix="hwtool-qm-") as tmp:
         paths = []
         for method in METHODS:
@@ -56,6 +56,7 @@ def main() -> None:
                     }
                 )
                 paths.append(dst)
+                counts = {"test_images": r.test_images, "calib_images": r.calib_images}
                 print(json.dumps(rows[-1]), flush=True)
         if not args.no_bench:
             res = bench([args.model, *paths], BenchConfig(batches=(1, 64), runs=args.runs))
@@ -65,7 +66,7 @@ def main() -> None:
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    results[args.model] = {"rows": rows, "test_images": 10000, "calib_images": 512, "machine": machine()}
+    results[args.model] = {"rows": rows, **counts, "machine": machine()}
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp_out, out)

@@ -154,33 +154,36 @@ def bake_masks(model: HighwayNet, masks: list[torch.Tensor]) -> None:
         block.gate.bias[off] = OFF_GATE_BIAS
 
 
-def block_channel_costs(cfg: HighwayConfig) -> list[int]:
-    """Parameters one transform channel costs in each block (its H filter, BN-free, and T row/column)."""
-    costs = []
-    c = cfg.stem
-    for width in cfg.widths:
-        for _ in range(cfg.depth):
-            # H filter: 9*c_in + bias; T output filter: 9*width + bias; T input slice: 9*width.
-            costs.append(9 * c + 1 + 9 * width + 1 + 9 * width)
-            c = width
-    return costs
+def block_widths(cfg: HighwayConfig) -> list[int]:
+    """Per block, its transform channels (its stage's width)."""
+    return [w for w in cfg.widths for _ in range(cfg.depth)]
 
 
 def block_inputs(cfg: HighwayConfig) -> list[int]:
     """Per block, the channels of its input (the carry it receives)."""
-    return [c for c in [cfg.stem] + [w for w in cfg.widths for _ in range(cfg.depth)]][:-1]
+    return ([cfg.stem] + block_widths(cfg))[:-1]
+
+
+def block_channel_costs(cfg: HighwayConfig) -> list[int]:
+    """Parameters one transform channel costs in each block (its H filter, BN-free, and T row/column)."""
+    # H filter: 9*c_in + bias; T output filter: 9*width + bias; T input slice: 9*width.
+    return [9 * c + 1 + 9 * w + 1 + 9 * w for c, w in zip(block_inputs(cfg), block_widths(cfg))]
+
+
+def transform_parameters(c_in: int, k: int) -> int:
+    """Parameters a block with input width c_in holds in its transform and gate with k channels
+    kept: H (9·c_in + 1 per channel), T (9·k² + k) and the input BatchNorm, which goes with the
+    last channel. The carry (identity or projection) stays whatever is kept."""
+    return k * (9 * c_in + 1) + 9 * k * k + k + (2 * c_in if k else 0)
 
 
 def block_parameters(cfg: HighwayConfig, kept: list[int]) -> list[int]:
-    """Per block, the parameters its transform and gate hold with `kept[b]` channels left: H
-    (9·c_in + 1 per channel), T (9·k² + k) and the input BatchNorm, which goes with the last channel.
-    The carry (identity or projection) stays whatever is kept."""
-    widths = [w for w in cfg.widths for _ in range(cfg.depth)]
+    """Per block, transform_parameters with `kept[b]` channels left."""
     out = []
-    for b, (c, width, k) in enumerate(zip(block_inputs(cfg), widths, kept, strict=True)):
+    for b, (c, width, k) in enumerate(zip(block_inputs(cfg), block_widths(cfg), kept, strict=True)):
         if not 0 <= k <= width:
             raise ValueError(f"block {b} has {width} channels; cannot keep {k}")
-        out.append(k * (9 * c + 1) + 9 * k * k + k + (2 * c if k else 0))
+        out.append(transform_parameters(c, k))
     return out
 
 

@@ -21,9 +21,12 @@ from hwtool.model import (
     HighwayNet,
     bake_masks,
     block_channel_costs,
+    block_inputs,
     block_parameters,
+    block_widths,
     count_parameters,
     gate_masks,
+    transform_parameters,
 )
 
 CHECKPOINT = "checkpoint.pt"
@@ -109,7 +112,7 @@ def block_weights(cfg: HighwayConfig, how: str) -> torch.Tensor:
     blocks equally.
     """
     costs = torch.tensor(block_channel_costs(cfg), dtype=torch.float64)
-    widths = torch.tensor([w for w in cfg.widths for _ in range(cfg.depth)], dtype=torch.float64)
+    widths = torch.tensor(block_widths(cfg), dtype=torch.float64)
     if how == "params":
         w = costs * widths
     elif how == "uniform":
@@ -192,6 +195,7 @@ class TargetedDropout:
         total = sum(per_block)
         if total <= budget:
             return
+        inputs = block_inputs(cfg)
         order = sorted(
             (float(m[i]), b, i) for b, m in enumerate(self.means) for i in range(len(m)) if not self.removed[b][i]
         )
@@ -199,7 +203,7 @@ class TargetedDropout:
             if total <= budget:
                 break
             kept[b] -= 1
-            after = block_parameters(cfg, kept)[b]
+            after = transform_parameters(inputs[b], kept[b])
             total -= per_block[b] - after
             per_block[b] = after
             self.removed[b][i] = True
@@ -433,9 +437,7 @@ def train(
         if ckpt.get("removed_channels") is not None:
             dropout.removed = [torch.tensor(r, dtype=torch.bool) for r in ckpt["removed_channels"]]
     full_params = count_parameters(model)
-    fixed_params = full_params - sum(
-        block_parameters(cfg.model, [w for w in cfg.model.widths for _ in range(cfg.model.depth)])
-    )
+    fixed_params = full_params - sum(block_parameters(cfg.model, block_widths(cfg.model)))
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -53,9 +53,9 @@ SETTINGS = {  # name: (bf16 autocast, channels_last)
 class Step:
     """One model, optimizer and input layout; __call__ runs one training step on (x, y)."""
 
-    def __init__(self, bf16: bool, channels_last: bool, cfg: TrainConfig):
+    def __init__(self, bf16: bool, channels_last: bool, cfg: TrainConfig, masks: list[torch.Tensor] | None = None):
         torch.manual_seed(0)
-        self.bf16, self.channels_last, self.cfg = bf16, channels_last, cfg
+        self.bf16, self.channels_last, self.cfg, self.masks = bf16, channels_last, cfg, masks
         self.model = HighwayNet(cfg.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -74,7 +74,9 @@ class Step:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits, gates, transforms = self.model(x, return_gates=True)
+            logits, gates, transforms = self.model(
+                x, return_gates=True, masks=self.masks, drop_transforms=self.masks is not None
+            )
             ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
         gate_term, _ = incentive(gates, transforms, self.weights, with_silence=False)
         loss = ce + 0.1 * gate_term

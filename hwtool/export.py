@@ -169,13 +169,20 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     shape = HighwayConfig.from_dict(json.loads(meta["hwtool.model_config"]))
     model = HighwayNet(shape)
     weights = {i.name: i for i in proto.graph.initializer}
+    located = _layer_inputs(proto.graph, model, set(weights))
     state = {}
     for name, ref in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
             state[name] = torch.zeros((), dtype=torch.long)
             continue
-        init = weights.get(name)
+        source, transpose = located.get(name, (name, False))
+        if source is None:  # a bias the exporter dropped because it was zero
+            state[name] = torch.zeros_like(ref)
+            continue
+        init = weights.get(source)
         array = None if init is None else onnx.numpy_helper.to_array(init)
+        if array is not None and transpose:
+            array = array.T
         if array is None or tuple(array.shape) != tuple(ref.shape):
             found = "missing" if array is None else f"shaped {list(array.shape)}"
             raise ValueError(
@@ -186,3 +193,56 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     training = json.loads(meta.get("hwtool.training", "{}"))
     log = [{"epoch": training.get("epochs", 0), "test_acc": training.get("test_accuracy_torch")}]
     return {"model": state, "config": TrainConfig(model=shape).to_dict(), "log": log, "data": None}
+
+
+# Where each kind of layer keeps its tensors among its ONNX node's inputs: position -> state_dict suffix.
+_LAYER_INPUTS: dict[str, tuple[type, dict[int, str]]] = {
+    "Conv": (torch.nn.Conv2d, {1: "weight", 2: "bias"}),
+    "BatchNormalization": (torch.nn.BatchNorm2d, {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}),
+    "Gemm": (torch.nn.Linear, {1: "weight", 2: "bias"}),
+}
+
+
+def _layer_inputs(graph: onnx.GraphProto, model: torch.nn.Module, initializers: set[str]) -> dict:
+    """state_dict name -> (initializer holding it or None for a dropped zero bias, transposed?),
+    found through each layer's node rather than by name alone.
+
+    The dynamo exporter's optimizer merges identical initializers under one name (a block trained
+    out entirely carries the same BN statistics and gate biases as its neighbour) and drops zero
+    biases, so a tensor's own name may be gone. Each Conv, BatchNormalization and Gemm node is
+    matched to the layer most of its inputs are named after (ties go to the node with more votes
+    first, then to graph order), and the node's inputs then say where each of that layer's
+    tensors is.
+    """
+    layers = {n: type(m) for n, m in model.named_modules() if type(m) in {k for k, _ in _LAYER_INPUTS.values()}}
+    nodes = [n for n in graph.node if n.op_type in _LAYER_INPUTS]
+    votes: list[tuple[int, int, str]] = []  # (-votes, node index, layer)
+    for i, node in enumerate(nodes):
+        kind, slots = _LAYER_INPUTS[node.op_type]
+        counts: dict[str, int] = {}
+        for pos, suffix in slots.items():
+            prefix, _, got = node.input[pos].rpartition(".") if pos < len(node.input) else ("", "", "")
+            if got == suffix and layers.get(prefix) is kind:
+                counts[prefix] = counts.get(prefix, 0) + 1
+        votes += [(-c, i, layer) for layer, c in counts.items()]
+    owner: dict[int, str] = {}
+    for _, i, layer in sorted(votes):
+        if i not in owner and layer not in owner.values():
+            owner[i] = layer
+    for op, (kind, _) in _LAYER_INPUTS.items():  # layers none of whose node's inputs kept a name: graph order
+        left_nodes = [i for i, n in enumerate(nodes) if n.op_type == op and i not in owner]
+        left_layers = [n for n, k in layers.items() if k is kind and n not in owner.values()]
+        if len(left_nodes) == len(left_layers):
+            owner.update(zip(left_nodes, left_layers, strict=True))
+    located: dict[str, tuple[str | None, bool]] = {}
+    for i, layer in owner.items():
+        node = nodes[i]
+        transpose = node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        for pos, suffix in _LAYER_INPUTS[node.op_type][1].items():
+            source = node.input[pos] if pos < len(node.input) and node.input[pos] else None
+            if source is None and suffix != "bias":
+                continue  # left to the by-name lookup, which reports it missing
+            if source is not None and source not in initializers:
+                continue  # computed in the graph, not stored: the by-name lookup decides
+            located[f"{layer}.{suffix}"] = (source, transpose and suffix == "weight")
+    return located

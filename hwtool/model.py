@@ -58,14 +58,35 @@ class HighwayBlock(nn.Module):
         drop_transforms also zeroes the masked H channels, so that the kept gates no longer read
         them: what the pruned graph computes without a gate refit (fine-tuning trains this).
         """
-        h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         if mask is not None and drop_transforms:
-            h = h * mask.view(1, -1, 1, 1)
+            return self._forward_kept(x, mask)
+        h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
         if mask is not None:
             t = t * mask.view(1, -1, 1, 1)
         carry = x if self.project is None else self.project(x)
         return h * t + (1 - t) * carry, h, t
+
+    def _forward_kept(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward with the masked channels' H and T zeroed, computing the kept channels only.
+
+        A masked channel's H is zero and its gate is zero, so the block carries it through and its
+        weights get no gradient: the same outputs and gradients as zeroing them after full-width
+        convs, at the cost of the kept channels (what fine-tuning a pruned network pays).
+        H and T come back full width, zero where masked, for the incentive and the gate statistics.
+        """
+        keep = mask.nonzero().flatten()
+        carry = x if self.project is None else self.project(x)
+        if keep.numel() == 0:  # the whole transform is gone: the block carries (convs take no 0-channel weight)
+            return carry, carry.new_zeros(carry.shape), carry.new_zeros(carry.shape)
+        tw, gw = self.transform, self.gate
+        h_kept = F.relu(F.conv2d(self.norm(x), tw.weight[keep], tw.bias[keep], tw.stride, tw.padding))  # (B, K, H', W')
+        t_kept = torch.sigmoid(F.conv2d(h_kept, gw.weight[keep][:, keep], gw.bias[keep], 1, gw.padding))
+        mixed = h_kept * t_kept + (1 - t_kept) * carry[:, keep]
+        y = carry.index_copy(1, keep, mixed.to(carry.dtype))
+        h = h_kept.new_zeros(carry.shape).index_copy(1, keep, h_kept)
+        t = t_kept.new_zeros(carry.shape).index_copy(1, keep, t_kept)
+        return y, h, t
 
 
 class HighwayNet(nn.Module):

@@ -442,7 +442,12 @@ def train(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A block whose channels are all masked skips its convs, leaving their weights without a gradient.
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=masks is not None or dropout is not None,
+        )
 
     if cfg.compile:
         net = torch.compile(net)

@@ -166,3 +166,33 @@ def test_train_from_a_pruned_foreign_or_missing_onnx_model_is_one_line(tiny_onnx
         res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), "--from", str(path)])
         assert says in one_line_error(res)
         assert not out.exists()
+
+
+def test_a_model_with_merged_and_dropped_weights_reads_back_exactly(cifar_path, tmp_path):
+    # The dynamo exporter merges identical initializers under one name and drops zero biases: a
+    # block trained out entirely (zero transform, gate bias -30) beside one whose BN statistics
+    # equal another block's, as in the shipped reference. Its weights must still read back bit for bit.
+    from hwtool.export import export_checkpoint
+    from hwtool.model import HighwayConfig, HighwayNet, bake_masks
+    from hwtool.train import TrainConfig
+
+    torch.manual_seed(0)
+    shape = HighwayConfig(widths=(8, 16), depth=2)
+    model = HighwayNet(shape)
+    for block in model.blocks:  # trained-looking BN statistics, different per block
+        block.norm.running_mean.uniform_(-1, 1)
+        block.norm.running_var.uniform_(0.5, 2)
+    bake_masks(model, [torch.ones(8), torch.zeros(8), torch.ones(16), torch.zeros(16)])
+    model.blocks[2].norm.load_state_dict(model.blocks[1].norm.state_dict())  # identical statistics (8 in)
+    ckpt = {"model": model.state_dict(), "config": TrainConfig(model=shape).to_dict(), "log": [{}], "data": cifar_path}
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    out = tmp_path / "m.onnx"
+    export_checkpoint(tmp_path / "checkpoint.pt", out, exporter="dynamo", gate_images=64, compare_images=16)
+
+    names = {i.name for i in onnx.load(str(out)).graph.initializer}
+    gone = {n for n in ckpt["model"] if not n.endswith("num_batches_tracked")} - names
+    assert {"blocks.1.transform.bias", "blocks.2.norm.running_mean"} <= gone  # what the exporter merged or dropped
+    got = load_start(out)["model"]
+    for name, w in ckpt["model"].items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(got[name], w.float()), name

@@ -119,3 +119,59 @@ def test_block_parameters_count_what_a_block_holds_with_k_channels_kept():
     assert part[0] == full[0] and part[3:] == full[3:]
     with pytest.raises(ValueError, match="cannot keep"):
         block_parameters(SMALL, [w + 1 for w in widths])
+
+
+def _masked_full_width(block, x: torch.Tensor, mask: torch.Tensor):
+    """The definition _forward_kept must match: full-width convs, masked channels' H and T zeroed."""
+    m = mask.view(1, -1, 1, 1)
+    h = torch.relu(block.transform(block.norm(x))) * m
+    t = torch.sigmoid(block.gate(h)) * m
+    carry = x if block.project is None else block.project(x)
+    return h * t + (1 - t) * carry, h, t
+
+
+@pytest.mark.parametrize("kept", ["some", "all", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_blocks_compute_only_kept_channels_with_the_same_outputs_and_gradients(images, kept, channels_last):
+    torch.manual_seed(0)
+    model = HighwayNet(SMALL).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    for block in model.blocks:  # open the gates so that the kept channels matter
+        torch.nn.init.normal_(block.gate.bias, 0.0, 1.0)
+    masks = []
+    for block in model.blocks:
+        c = block.gate.out_channels
+        m = {"some": (torch.rand(c) < 0.4).float(), "all": torch.ones(c), "none": torch.zeros(c)}[kept]
+        masks.append(m)
+    x = images[:8]
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def run(fast: bool):
+        model.zero_grad()
+        h = model.stem((x - model.mean) / model.std)
+        outs = []
+        for block, m in zip(model.blocks, masks, strict=True):
+            y, hh, tt = block(h, m, drop_transforms=True) if fast else _masked_full_width(block, h, m)
+            outs += [hh, tt]
+            h = y
+        loss = h.square().mean() + sum(o.mean() for o in outs)
+        loss.backward()
+        return [h.detach(), *[o.detach() for o in outs]], {
+            n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        }
+
+    fast_out, fast_grad = run(True)
+    ref_out, ref_grad = run(False)
+    for a, b in zip(fast_out, ref_out, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name, g in ref_grad.items():
+        torch.testing.assert_close(fast_grad[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    # A masked channel's transform and gate rows get no gradient at all.
+    for i, m in enumerate(masks):
+        gone = m == 0
+        assert fast_grad[f"blocks.{i}.transform.weight"][gone].abs().sum() == 0
+        assert fast_grad[f"blocks.{i}.gate.weight"][gone].abs().sum() == 0
+        assert fast_grad[f"blocks.{i}.gate.weight"][:, gone].abs().sum() == 0

@@ -61,3 +61,17 @@ def test_shipped_reference_carries_its_gate_statistics_and_training_facts():
     assert len(gates["blocks"]) == 18 and [len(b) for b in gates["blocks"]][::6] == [64, 128, 256]
     training = json.loads(meta["hwtool.training"])
     assert training["gate_penalty"] > 0  # the shipped reference is the model trained with the incentive
+
+
+def test_shipped_reference_reads_back_for_training_and_computes_what_the_onnx_does():
+    # `hwtool train --from models/reference.onnx` / `hwtool finetune models/reference.onnx`: the
+    # network rebuilt from the file's weights must compute the file's logits
+    torch = pytest.importorskip("torch")
+    from hwtool.train import build_model, load_start
+
+    x = np.load(MODELS / "calib256.npy")[:64]
+    want = make_session(str(MODELS / "reference.onnx")).run(None, {"input": x})[0]
+    with torch.no_grad():
+        got = build_model(load_start(MODELS / "reference.onnx"))(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+    assert (got.argmax(1) == want.argmax(1)).all()

@@ -150,6 +150,13 @@ def main() -> None:
 @click.option("--widths", default=None, help="Filters per stage.  [default: 64,128,256]")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
+@click.option(
+    "--cutout",
+    type=click.IntRange(0, 32),
+    default=0,
+    show_default=True,
+    help="Augmentation: fill a random N x N square of each training image with the mean colour (0: off).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--fp32/--mixed",
@@ -178,6 +185,7 @@ def train(
     widths,
     depth,
     limit,
+    cutout,
     seed,
     fp32,
     compile_,
@@ -204,6 +212,7 @@ def train(
         widths=_ints(widths),
         depth=depth,
         limit=limit,
+        cutout=cutout,
         seed=seed,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwtool.data import Split, load_cifar10
 from hwtool.model import (
+    CIFAR_MEAN,
     HighwayConfig,
     HighwayNet,
     bake_masks,
@@ -43,6 +44,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # on conv and linear weights only
     label_smoothing: float = 0.1
+    cutout: int = 0  # side of the square each training image has filled with the mean colour (0: off)
     gate_penalty: float = 0.0  # λ: weight of the gate incentive
     gate_weighting: str = "params"  # 'params': weight each block by what its channels cost
     gate_ramp: float = 0.2  # fraction of steps over which λ rises linearly from 0
@@ -93,6 +95,23 @@ def batch_crop(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tenso
     rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
     return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def batch_cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
+    """Fill one size x size square per image, centred anywhere (clipped at the borders), with the
+    CIFAR mean colour, which the network's normalisation maps to zero. x: (B, C, H, W) in [0, 1]."""
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=g)
+    cx = torch.randint(0, w, (b,), generator=g)
+    top, left = cy - size // 2, cx - size // 2
+    rows, cols = torch.arange(h), torch.arange(w)
+    inside_r = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + size)  # (B, H)
+    inside_c = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + size)  # (B, W)
+    square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]  # (B, 1, H, W)
+    mean = torch.tensor(CIFAR_MEAN, dtype=x.dtype).view(1, -1, 1, 1)
+    return torch.where(square, mean, x)
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -482,6 +501,7 @@ def train(
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Augment the whole global batch with the shared generator, then take this rank's part.
                 x = batch_crop(batch_flip_lr(to_input(train_set.images[idx.numpy()]), g), g)
+                x = batch_cutout(x, g, cfg.cutout)
                 y = torch.from_numpy(train_set.labels[idx.numpy()])
                 x, y = (
                     x[rank * local_bs : (rank + 1) * local_bs].to(device),

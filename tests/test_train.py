@@ -22,6 +22,7 @@ from hwtool.train import (
     TargetedDropout,
     TrainConfig,
     batch_crop,
+    batch_cutout,
     batch_flip_lr,
     block_weights,
     budget_at,
@@ -74,7 +75,7 @@ def test_train_cli_smoke(cifar_path, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [(), ("--targeted-keep", "0.4", "--targeted-keep-by", "0.9")], ids=["plain", "budget"]
+    "extra", [(), ("--targeted-keep", "0.4", "--targeted-keep-by", "0.9", "--cutout", "8")], ids=["plain", "budget"]
 )
 def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     """A 2-epoch run killed after epoch 1 and resumed ends with the weights of an uninterrupted run.
@@ -82,7 +83,8 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     The one-cycle schedule depends on the total number of epochs, so only a run that keeps its
     configuration can be resumed exactly: here a real process is killed once epoch 1 is saved.
     On CPU every op is deterministic, so the match is exact. With a parameter budget still falling
-    in epoch 2, the channels removed in epoch 1 must come back from the checkpoint too.
+    in epoch 2, the channels removed in epoch 1 must come back from the checkpoint too (and cutout
+    draws its squares from the epoch's generator).
     """
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     args = ["train", "--data", cifar_path, *TINY_OPTIONS, "--epochs", "2", *extra]
@@ -112,6 +114,7 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     assert a["removed_channels"] == b["removed_channels"]
     if extra:
         assert 0 < sum(map(sum, a["removed_channels"])) < sum(map(len, a["removed_channels"]))
+        assert a["config"]["cutout"] == b["config"]["cutout"] == 8
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
@@ -353,6 +356,30 @@ def test_batch_flip_lr_mirrors_about_half(batch):
     assert all(f != k for f, k in zip(flipped, kept, strict=True))  # each image is itself or its mirror image
     assert 16 < sum(flipped) < 48
     torch.testing.assert_close(batch_flip_lr(batch, torch.Generator().manual_seed(1)), out, rtol=0, atol=0)
+
+
+def test_batch_cutout_fills_one_clipped_square_per_image_with_the_mean_colour(batch):
+    from hwtool.model import CIFAR_MEAN
+
+    out = batch_cutout(batch, torch.Generator().manual_seed(2), 8)
+    assert out.shape == batch.shape
+    mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+    areas = []
+    for o, x in zip(out, batch, strict=True):
+        changed = (o != x).any(0)  # (H, W)
+        filled = (o == mean).all(0)
+        assert (changed <= filled).all()  # every changed pixel is the mean colour
+        rows, cols = filled.any(1).nonzero().flatten(), filled.any(0).nonzero().flatten()
+        if changed.any():  # one axis-aligned rectangle of at most 8 x 8, solid
+            r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+            assert r1 - r0 < 8 and c1 - c0 < 8
+            assert filled[r0 : r1 + 1, c0 : c1 + 1].all()
+            assert torch.equal(o[:, ~filled], x[:, ~filled])
+        areas.append(int(changed.sum()))
+    assert max(areas) == 64 and min(areas) < 64  # whole squares inside, clipped ones at the borders
+    assert len(set(areas)) > 3
+    torch.testing.assert_close(batch_cutout(batch, torch.Generator().manual_seed(2), 8), out, rtol=0, atol=0)
+    assert batch_cutout(batch, torch.Generator(), 0) is batch
 
 
 # ---------------------------------------------------------------------------------------------

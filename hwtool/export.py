@@ -209,10 +209,11 @@ def _layer_inputs(graph: onnx.GraphProto, model: torch.nn.Module, initializers: 
 
     The dynamo exporter's optimizer merges identical initializers under one name (a block trained
     out entirely carries the same BN statistics and gate biases as its neighbour) and drops zero
-    biases, so a tensor's own name may be gone. Each Conv, BatchNormalization and Gemm node is
-    matched to the layer most of its inputs are named after (ties go to the node with more votes
-    first, then to graph order), and the node's inputs then say where each of that layer's
-    tensors is.
+    biases, so a tensor's own name may be gone. Each Conv, BatchNormalization and Gemm node votes
+    for the layers its inputs are named after (an input votes when its name is that layer's tensor
+    for the input's position); nodes and layers are paired greedily, strongest vote first, each
+    used once, and any left over are paired in graph order. The paired node's inputs then say
+    where each of that layer's tensors is.
     """
     layers = {n: type(m) for n, m in model.named_modules() if type(m) in {k for k, _ in _LAYER_INPUTS.values()}}
     nodes = [n for n in graph.node if n.op_type in _LAYER_INPUTS]

@@ -43,8 +43,9 @@ def main() -> None:
 
     start = checkpoint_from_onnx(args.model)
     calib = torch.from_numpy(np.load(args.calib)).float()
-    masks = gate_masks(build_model(start), calib, args.threshold)
-    cfg = TrainConfig(model=build_model(start).cfg, bf16=False, channels_last=True)
+    trained = build_model(start)
+    masks = gate_masks(trained, calib, args.threshold)
+    cfg = TrainConfig(model=trained.cfg, bf16=False, channels_last=True)
     steps = {"full": Step(False, True, cfg), "pruned": Step(False, True, cfg, masks)}
     for step in steps.values():  # the trained weights: the masks are this model's
         step.model.load_state_dict(start["model"])

@@ -60,7 +60,47 @@ def _floats(text: str) -> tuple[float, ...]:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _UsageError(click.ClickException):
+    """A usage error (bad or missing option value) shown as the CLI's other errors are: one line."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+# click >= 8.2 shows the help for a bare `hwtool` by raising this usage error; older click has none.
+_HELP_FOR_NO_ARGS: tuple[type[BaseException], ...] = tuple(
+    e for e in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if e is not None
+)
+
+
+class _Group(click.Group):
+    """click.Group whose usage errors, its own and its commands', are one `error:` line, exit 2
+    (click's own form is three lines: usage, hint, error). A bare `hwtool` still prints its help."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+def _one_line(e: click.UsageError) -> click.ClickException:
+    """The usage error as one line naming the help to read, or unchanged where it is the help."""
+    if isinstance(e, _HELP_FOR_NO_ARGS):
+        return e
+    where = f" (see `{e.ctx.command_path} -h`)" if e.ctx is not None else ""
+    return _UsageError(e.format_message().rstrip(".") + where)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hwtool")
 def main() -> None:
     """hwtool: train, prune, quantize and benchmark highway networks as ONNX models."""

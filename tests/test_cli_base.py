@@ -129,3 +129,26 @@ def test_errors_in_a_real_process_have_no_traceback(tmp_path):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [f"error: model file {tmp_path / 'm.onnx'} does not exist"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["train", "--data", "d", "--out", "o", "--cutout", "40"], ["'--cutout'", "0<=x<=32", "`hwtool train -h`"]),
+        (["train", "--out", "o"], ["Missing option '--data'", "`hwtool train -h`"]),
+        (["prune", "m.onnx", "--bogus"], ["No such option '--bogus'", "`hwtool prune -h`"]),
+        (["quantize", "m.onnx", "--method", "best"], ["'--method'", "`hwtool quantize -h`"]),
+        (["nosuch"], ["No such command 'nosuch'", "`hwtool -h`"]),
+    ],
+    ids=["out-of-range", "missing-option", "unknown-option", "bad-choice", "unknown-command"],
+)
+def test_usage_errors_are_one_line_too(tmp_path, monkeypatch, args, fragments):
+    # click's own usage errors (three lines: usage, hint, error) follow the CLI's one-line contract
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(CliRunner().invoke(main, args, prog_name="hwtool"), *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bare_hwtool_still_prints_its_help():
+    result = CliRunner().invoke(main, [], prog_name="hwtool")
+    assert result.output.startswith("Usage: hwtool") and "Commands:" in result.output

@@ -110,6 +110,30 @@ def main() -> None:
 # train and export (need torch)
 
 
+def _distill_options(fn):
+    fn = click.option(
+        "--distill-temperature",
+        type=click.FloatRange(0, min_open=True),
+        default=4.0,
+        show_default=True,
+        help="τ: both networks' logits are divided by it before the softmax.",
+    )(fn)
+    fn = click.option(
+        "--distill-weight",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.5,
+        show_default=True,
+        help="α: loss = (1 − α)·label loss + α·distillation loss (with --teacher).",
+    )(fn)
+    fn = click.option(
+        "--teacher",
+        type=click.Path(),
+        default=None,
+        help="Distil from this trained network (checkpoint.pt or unpruned ONNX model; any width and depth).",
+    )(fn)
+    return fn
+
+
 @main.command()
 @click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (checkpoint.pt, log.json).")
@@ -204,6 +228,7 @@ def main() -> None:
     help="Float32, or mixed precision (bf16 autocast on CPU).  [default: mixed on CUDA and on CPUs with native bf16]",
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
+@_distill_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @friendly
 def train(
@@ -229,6 +254,9 @@ def train(
     seed,
     fp32,
     compile_,
+    teacher,
+    distill_weight,
+    distill_temperature,
     resume,
 ):
     """Train the highway network on CIFAR-10 (also under torchrun for DDP)."""
@@ -256,6 +284,9 @@ def train(
         seed=seed,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,
+        teacher=teacher,
+        distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
     )
     _summary(run(cfg, data, out, resume=resume, console=console), out)
 
@@ -293,13 +324,31 @@ def _summary(ckpt: dict, out: str) -> None:
     help="Float32, or mixed precision (bf16 autocast on CPU).  [default: mixed on CUDA and on CPUs with native bf16]",
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
+@_distill_options
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out.")
 @friendly
-def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, limit, fp32, compile_, resume):
+def finetune(
+    checkpoint,
+    data,
+    out,
+    threshold,
+    epochs,
+    lr,
+    gate_penalty,
+    count,
+    limit,
+    fp32,
+    compile_,
+    teacher,
+    distill_weight,
+    distill_temperature,
+    resume,
+):
     """Fine-tune a trained checkpoint with its low-gate channels removed.
 
     The removed channels are baked into the weights (zero transform, gate bias -30), so exporting
     the result and pruning it at the same threshold removes exactly them, with no refit needed.
+    With --teacher CHECKPOINT (the same file) the pruned network learns from the unpruned one.
     """
     from hwtool.train import finetune_config
     from hwtool.train import train as run
@@ -314,6 +363,9 @@ def finetune(checkpoint, data, out, threshold, epochs, lr, gate_penalty, count, 
         limit=limit,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,
+        teacher=teacher,
+        distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
     )
     _summary(run(cfg, data, out, resume=resume, console=console), out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -58,6 +59,9 @@ class TrainConfig:
     init: str | None = None  # start from this checkpoint's weights (fine-tuning)
     prune_threshold: float | None = None  # with init: train with the gates under it removed
     calib_images: int = 512  # first N training images that measure the gates for prune_threshold
+    teacher: str | None = None  # distil from this trained network's logits (a checkpoint or unpruned ONNX model)
+    distill_weight: float = 0.5  # α, with a teacher: loss = (1 − α)·CE + α·distillation term
+    distill_temperature: float = 4.0  # τ: both logits are divided by τ before the softmax
     seed: int = 0
     bf16: bool = True  # bf16 autocast on CPU (mixed precision on CUDA)
     channels_last: bool = True
@@ -292,6 +296,47 @@ def penalty_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.gate_penalty * (1.0 if ramp == 0 else min(1.0, (step + 1) / ramp))
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """τ²·KL(softmax(teacher/τ) ‖ softmax(student/τ)), the batch mean, a float32 scalar: the
+    soft-target term of knowledge distillation. The τ² keeps its gradients the same size whatever
+    τ is, so the weight between it and the label loss means the same at any temperature."""
+    s = F.log_softmax(student.float() / temperature, dim=1)
+    t = F.log_softmax(teacher.float() / temperature, dim=1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, str]:
+    """The frozen eval-mode teacher network of cfg.teacher (any width and depth, the same classes)
+    and the SHA-256 of its file, which a resumed run checks."""
+    path = Path(cfg.teacher)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher {path} does not exist; "
+            "pass a checkpoint.pt of `hwtool train` or an unpruned model of `hwtool export`"
+        )
+    if not 0 < cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
+        raise ValueError("the distillation weight must lie in (0, 1] and its temperature above 0")
+    teacher = build_model(load_start(path)).to(device)
+    if teacher.cfg.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"teacher {path} has {teacher.cfg.num_classes} classes, this network {cfg.model.num_classes}; "
+            "distil from a network of the same task"
+        )
+    if cfg.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher.requires_grad_(False)
+    return teacher, file_sha256(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -420,6 +465,15 @@ def train(
     if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
         raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
 
+    teacher, teacher_sha = None, None
+    if cfg.teacher is not None:
+        teacher, teacher_sha = load_teacher(cfg, device)
+        if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher_sha):
+            raise ValueError(
+                f"teacher {cfg.teacher} changed since this run started (its SHA-256 differs); "
+                "restore the file or start a new run"
+            )
+
     splits = load_cifar10(data)
     train_set = splits["train"].head(cfg.limit)
     test_set = splits["test"].head(cfg.limit)
@@ -495,7 +549,7 @@ def train(
             g_drop = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 7_919)
             perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
-            seen, correct, loss_sum, gate_sum, t0 = 0, 0, 0.0, 0.0, time.perf_counter()
+            seen, correct, loss_sum, gate_sum, kd_sum, t0 = 0, 0, 0.0, 0.0, 0.0, time.perf_counter()
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
@@ -524,8 +578,15 @@ def train(
                         x, return_gates=True, masks=step_masks, drop_transforms=step_masks is not None
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                    task_loss = ce
+                    if teacher is not None:
+                        with torch.no_grad():
+                            soft = teacher(x)
+                        kd = distillation_loss(logits, soft, cfg.distill_temperature)
+                        task_loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+                        kd_sum += kd.item() * len(y)
                 gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0, cfg.gate_shape)
-                loss = ce + lam * gate_term + cfg.silence_penalty * silence_term
+                loss = task_loss + lam * gate_term + cfg.silence_penalty * silence_term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -566,6 +627,8 @@ def train(
                 "img_per_s": seen * world / train_time,
                 "seconds": train_time,
             }
+            if teacher is not None:
+                entry["distill_loss"] = kd_sum / seen
             if masks is not None:
                 entry["kept_channels"] = [int(m.sum().item()) for m in masks]
             if dropout is not None and dropout.removed is not None:
@@ -587,6 +650,7 @@ def train(
                     "data": str(data),
                     "keep": None if masks is None else [m.bool().tolist() for m in masks],
                     "gate_running_means": None if dropout is None else [m.tolist() for m in dropout.means],
+                    "teacher_sha256": teacher_sha,
                     "removed_channels": None
                     if dropout is None or dropout.removed is None
                     else [r.tolist() for r in dropout.removed],

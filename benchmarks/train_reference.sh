@@ -23,6 +23,9 @@
 # cutout: from scratch, 30 epochs, a weaker incentive (λ = 0.5, μ = 0.5) and cutout 12: the long
 #        run's train/test gap (97.4% / 89.2%) says the baseline needs regularization, not epochs.
 #        Started in the session that added --cutout, unvalidated by short runs; resume it.
+# keep-kd: the keep run again, from the same gated model with the same schedule, now distilled
+#        from phase 1's unpruned model (--teacher, α = 0.9, τ = 4): does the teacher recover what
+#        pruning while training costs? (A/B against keep; run while the cutout run, which the script resumes after it, was paused.)
 # float32 (--fp32): this machine's CPU has no native bf16 (no avx512_bf16 or AMX), where bf16
 # autocast runs at 0.36x the speed of float32 (benchmarks/results/train_throughput_no_native_bf16.json).
 set -euo pipefail
@@ -52,4 +55,8 @@ phase "$runs/ref-keep" --from "$runs/ref-gated/checkpoint.pt" --epochs 6 --lr 0.
     --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09 --targeted-keep-by 0.6 --fp32
 phase "$runs/ref-long" --from "$first" --epochs 11 --lr 0.05 \
     --gate-penalty 1.5 --silence-penalty 0.5 --gate-ramp 0 --fp32
+phase "$runs/ref-keep-kd" --from "$runs/ref-gated/checkpoint.pt" --epochs 6 --lr 0.02 \
+    --gate-penalty 1 --gate-shape sqrt --gate-weighting uniform --gate-ramp 0.1 \
+    --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09 --targeted-keep-by 0.6 --fp32 \
+    --teacher "$first" --distill-weight 0.9 --distill-temperature 4
 phase "$runs/ref-cutout" --epochs 30 --gate-penalty 0.5 --silence-penalty 0.5 --cutout 12 --fp32

@@ -116,6 +116,8 @@ def export_checkpoint(
                 "gate_shape": cfg.get("gate_shape", "mean"),
                 "targeted_dropout": cfg.get("targeted_dropout", 0.0),
                 "finetuned_from": cfg.get("init"),
+                "distilled_from": cfg.get("teacher"),
+                "cutout": cfg.get("cutout", 0),
                 "test_accuracy_torch": log[-1].get("test_acc"),
                 "limit": cfg["limit"],
             }

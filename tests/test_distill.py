@@ -6,14 +6,17 @@ The teacher is `tests/data/small_gated.pt`, a small network really trained on CI
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import onnx
 import torch
 from cli_errors import one_line_error
 from click.testing import CliRunner
 
 from hwtool.cli import main
+from hwtool.export import export_checkpoint
 from hwtool.train import (
     CHECKPOINT,
     build_model,
@@ -67,6 +70,11 @@ def test_a_network_taught_by_itself_stays_where_training_alone_moves_it(cifar_pa
     assert ckpt["teacher_sha256"] == file_sha256(TEACHER)
     assert all(0 < e["distill_loss"] < 0.1 for e in ckpt["log"])
     assert "distill_loss" not in load_checkpoint(alone / CHECKPOINT)["log"][-1]
+
+    # the exported model says what taught it
+    export_checkpoint(taught / CHECKPOINT, tmp_path / "taught.onnx", exporter="torchscript", data=cifar_path)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "taught.onnx")).metadata_props}
+    assert json.loads(meta["hwtool.training"])["distilled_from"] == str(TEACHER)
 
     teacher = build_model(load_checkpoint(TEACHER))
     x = to_input(cifar["test"].images[:512])

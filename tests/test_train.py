@@ -454,13 +454,15 @@ def test_ddp_two_cpu_processes(cifar_path, tmp_path):
         "0.5",
         "--gate-ramp",
         "0.1",
+        "--teacher",  # every process distils from its own frozen copy
+        str(Path(__file__).parent / "data" / "small_gated.pt"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(out / CHECKPOINT)
     assert ckpt["epoch"] == 0 and ckpt["config"]["batch_size"] == 64
     log = json.loads((out / "log.json").read_text())
-    assert len(log) == 1 and np.isfinite(log[0]["train_loss"])
+    assert len(log) == 1 and np.isfinite(log[0]["train_loss"]) and log[0]["distill_loss"] > 0
     assert log[0]["kept_parameters"] <= 0.5 * sum(p.numel() for p in build_model(ckpt).parameters())
     # Only rank 0 writes: one checkpoint, one log, no leftovers from the other process.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.json"]

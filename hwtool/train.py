@@ -605,7 +605,8 @@ def train(
                     advance=1,
                     stats=(
                         f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                        f"gate {gate_sum / seen:.3f} {rate:.0f} img/s"
+                        + (f"distill {kd_sum / seen:.3f} " if teacher is not None else "")
+                        + f"gate {gate_sum / seen:.3f} {rate:.0f} img/s"
                     ),
                 )
             train_time = time.perf_counter() - t0

@@ -89,6 +89,7 @@ def test_finetune_learns_from_the_unpruned_network(cifar_path, tmp_path):
     args += ["--epochs", "1", "--limit", "512", "--count", "256", "--fp32", "--teacher", str(TEACHER)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    assert "distill " in res.output  # the progress line shows the distillation loss
     ckpt = load_checkpoint(out / CHECKPOINT)
     assert ckpt["config"]["teacher"] == str(TEACHER) and ckpt["config"]["prune_threshold"] == 0.05
     assert ckpt["log"][-1]["distill_loss"] > 0

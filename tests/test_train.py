@@ -72,6 +72,11 @@ def test_train_cli_smoke(cifar_path, tmp_path):
     result = _train_cli(cifar_path, out, "--resume", "--epochs", "3")
     assert "configuration saved in the checkpoint" in result.output
     assert (out / CHECKPOINT).read_bytes() == before
+    # ... but how it runs comes from the call: --compile is taken, and is no change of configuration
+    result = _train_cli(cifar_path, out, "--resume", "--compile")
+    assert "configuration saved" not in result.output
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    assert (out / CHECKPOINT).read_bytes() == before
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@
 # keep-kd: the keep run again, from the same gated model with the same schedule, now distilled
 #        from phase 1's unpruned model (--teacher, α = 0.9, τ = 4): does the teacher recover what
 #        pruning while training costs? (A/B against keep; run while the cutout run, which the script
-#        resumes after it, was paused.) 85.36% against keep's 85.17%: within the noise, not shipped.
+#        resumes after it, was paused.) 85.36% against keep's 85.17%: no clear gain, not shipped.
 # float32 (--fp32): this machine's CPU has no native bf16 (no avx512_bf16 or AMX), where bf16
 # autocast runs at 0.36x the speed of float32 (benchmarks/results/train_throughput_no_native_bf16.json).
 set -euo pipefail

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Results of a reference run that is not (or not yet) shipped: export, accuracy, gate statistics,
+# the threshold sweep and the prune at 0.05 with the pruned model's accuracy. The models stay in
+# the run folder; the JSON goes to benchmarks/results/NAME/, beside the run's log.json.
+#
+#   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
+#
+# Used for the cutout runs of benchmarks/train_reference.sh (NAME cutout, cutout-gated,
+# cutout-keep); a run worth shipping then goes through benchmarks/reference.sh.
+set -euo pipefail
+run=${1:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}
+name=${2:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}
+data=${3:-../shared/data/cifar10-jpeg.tar.gz}
+hw=${HWTOOL:-hwtool}
+res=benchmarks/results/$name
+model="$run/reference-$name.onnx"
+mkdir -p "$res"
+
+cp "$run/log.json" "$res/reference-train-log.json"
+$hw export "$run/checkpoint.pt" -o "$model" --data "$data" --json > "$res/reference-export.json"
+$hw eval "$model" --data "$data" --json > "$res/reference-eval.json"
+$hw gates "$model" --calib models/calib256.npy --json "$res/reference-gates.json" > /dev/null
+$hw sweep "$model" --data "$data" --calib models/calib256.npy --thresholds 0,0.01,0.02,0.05 \
+    --csv "$res/reference-sweep.csv" --json "$res/reference-sweep.json"
+$hw prune "$model" --threshold 0.05 --calib models/calib256.npy -o "${model%.onnx}.pruned.onnx" --json \
+    > "$res/reference-prune.json"
+$hw eval "${model%.onnx}.pruned.onnx" --data "$data" --json > "$res/reference-pruned-eval.json"

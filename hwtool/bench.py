@@ -297,8 +297,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise ValueError("--warmup must be 0 or more")
     if cfg.seconds is None and cfg.runs < 1:
         raise ValueError("--runs must be at least 1")
-    if cfg.seconds is not None and cfg.seconds <= 0:
-        raise ValueError("--seconds must be positive")
+    if cfg.seconds is not None and not 0 < cfg.seconds < float("inf"):
+        raise ValueError("--seconds must be a positive, finite number")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError("--threads must be at least 1")
     if not cfg.providers:
@@ -343,7 +343,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
     t_start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     names = [str(p) for p in paths]
-    if len(set(names)) != len(names):
+    if len({os.path.realpath(n) for n in names}) != len(names):
         raise ValueError("a model is listed twice; give each model once")
 
     # Load and validate everything before the first timed run, so a bad model fails fast.
@@ -372,10 +372,12 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
 
     timings, placements = [], []
     for provider in wanted:
+        # Plain sessions first: a model ORT cannot load fails here, before a profiling session would
+        # log ORT's own complaint about the profile it could not write.
+        sessions = [_session(m, provider, cfg.threads) for m in models]
         feeds1 = [inp[cfg.batches[0]] for inp in inputs]
         for path, model, feed in zip(names, models, feeds1, strict=True):
             placements.append(Placement(path, provider, node_placement(model, provider, feed, cfg.threads)))
-        sessions = [_session(m, provider, cfg.threads) for m in models]
         for batch in cfg.batches:
             if on_stage:
                 on_stage(f"{provider.removesuffix('ExecutionProvider')} batch {batch}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -41,23 +42,48 @@ def friendly(fn):
     return wrapper
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
+class _Number(click.FloatRange):
+    """click.FloatRange that also refuses NaN and infinity (which pass its range checks)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+def _items(text: str, what: str, option: str) -> list[str]:
+    """The items of a comma-separated list; an empty item is a mistake."""
+    items = [v.strip() for v in text.split(",")]
+    if any(not v for v in items):
+        raise click.BadParameter(f"{text!r} has an empty item; separate {what} with single commas", param_hint=option)
+    return items
+
+
+def _ints(text: str | None, option: str, unique: bool = False) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in _items(text, "integers", option))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) <= 0:
-        raise click.BadParameter(f"{text!r} must list positive integers")
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+    if min(values) <= 0:
+        raise click.BadParameter(f"{text!r} must list positive integers", param_hint=option)
+    if unique and len(set(values)) < len(values):
+        raise click.BadParameter(f"{text!r} lists a value twice", param_hint=option)
     return values
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in _items(text, "numbers", option))
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r} must list finite numbers", param_hint=option)
+    if len(set(values)) < len(values):
+        raise click.BadParameter(f"{text!r} lists a value twice", param_hint=option)
+    return values
 
 
 class _UsageError(click.ClickException):
@@ -113,14 +139,14 @@ def main() -> None:
 def _distill_options(fn):
     fn = click.option(
         "--distill-temperature",
-        type=click.FloatRange(0, min_open=True),
+        type=_Number(0, min_open=True),
         default=4.0,
         show_default=True,
         help="τ: both networks' logits are divided by it before the softmax.",
     )(fn)
     fn = click.option(
         "--distill-weight",
-        type=click.FloatRange(0, 1, min_open=True),
+        type=_Number(0, 1, min_open=True),
         default=0.5,
         show_default=True,
         help="α: loss = (1 − α)·label loss + α·distillation loss (with --teacher).",
@@ -139,11 +165,11 @@ def _distill_options(fn):
 @click.option("--out", required=True, type=click.Path(), help="Run folder (checkpoint.pt, log.json).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True, help="Peak LR.")
+@click.option("--lr", type=_Number(0, min_open=True), default=0.1, show_default=True, help="Peak LR.")
 @click.option(
     "--gate-penalty",
     "gate_penalty",
-    type=click.FloatRange(0),
+    type=_Number(0),
     default=0.0,
     show_default=True,
     help="λ: weight of the mean-gate incentive.",
@@ -164,42 +190,42 @@ def _distill_options(fn):
 )
 @click.option(
     "--silence-penalty",
-    type=click.FloatRange(0),
+    type=_Number(0),
     default=0.0,
     show_default=True,
     help="μ: weight of mean(H·(1−T)) with T detached; silences H where the gate is low.",
 )
 @click.option(
     "--targeted-dropout",
-    type=click.FloatRange(0, 1),
+    type=_Number(0, 1),
     default=0.0,
     show_default=True,
     help="p: each step, drop each channel whose running mean gate is under --targeted-threshold with prob p.",
 )
 @click.option(
     "--targeted-threshold",
-    type=click.FloatRange(0, 1),
+    type=_Number(0, 1),
     default=0.05,
     show_default=True,
     help="Running mean gate under which a channel is a dropout target (the prune threshold you plan).",
 )
 @click.option(
     "--targeted-keep",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=_Number(0, 1, min_open=True),
     default=None,
     help="Prune while training: remove channels for good, lowest running mean gate first, until this "
     "fraction of the parameters is left (reached by --targeted-keep-by of the steps).",
 )
 @click.option(
     "--targeted-keep-by",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=_Number(0, 1, min_open=True),
     default=0.6,
     show_default=True,
     help="Fraction of the steps by which --targeted-keep is reached (removal starts when λ is at full strength).",
 )
 @click.option(
     "--gate-ramp",
-    type=click.FloatRange(0, 1),
+    type=_Number(0, 1),
     default=0.2,
     show_default=True,
     help="Fraction of the steps over which λ rises linearly from zero (μ applies from the start).",
@@ -277,7 +303,7 @@ def train(
         targeted_keep_by=targeted_keep_by,
         gate_ramp=gate_ramp,
         init=init,
-        widths=_ints(widths),
+        widths=_ints(widths, "--widths"),
         depth=depth,
         limit=limit,
         cutout=cutout,
@@ -307,13 +333,13 @@ def _summary(ckpt: dict, out: str) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Run folder for the fine-tuned checkpoint.")
 @click.option(
     "--threshold",
-    type=float,
+    type=_Number(),
     required=True,
     help="Channels whose mean gate is under this are removed before training (as `hwtool prune` would).",
 )
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=0.01, show_default=True, help="Peak LR.")
-@click.option("--gate-penalty", type=click.FloatRange(0), default=0.0, show_default=True, help="λ while fine-tuning.")
+@click.option("--lr", type=_Number(0, min_open=True), default=0.01, show_default=True, help="Peak LR.")
+@click.option("--gate-penalty", type=_Number(0), default=0.0, show_default=True, help="λ while fine-tuning.")
 @click.option(
     "--count", type=click.IntRange(1), default=512, show_default=True, help="Training images that measure the gates."
 )
@@ -384,9 +410,13 @@ def export(checkpoint, output, exporter, opset, data, as_json):
     import warnings
 
     from hwtool.export import export_checkpoint
+    from hwtool.runtime import check_outputs
 
+    if Path(checkpoint).is_dir():
+        raise ValueError(f"checkpoint {checkpoint} is a folder; pass the checkpoint.pt in it")
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    check_outputs([output], [checkpoint, data])
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     rep = export_checkpoint(checkpoint, output, exporter=exporter, opset=opset, data=data)
@@ -461,7 +491,7 @@ def _calib_options(fn):
 
 @main.command("prune")
 @click.argument("model", type=click.Path())
-@click.option("--threshold", type=float, default=0.05, show_default=True, help="Remove channels with mean T below.")
+@click.option("--threshold", type=_Number(), default=0.05, show_default=True, help="Remove channels with mean T below.")
 @_calib_options
 @click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.pruned.onnx.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit of kept gates.")
@@ -482,7 +512,7 @@ def _calib_options(fn):
 )
 @click.option(
     "--max-error",
-    type=click.FloatRange(0),
+    type=_Number(0),
     default=None,
     help="Fail, writing nothing, if the max abs output error on the calibration inputs is larger.",
 )
@@ -508,15 +538,14 @@ def prune_cmd(
     """Remove low-gate channels from every highway block of MODEL."""
     from hwtool.prune import PruneConfig, prune
     from hwtool.report import progress_bar, prune_tables
-    from hwtool.runtime import atomic_write_model, load_model
+    from hwtool.runtime import atomic_write_model, check_outputs, load_model
 
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} is outside [0, 1]; gates are sigmoids")
     src = Path(model)
-    dst = Path(output) if output else src.with_name(src.stem + ".pruned.onnx")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"output {dst} is the input model; choose another -o")
     proto = load_model(src)
+    dst = output if output is not None else str(src.with_name(src.stem + ".pruned.onnx"))
+    check_outputs([dst], [model, calib, data])
     x = _calibration(proto, calib, data, count, split)
     cfg = PruneConfig(
         threshold=threshold,
@@ -531,7 +560,7 @@ def prune_cmd(
     if max_error is not None:
         if report.max_abs_error is None:
             raise ValueError("--max-error needs calibration inputs to verify against (--calib or --data)")
-        if report.max_abs_error > max_error:
+        if not report.max_abs_error <= max_error:  # NaN fails too
             raise ValueError(
                 f"max abs output error {report.max_abs_error:.4g} exceeds --max-error {max_error}; nothing written"
             )
@@ -556,8 +585,9 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.gates import gates_from_metadata, measure_gates
     from hwtool.patterns import find_blocks
     from hwtool.report import gate_heatmap, gate_table, progress_bar
-    from hwtool.runtime import atomic_write_bytes, load_model
+    from hwtool.runtime import atomic_write_files, check_outputs, load_model
 
+    check_outputs([png, as_json], [*models, calib, data])
     panels = []
     for path in models:
         proto = load_model(path)
@@ -573,12 +603,15 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
         panels.append((f"{Path(path).name}: {stats.source}", [m.tolist() for m in stats.means]))
     for title, means in panels:
         out.print(gate_table(title, means))
+    files = {}
     if png:
-        gate_heatmap(panels, png, sort=not unsorted)
-        out.print(f"wrote {png}")
+        files[png] = gate_heatmap(panels, sort=not unsorted)
     if as_json:
         doc = [{"model": str(p), "source": t, "blocks": m} for p, (t, m) in zip(models, panels)]
-        atomic_write_bytes((json.dumps(doc) + "\n").encode(), as_json)
+        files[as_json] = (json.dumps(doc) + "\n").encode()
+    atomic_write_files(files)
+    if files:
+        out.print(f"wrote {', '.join(map(str, files))}")
 
 
 @main.command("sweep")
@@ -601,14 +634,17 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     from hwtool.gates import load_calibration
     from hwtool.prune import PruneConfig
     from hwtool.report import progress_bar, sweep_plot
-    from hwtool.runtime import load_model
-    from hwtool.sweep import sweep, write_outputs
+    from hwtool.runtime import atomic_write_files, check_outputs, load_model
+    from hwtool.sweep import csv_bytes, json_bytes, sweep
 
-    ths = _floats(thresholds)
-    if not ths:
-        raise ValueError("--thresholds lists no threshold")
+    ths = _floats(thresholds, "--thresholds")
+    proto = load_model(model)
     stem = Path(model).with_suffix("")
-    x = load_calibration(load_model(model), calib) if calib else None
+    csv_path = csv_path if csv_path is not None else f"{stem}.sweep.csv"
+    json_path = json_path if json_path is not None else f"{stem}.sweep.json"
+    png = png if png is not None else f"{stem}.sweep.png"
+    check_outputs([csv_path, json_path, png], [model, calib, data])
+    x = load_calibration(proto, calib) if calib else None
     with progress_bar(console, "sweep") as bar:
         rows = sweep(
             model,
@@ -636,18 +672,17 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
             "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
         )
     out.print(table)
-    csv_path = csv_path or f"{stem}.sweep.csv"
-    json_path = json_path or f"{stem}.sweep.json"
-    png = png or f"{stem}.sweep.png"
     meta = {
         "model": str(model),
         "refit": not no_refit,
         "test_images": limit or 10000,
         "calibration": calib or f"{count} train images",
     }
-    write_outputs(rows, csv_path, json_path, meta)
     plot_rows = [{"threshold": r.threshold, "accuracy": r.accuracy, "bytes": r.bytes} for r in rows[1:]]
-    sweep_plot(plot_rows, png, f"{Path(model).name}: accuracy and size vs gate threshold")
+    title = f"{Path(model).name}: accuracy and size vs gate threshold"
+    atomic_write_files(
+        {csv_path: csv_bytes(rows), json_path: json_bytes(rows, meta), png: sweep_plot(plot_rows, title)}
+    )
     out.print(f"wrote {csv_path}, {json_path}, {png}")
 
 
@@ -656,11 +691,8 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
 # Deployment commands: no torch, directly or through imports.
 
 
-def _names(text: str) -> tuple[str, ...]:
-    values = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not values:
-        raise click.BadParameter(f"{text!r} lists no names")
-    return values
+def _names(text: str, option: str) -> tuple[str, ...]:
+    return tuple(_items(text, "names", option))
 
 
 @main.command("bench")
@@ -675,7 +707,7 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--runs", type=click.IntRange(1), default=100, show_default=True, help="Timed runs per model and batch.")
 @click.option(
     "--seconds",
-    type=click.FloatRange(0, min_open=True),
+    type=_Number(0, min_open=True),
     default=None,
     help="Time each model about this long per batch instead of --runs.",
 )
@@ -692,22 +724,25 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
     """Latency and throughput of MODELS with ONNX Runtime; the first model is the baseline."""
     from hwtool.bench import BenchConfig, bench, placement_lines, table, write_json
     from hwtool.report import progress_bar
+    from hwtool.runtime import check_outputs
 
+    check_outputs([json_path], models)
     cfg = BenchConfig(
-        batches=_ints(batch),
+        batches=_ints(batch, "--batch", unique=True),
         threads=threads,
         warmup=warmup,
         runs=runs,
         seconds=seconds,
-        providers=_names(provider),
+        providers=_names(provider, "--provider"),
         seed=seed,
     )
     with progress_bar(console, "bench") as bar:
         res = bench(list(models), cfg, on_run=bar, on_stage=bar.stage)
-    for prov, why in res.skipped:
-        console.print(f"skipped {prov}: {why}")
     if not res.timings:
-        raise ValueError("none of the requested providers is in this onnxruntime build; nothing was measured")
+        why = "; ".join(f"{prov}: {why}" for prov, why in res.skipped)
+        raise ValueError(f"no requested provider is in this onnxruntime build, nothing was measured ({why})")
+    for prov, why in res.skipped:
+        console.print(f"skipped {prov}: {why}", soft_wrap=True)
     for line in placement_lines(res):
         console.print(line)
     out.print(table(res))
@@ -760,7 +795,7 @@ def quantize_cmd(
         per_channel=not per_tensor,
         activations=activations,
         method=method,
-        ops=None if ops.strip().lower() == "all" else _names(ops),
+        ops=None if ops.strip().lower() == "all" else _names(ops, "--ops"),
         preprocess=not no_preprocess,
     )
     with progress_bar(console, "quantize", disable=as_json) as bar:

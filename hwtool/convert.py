@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 import onnxruntime as ort
 
-from hwtool.runtime import ModelError, load_model
+from hwtool.runtime import ModelError, atomic_write_files, check_outputs, load_model
 
 TARGETS = ("portable", "arm", "amd64")
 # ORT session input types -> numpy dtypes for random verification inputs.
@@ -121,14 +121,15 @@ def convert_to_ort(
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     src = Path(model_path)
     load_model(src)  # clear errors for missing or broken files before ORT's own
-    dst = Path(output) if output else src.with_suffix(".ort")
+    check_outputs([output], [src])
+    dst = Path(output) if output is not None else src.with_suffix(".ort")
     if dst.suffix != ".ort":
         raise ValueError(f"output {dst} must end in .ort: ONNX Runtime picks the model format by the extension")
     config = dst.with_suffix(".required_operators.config")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    check_outputs([dst, config], [src])
     # NCHWc blocked layouts only exist in x86 builds; a model meant for phones must not carry them.
     disabled = [] if target == "amd64" else ["NchwcTransformer"]
-    with tempfile.TemporaryDirectory(prefix=".hwtool-ort-", dir=dst.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="hwtool-ort-") as tmp:
         tmp_ort, tmp_cfg = Path(tmp, dst.name), Path(tmp, config.name)
         try:
             ort.InferenceSession(
@@ -143,8 +144,7 @@ def convert_to_ort(
         tmp_cfg.write_text(tmp_cfg.read_text().replace(str(tmp_ort), str(dst)))
         # Verify before publishing: a .ort that does not load or disagrees is never written.
         diff, batch, nodes = verify(src, tmp_ort, target)
-        os.replace(tmp_ort, dst)
-        os.replace(tmp_cfg, config)
+        atomic_write_files({dst: tmp_ort.read_bytes(), config: tmp_cfg.read_bytes()})
     return ConvertResult(
         source=str(src),
         output=str(dst),

@@ -193,7 +193,10 @@ def _read_tar(path: Path) -> dict[str, Split]:
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{path} is not a readable tar archive ({e})") from None
+        raise DataError(
+            f"{path} is not a readable tar archive ({type(e).__name__}); "
+            "pass CIFAR-10 as a .tar.gz, its unpacked folder, or cifar-10-python.tar.gz"
+        ) from None
     entries: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
     batches: dict[str, bytes] = {}
     with tar:

@@ -33,6 +33,8 @@ class GateStats:
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
     """A float32 calibration array from .npy, checked against the model's input layout."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"calibration {p} is a folder; pass a .npy file")
     if not p.is_file():
         raise FileNotFoundError(f"calibration file {p} does not exist")
     name, dims, _ = input_spec(model)
@@ -43,6 +45,8 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndar
         raise ValueError(
             f"{p} is not a readable .npy array ({type(e).__name__}); expected float32 [{expected}]"
         ) from None
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{p} is an .npz archive; save the one calibration array with np.save as float32 [{expected}]")
     if x.dtype != np.float32:
         raise ValueError(f"calibration array {p} is {x.dtype}; expected float32 [{expected}] for input {name!r}")
     want = [d if isinstance(d, int) and d > 0 else None for d in dims]
@@ -52,6 +56,8 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndar
         )
     if len(x) == 0:
         raise ValueError(f"calibration array {p} holds no images")
+    if not np.isfinite(x).all():
+        raise ValueError(f"calibration array {p} holds NaN or infinite values; pass real images in [0, 1]")
     return np.ascontiguousarray(x)
 
 

@@ -24,7 +24,15 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from hwtool.runtime import ModelError, atomic_write_bytes, fixed_batch, input_spec, load_model
+from hwtool.runtime import (
+    ModelError,
+    atomic_write_bytes,
+    check_outputs,
+    fixed_batch,
+    input_spec,
+    load_model,
+    make_session,
+)
 
 QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 METHODS = ("minmax", "entropy", "percentile")
@@ -199,9 +207,8 @@ def quantize(
     from hwtool.gates import calibration_from_data, load_calibration
 
     t0 = time.perf_counter()
+    check_outputs([output], [model_path, calib, data])
     src, dst = Path(model_path), Path(output)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"output {dst} is the input model; choose another -o")
     if config.activations not in ("uint8", "int8"):
         raise ValueError(f"activations must be uint8 or int8, not {config.activations!r}")
     if config.method not in METHODS:
@@ -209,6 +216,14 @@ def quantize(
     model = load_model(src)
     if is_quantized(model):
         raise ModelError(f"{src} already holds quantization ops; quantize the float model instead")
+    make_session(model)  # a model ORT cannot run fails here, in one line, not inside the quantizer
+    if config.ops:
+        present = {n.op_type for n in model.graph.node}
+        if not present & set(config.ops):
+            raise ValueError(
+                f"the model has no {', '.join(config.ops)} node to quantize; its op types are "
+                f"{', '.join(sorted(present))} (or pass --ops all)"
+            )
     if calib is not None:
         if not Path(calib).is_file():
             _, dims, _ = input_spec(model)
@@ -232,7 +247,6 @@ def quantize(
         on_stage("calibrate")
     qmodel, preprocessed = quantize_model(model, x, config, on_batch=on_batch)
     blob = qmodel.SerializeToString()
-    atomic_write_bytes(blob, dst)
 
     acc = {}
     if data is not None:
@@ -252,6 +266,7 @@ def quantize(
             agreement=float((p0 == p1).mean()),
             test_images=len(p0),
         )
+    atomic_write_bytes(blob, dst)  # last, so that a failure before it writes nothing
     nq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qmodel.graph.node)
     return QuantizeResult(
         input=str(src),

@@ -125,14 +125,12 @@ def _pyplot():
     return plt
 
 
-def gate_heatmap(panels: list[tuple[str, list]], out: str, sort: bool = True) -> None:
-    """One panel per model: rows are blocks, columns channels, colour is mean T.
+def gate_heatmap(panels: list[tuple[str, list]], sort: bool = True) -> bytes:
+    """PNG of one panel per model: rows are blocks, columns channels, colour is mean T.
 
     panels: (title, per-block mean arrays). Blocks narrower than the widest are padded with blank.
     """
     import numpy as np
-
-    from hwtool.runtime import atomic_write_bytes
 
     plt = _pyplot()
     from matplotlib.colors import LogNorm
@@ -156,12 +154,17 @@ def gate_heatmap(panels: list[tuple[str, list]], out: str, sort: bool = True) ->
         ax.set_ylabel("block")
         ax.set_yticks(range(len(means)))
     fig.colorbar(image, ax=axes[0].tolist(), label="mean gate T (log scale)", shrink=0.9)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes; closes it."""
     import io
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), out)
+    _pyplot().close(fig)
+    return buf.getvalue()
 
 
 GATE_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -186,12 +189,8 @@ def gate_table(title: str, means: list):
     return table
 
 
-def sweep_plot(rows: list[dict], out: str, title: str) -> None:
-    """Accuracy and model size against threshold, on two y axes."""
-    import io
-
-    from hwtool.runtime import atomic_write_bytes
-
+def sweep_plot(rows: list[dict], title: str) -> bytes:
+    """PNG of accuracy and model size against threshold, on two y axes."""
     plt = _pyplot()
     th = [r["threshold"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -205,7 +204,4 @@ def sweep_plot(rows: list[dict], out: str, title: str) -> None:
     ax2.set_ylim(bottom=0)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(buf.getvalue(), out)
+    return _png(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ class ModelError(ValueError):
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX file with a clear error for a missing, truncated or non-ONNX file."""
     p = Path(path)
+    if p.is_dir():
+        raise ModelError(f"{p} is a folder; pass the .onnx model file")
     if not p.is_file():
         raise ModelError(f"model file {p} does not exist")
     try:
@@ -101,22 +104,69 @@ def _chmod_like_new(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+class OutputError(ValueError):
+    """An output path that cannot or must not be written; the message says what to do."""
+
+
+def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse, before any work is done, an output path that cannot or must not be written: empty, a
+    folder or device, one of the inputs, the same as another output, or in a folder that is a file
+    or not writable. None (an output not asked for) is skipped."""
+    given = [o for o in outputs if o is not None]
+    for out in given:
+        if not str(out).strip():
+            raise OutputError("an output path is empty; name a file")
+        p = Path(out)
+        if p.is_dir():
+            raise OutputError(f"output {p} is a folder; name a file in it")
+        if p.exists() and not p.is_file():
+            raise OutputError(f"output {p} is not a regular file; name a file to write")
+        for src in inputs:
+            if src is not None and str(src).strip() and p.exists() and os.path.samefile(p, src):
+                raise OutputError(f"output {p} is the input {src}; choose another path")
+        folder = p.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise OutputError(f"cannot write {p}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {p}: folder {folder} is not writable; choose another path")
+    for i, a in enumerate(given):
+        for b in given[i + 1 :]:
+            if Path(a).resolve() == Path(b).resolve():
+                raise OutputError(f"two outputs are the same file {a}; give each its own path")
+
+
 def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     """Serialize deterministically and write atomically."""
     atomic_write_bytes(model.SerializeToString(deterministic=True), out)
 
 
 def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
-    """Write to a temporary file beside `out`, then rename over it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    """Write to a temporary file beside `out`, then rename over it; `out` must be a regular file or
+    absent (check_outputs says so early, this again at the last moment)."""
+    atomic_write_files({out: data})
+
+
+def atomic_write_files(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write several files, each to a temporary file beside it, and rename them into place only once
+    all are written, so that a failure leaves none of them changed."""
+    check_outputs(list(files), [])
+    temps: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _chmod_like_new(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for out, data in files.items():
+            out = Path(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            temps.append((tmp, out))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            _chmod_like_new(tmp)
+        for tmp, out in temps:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or type(e).__name__}; choose another path") from None
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -18,7 +18,7 @@ from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.patterns import find_blocks
 from hwtool.prune import PruneConfig, prune
-from hwtool.runtime import atomic_write_bytes, atomic_write_model, load_model
+from hwtool.runtime import atomic_write_model, load_model
 
 
 @dataclass(frozen=True)
@@ -130,14 +130,16 @@ def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRo
         ]
 
 
-def write_outputs(rows: list[SweepRow], csv_path: str | None, json_path: str | None, meta: dict) -> None:
-    """CSV (one row per threshold) and JSON (rows plus how they were made), written atomically."""
+def csv_bytes(rows: list[SweepRow]) -> bytes:
+    """The rows as CSV, one per threshold."""
     dicts = [asdict(r) for r in rows]
-    if csv_path:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(dicts[0]))
-        w.writeheader()
-        w.writerows(dicts)
-        atomic_write_bytes(buf.getvalue().encode(), csv_path)
-    if json_path:
-        atomic_write_bytes((json.dumps({**meta, "rows": dicts}, indent=2) + "\n").encode(), json_path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(dicts[0]))
+    w.writeheader()
+    w.writerows(dicts)
+    return buf.getvalue().encode()
+
+
+def json_bytes(rows: list[SweepRow], meta: dict) -> bytes:
+    """The rows as JSON, with how they were made."""
+    return (json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n").encode()

@@ -110,7 +110,7 @@ def test_eval_of_files_that_are_not_onnx_models(tmp_path, cifar_path, tiny_onnx_
         (tmp_path / "missing.onnx", "does not exist"),
         (text, "notes.onnx"),
         (truncated, "truncated.onnx"),
-        (tmp_path, "does not exist"),  # a folder is not a model file
+        (tmp_path, "is a folder; pass the .onnx model file"),
     ):
         assert_one_line_error(_invoke("eval", bad, "--data", cifar_path), fragment)
 

@@ -201,7 +201,7 @@ def test_cli_max_error_writes_nothing(tmp_path):
         ("calib_shape", "expected float32 [Nx3x32x32]"),
         ("calib_dtype", "expected float32"),
         ("no_calib_no_meta", "calibration"),
-        ("same_output", "is the input model"),
+        ("same_output", "is the input"),
     ],
 )
 def test_cli_bad_inputs(tmp_path, case, message):

@@ -1,0 +1,165 @@
+"""Where the deployment commands may write, and the bad input found by auditing them: every writing
+command refuses an output path that is an input, a folder, not a regular file, empty, or under a
+file, before any work, in one line, with nothing written and no input changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from cli_errors import one_line_error
+from click.testing import CliRunner
+from highway_onnx import REMOVABLE_DEFAULT, Spec, build, images
+
+from hwtool.cli import main
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every path under folder with its bytes (None for anything not a regular file)."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A small highway model and a calibration array in tmp_path."""
+    onnx.save(build(Spec(removable=REMOVABLE_DEFAULT)), str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "c.npy", images(32))
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    return tmp_path
+
+
+# command -> (arguments before the output, the option naming the output); run from tmp_path
+COMMANDS = {
+    "prune": (["prune", "m.onnx", "--calib", "c.npy"], "-o"),
+    "quantize": (["quantize", "m.onnx", "--calib", "c.npy"], "-o"),
+    "gates --png": (["gates", "m.onnx", "--calib", "c.npy"], "--png"),
+    "gates --json": (["gates", "m.onnx", "--calib", "c.npy"], "--json"),
+    "sweep --csv": (["sweep", "m.onnx", "--data", "no-data-needed-yet", "--calib", "c.npy"], "--csv"),
+    "sweep --png": (["sweep", "m.onnx", "--data", "no-data-needed-yet", "--calib", "c.npy"], "--png"),
+    "bench": (["bench", "m.onnx", "--runs", "1", "--warmup", "0", "--batch", "1"], "--json"),
+    "convert": (["convert", "m.onnx"], "-o"),
+}
+BAD = {
+    "the model": ("m.onnx", "is the input m.onnx"),
+    "the calibration": ("c.npy", "is the input c.npy"),
+    "a folder": ("folder", "is a folder"),
+    "a fifo": ("fifo", "is not a regular file"),
+    "empty": ("", "output path is empty"),
+    "under a file": ("m.onnx/out.onnx", "m.onnx is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_bad_output_path_is_refused_before_any_work(work, monkeypatch, command, bad):
+    args, option = COMMANDS[command]
+    path, message = BAD[bad]
+    if bad == "the calibration" and "--calib" not in args:
+        pytest.skip("this command reads no calibration file")
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    line = one_line_error(_cli(*args, option, path))
+    assert message in line
+    assert _snapshot(work) == before  # nothing written, no input changed
+    assert Path(work / "fifo").exists() and not Path(work / "fifo").is_file()
+
+
+def test_gates_writes_neither_output_when_one_is_bad(work, monkeypatch):
+    monkeypatch.chdir(work)
+    one_line_error(_cli("gates", "m.onnx", "--calib", "c.npy", "--png", "g.png", "--json", "folder"))
+    assert not (work / "g.png").exists()
+
+
+def test_gates_writes_both_outputs_together(work, monkeypatch):
+    monkeypatch.chdir(work)
+    res = _cli("gates", "m.onnx", "--calib", "c.npy", "--png", "out/g.png", "--json", "out/g.json")
+    assert res.exit_code == 0, res.output
+    assert (work / "out/g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert '"blocks"' in (work / "out/g.json").read_text()
+    assert not [p for p in (work / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_two_outputs_on_one_path_are_refused(work, monkeypatch):
+    monkeypatch.chdir(work)
+    line = one_line_error(_cli("gates", "m.onnx", "--calib", "c.npy", "--png", "x", "--json", "./x"))
+    assert "two outputs are the same file" in line
+    assert not (work / "x").exists()
+
+
+def test_convert_refuses_when_its_config_path_is_a_folder(work, monkeypatch):
+    monkeypatch.chdir(work)
+    (work / "m.required_operators.config").mkdir()
+    line = one_line_error(_cli("convert", "m.onnx", "-o", "m.ort"))
+    assert "m.required_operators.config is a folder" in line
+    assert not (work / "m.ort").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input values
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["prune", "m.onnx", "--calib", "nan.npy", "-o", "p.onnx"], "NaN or infinite"),
+        (["gates", "m.onnx", "--calib", "nan.npy"], "NaN or infinite"),
+        (["prune", "m.onnx", "--calib", "c.npz", "-o", "p.onnx"], "is an .npz archive"),
+        (["prune", "m.onnx", "--calib", "folder", "-o", "p.onnx"], "is a folder; pass a .npy file"),
+        (["prune", "folder", "-o", "p.onnx"], "is a folder; pass the .onnx model file"),
+        (["prune", "m.onnx", "--calib", "c.npy", "--max-error", "nan", "-o", "p.onnx"], "not a finite number"),
+        (["prune", "m.onnx", "--calib", "c.npy", "--threshold", "nan", "-o", "p.onnx"], "not a finite number"),
+        (["bench", "m.onnx", "--seconds", "inf"], "not a finite number"),
+        (["bench", "m.onnx", "--batch", "1,,2"], "has an empty item"),
+        (["bench", "m.onnx", "--batch", "1,1"], "lists a value twice"),
+        (["bench", "m.onnx", "./m.onnx"], "a model is listed twice"),
+        (["sweep", "m.onnx", "--data", "d", "--thresholds", "0.05,,0.1"], "has an empty item"),
+        (["sweep", "m.onnx", "--data", "d", "--thresholds", "0.05,nan"], "must list finite numbers"),
+        (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "c.npy", "--ops", "Foo"], "no Foo node to quantize"),
+        (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "c.npy", "--ops", "Conv,"], "has an empty item"),
+        (["eval", "m.onnx", "--data", "c.npy"], "pass CIFAR-10 as a .tar.gz"),
+    ],
+)
+def test_bad_values_get_one_line(work, monkeypatch, args, message):
+    x = images(8)
+    x[3, 1, 2, 3] = np.nan
+    np.save(work / "nan.npy", x)
+    np.savez(work / "c.npz", images(8))
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    assert message in one_line_error(_cli(*args))
+    assert _snapshot(work) == before
+
+
+def test_a_model_ort_cannot_run_gets_one_line_from_quantize_and_bench(work, monkeypatch):
+    model = build(Spec())
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    relu.op_type, relu.domain = "NoSuchOp", "example.custom"
+    model.opset_import.append(onnx.helper.make_opsetid("example.custom", 1))
+    onnx.save(model, str(work / "bad.onnx"))
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    assert "ONNX Runtime cannot load" in one_line_error(
+        _cli("quantize", "bad.onnx", "-o", "q.onnx", "--calib", "c.npy")
+    )
+    assert "ONNX Runtime cannot load" in one_line_error(_cli("bench", "bad.onnx", "--runs", "1"))
+    assert _snapshot(work) == before
+
+
+def test_quantize_writes_nothing_when_measuring_accuracy_fails(work, monkeypatch, cifar_path):
+    """A fixed batch of 16 cannot be evaluated on 10 test images: that fails after quantizing, and
+    the int8 model must not be left behind."""
+    onnx.save(build(Spec(batch=16)), str(work / "b16.onnx"))
+    monkeypatch.chdir(work)
+    line = one_line_error(
+        _cli("quantize", "b16.onnx", "-o", "q.onnx", "--calib", "c.npy", "--data", cifar_path, "--limit", "10")
+    )
+    assert "--limit" in line
+    assert not (work / "q.onnx").exists()

@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
 #
-# Used for the cutout runs of benchmarks/train_reference.sh (NAME cutout, cutout-gated,
-# cutout-keep); a run worth shipping then goes through benchmarks/reference.sh.
+# The runs of benchmarks/train_reference.sh that were not shipped: long (NAME run1b), keep-kd, and
+# the cutout runs (cutout, cutout-gated, cutout-keep); a run worth shipping goes through
+# benchmarks/reference.sh instead.
 set -euo pipefail
 run=${1:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}
 name=${2:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}

@@ -647,7 +647,7 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     x = load_calibration(proto, calib) if calib else None
     with progress_bar(console, "sweep") as bar:
         rows = sweep(
-            model,
+            proto,
             data,
             ths,
             calib=x,

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from hwtool.data import load_cifar10
 from hwtool.evaluate import accuracy_onnx, check_image_input
@@ -38,7 +39,7 @@ class SweepRow:
 
 
 def sweep(
-    model_path: str | os.PathLike,
+    model: str | os.PathLike | onnx.ModelProto,
     data: str,
     thresholds: tuple[float, ...],
     calib: np.ndarray | None = None,
@@ -49,11 +50,12 @@ def sweep(
     latency_runs: int = 30,
     on_progress=None,
 ) -> list[SweepRow]:
-    """Prune at each threshold with one shared gate measurement; the first row is the original."""
+    """Prune at each threshold with one shared gate measurement; the first row is the original.
+    `model` is an ONNX file or one already loaded."""
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
-    original = load_model(model_path)
+    original = model if isinstance(model, onnx.ModelProto) else load_model(model)
     check_image_input(original)
     splits = load_cifar10(data)
     if calib is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from hwtool.model import (
 )
 
 CHECKPOINT = "checkpoint.pt"
+SYNC_EVERY = 20  # training steps between reads of the running sums (each read waits for the device)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class TrainConfig:
 
 def batch_flip_lr(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right. x: (B, C, H, W)."""
-    flip = torch.rand(x.shape[0], generator=g) < 0.5
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -94,11 +96,13 @@ def batch_crop(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tenso
     """Random crops of the zero-padded batch, one offset per image. x: (B, C, H, W)."""
     b, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-    return xp[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    # The random numbers come from the CPU generator wherever x lives, so a run draws the same crops on any device.
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    at = functools.partial(torch.arange, device=x.device)
+    rows = (dy[:, None] + at(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + at(w))[:, None, None, :]  # (B, 1, 1, W)
+    return xp[at(b)[:, None, None, None], at(c)[None, :, None, None], rows, cols]
 
 
 def batch_cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor:
@@ -107,20 +111,20 @@ def batch_cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor
     if size <= 0:
         return x
     b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b,), generator=g)
-    cx = torch.randint(0, w, (b,), generator=g)
+    cy = torch.randint(0, h, (b,), generator=g).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=g).to(x.device)
     top, left = cy - size // 2, cx - size // 2
-    rows, cols = torch.arange(h), torch.arange(w)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     inside_r = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + size)  # (B, H)
     inside_c = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + size)  # (B, W)
     square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]  # (B, 1, H, W)
-    mean = torch.tensor(CIFAR_MEAN, dtype=x.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(CIFAR_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return torch.where(square, mean, x)
 
 
-def to_input(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, 32, 32, 3) -> float32 (B, 3, 32, 32) in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+def to_input(images: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) -> float32 (B, 3, 32, 32) in [0, 1], on `device` (moved as uint8)."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +351,7 @@ def _dist() -> tuple[int, int]:
 
 
 def native_mixed_precision() -> bool:
-    """Whether mixed precision speeds training on this machine: on CUDA (float16), or on a CPU
+    """Whether mixed precision speeds training on this machine: on CUDA (bf16), or on a CPU
     with native bf16 arithmetic (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on an
     AVX-512 CPU without either, a training step ran at 0.36x the speed of float32
     (benchmarks/results/train_throughput_no_native_bf16.json)."""
@@ -359,8 +363,11 @@ def native_mixed_precision() -> bool:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+    """bf16 autocast. Float16 would need loss scaling, which the loop does not do, so a GPU without
+    bf16 trains in float32."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        enabled = False
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()
@@ -372,7 +379,7 @@ def evaluate_torch(
     correct = 0
     gate_sums = None
     for i in range(0, len(split), 500):
-        x = to_input(split.images[i : i + 500]).to(device)
+        x = to_input(split.images[i : i + 500], device)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.bf16):
@@ -551,17 +558,16 @@ def train(
             perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
             seen, correct, loss_sum, gate_sum, kd_sum, t0 = 0, 0, 0.0, 0.0, 0.0, time.perf_counter()
+            sums, shown = None, 0  # this epoch's running sums on the device; steps the bar shows
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
                 idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                # Augment the whole global batch with the shared generator, then take this rank's part.
-                x = batch_crop(batch_flip_lr(to_input(train_set.images[idx.numpy()]), g), g)
+                # Augment the whole global batch with the shared generator (on the device), then
+                # take this rank's part.
+                x = batch_crop(batch_flip_lr(to_input(train_set.images[idx.numpy()], device), g), g)
                 x = batch_cutout(x, g, cfg.cutout)
-                y = torch.from_numpy(train_set.labels[idx.numpy()])
-                x, y = (
-                    x[rank * local_bs : (rank + 1) * local_bs].to(device),
-                    y[rank * local_bs : (rank + 1) * local_bs].to(device),
-                )
+                y = torch.from_numpy(train_set.labels[idx.numpy()]).to(device)
+                x, y = x[rank * local_bs : (rank + 1) * local_bs], y[rank * local_bs : (rank + 1) * local_bs]
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
@@ -579,13 +585,12 @@ def train(
                         x, return_gates=True, masks=step_masks, drop_transforms=step_masks is not None
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    task_loss = ce
+                    task_loss, kd = ce, ce.new_zeros(())
                     if teacher is not None:
                         with torch.no_grad():
                             soft = teacher(x)
                         kd = distillation_loss(logits, soft, cfg.distill_temperature)
                         task_loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
-                        kd_sum += kd.item() * len(y)
                 gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0, cfg.gate_shape)
                 loss = task_loss + lam * gate_term + cfg.silence_penalty * silence_term
                 opt.zero_grad(set_to_none=True)
@@ -593,23 +598,36 @@ def train(
                 opt.step()
                 if dropout is not None:
                     dropout.update(gates, step_masks, world)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+                # Sums stay on the device and are read every SYNC_EVERY steps: reading them each
+                # step would stall a GPU once a step.
+                mean_gate = torch.stack([t.detach().mean(dtype=torch.float32) for t in gates]).mean()
+                step_sums = torch.stack(
+                    [
+                        loss.detach().double(),
+                        ce.detach().double() * len(y),
+                        (logits.argmax(1) == y).sum().double(),
+                        mean_gate.double() * len(y),
+                        kd.detach().double() * len(y),
+                    ]
+                )
+                sums = step_sums if sums is None else sums + step_sums
                 seen += len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                loss_sum += ce.item() * len(y)
-                mean_gate = torch.stack([t.detach().mean(dtype=torch.float32) for t in gates]).mean().item()
-                gate_sum += mean_gate * len(y)
+                if (i + 1) % SYNC_EVERY and i + 1 < steps_per_epoch:
+                    continue
+                total_loss, loss_sum, correct, gate_sum, kd_sum = sums.tolist()
+                if not math.isfinite(total_loss):
+                    raise FloatingPointError(f"loss became {total_loss} by step {step}; lower --lr")
                 rate = seen * world / (time.perf_counter() - t0)
                 progress.update(
                     task,
-                    advance=1,
+                    advance=i + 1 - shown,
                     stats=(
                         f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
                         + (f"distill {kd_sum / seen:.3f} " if teacher is not None else "")
                         + f"gate {gate_sum / seen:.3f} {rate:.0f} img/s"
                     ),
                 )
+                shown = i + 1
             train_time = time.perf_counter() - t0
             if masks is not None:
                 bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
@@ -681,7 +699,7 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
     model.load_state_dict(start["model"])
     if cfg.prune_threshold is None:
         return None
-    x = to_input(train_set.images[: cfg.calib_images]).to(device)
+    x = to_input(train_set.images[: cfg.calib_images], device)
     masks = gate_masks(model, x, cfg.prune_threshold)
     bake_masks(model, masks)
     return masks

@@ -251,7 +251,7 @@ def _distill_options(fn):
 @click.option(
     "--fp32/--mixed",
     default=None,
-    help="Float32, or mixed precision (bf16 autocast).  [default: mixed on CUDA with bf16 and on CPUs with native bf16]",
+    help="Float32, or mixed precision (bf16 autocast).  [default: mixed on bf16 GPUs and CPUs with native bf16]",
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
 @_distill_options
@@ -347,7 +347,7 @@ def _summary(ckpt: dict, out: str) -> None:
 @click.option(
     "--fp32/--mixed",
     default=None,
-    help="Float32, or mixed precision (bf16 autocast).  [default: mixed on CUDA with bf16 and on CPUs with native bf16]",
+    help="Float32, or mixed precision (bf16 autocast).  [default: mixed on bf16 GPUs and CPUs with native bf16]",
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
 @_distill_options

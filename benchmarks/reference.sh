@@ -14,6 +14,8 @@ hw=${HWTOOL:-hwtool}
 res=benchmarks/results
 mkdir -p "$res" docs models
 
+cp "$run/log.json" "$res/$name-train-log.json"
+
 $hw export "$run/checkpoint.pt" -o "models/$name.onnx" --data "$data" --json > "$res/$name-export.json"
 $hw eval "models/$name.onnx" --data "$data" --json > "$res/$name-eval.json"
 $hw prune "models/$name.onnx" --threshold "$threshold" --calib models/calib256.npy \

@@ -12,6 +12,8 @@ hw=${HWTOOL:-hwtool}
 res=benchmarks/results
 mkdir -p "$res" docs
 
+cp "$run/log.json" "$res/$name-train-log.json"
+
 $hw export "$run/checkpoint.pt" -o "$run/$name.onnx" --data "$data" --json > "$res/$name-export.json"
 $hw eval "$run/$name.onnx" --data "$data" --json > "$res/$name-eval.json"
 $hw gates "$run/$name.onnx" --calib models/calib256.npy --png "docs/gates-$name.png" --json "$res/$name-gates.json"

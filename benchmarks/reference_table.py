@@ -3,10 +3,10 @@
     python benchmarks/reference_table.py [NAME]
 
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
-latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the earlier
-phases it was trained from, unpruned and pruned (benchmarks/results/run1/, run2/), and the model
-trained without the incentive (benchmarks/reference_plain.sh), whose latencies were not measured
-in that run; then the paper. Δ is against the shipped model NAME before pruning.
+latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
+it was trained from and the model shipped before it, unpruned and pruned at 0.05
+(benchmarks/results/gpu100/, run3/), and the model trained without the incentive
+(benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper. Δ is against the shipped model NAME before pruning.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ RESULTS = Path(__file__).parent / "results"
 # The original work's figures for this network on CIFAR-10 (lossless data): 34 MB, pruned about 85%
 # to 5.2 MB for 1.72 points of accuracy.
 PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | - / −1.72 points | - | - |"
-# Earlier phases of the shipped model, whose JSON benchmarks/reference.sh wrote and was moved aside.
+# Other runs, unpruned and pruned: the baseline the shipped model was trained from
+# (benchmarks/reference_unshipped.sh) and the model shipped before it (benchmarks/reference.sh's
+# JSON, moved aside).
 EARLIER = [
-    ("run1", "phase 1 (25 epochs, λ = 1.5)"),
-    ("run2", "phase 2 (+3 epochs, λ = 3)"),
+    ("gpu100", "baseline the shipped model started from (100 epochs, λ = 0.5)"),
+    ("run3", "shipped before (CPU, phase 3 of 3)"),
 ]
 HEADER = [
     "| model | size (MB) | parameters | removed | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",
@@ -74,9 +76,10 @@ def table(name: str) -> str:
     plain = _load(f"{name}-plain", "eval")
     if plain:
         sweep = _load(f"{name}-plain", "sweep")
+        plain_epochs = len(_load(f"{name}-plain", "train-log") or []) or "?"
         r0 = next(r for r in sweep["rows"] if r["threshold"] == 0)
         rows.append(
-            f"| no incentive (λ = 0) | {r0['bytes'] / 1e6:.2f} | {r0['parameters']:,} | - "
+            f"| no incentive (λ = 0, {plain_epochs} epochs) | {r0['bytes'] / 1e6:.2f} | {r0['parameters']:,} | - "
             f"| {r0['flops'] / 1e6:.1f} | {100 * plain['accuracy']:.2f}% ({100 * (plain['accuracy'] - acc[0]):+.2f}) "
             "| - | - |"
         )

@@ -5,9 +5,9 @@
 #
 #   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
 #
-# The runs of benchmarks/train_reference.sh that were not shipped: long (NAME run1b), keep-kd, and
-# the cutout runs (cutout, cutout-gated, cutout-keep); a run worth shipping goes through
-# benchmarks/reference.sh instead.
+# The runs that were not shipped: long (NAME run1b) and keep-kd of benchmarks/train_reference.sh,
+# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from);
+# a run worth shipping goes through benchmarks/reference.sh instead.
 set -euo pipefail
 run=${1:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}
 name=${2:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}

@@ -6,7 +6,8 @@ Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + in
 latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
 it was trained from and the model shipped before it, unpruned and pruned at 0.05
 (benchmarks/results/gpu100/, run3/), and the model trained without the incentive
-(benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper. Δ is against the shipped model NAME before pruning.
+(benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
+Δ is against the shipped model NAME before pruning.
 """
 
 from __future__ import annotations

@@ -16,7 +16,14 @@ out = Console()
 
 # Errors that bad input raises; they become one line and exit status 2. Everything else is a bug
 # and keeps its traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, PermissionError)
+# FloatingPointError: training diverged (the message says to lower --lr).
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    FloatingPointError,
+)
 
 
 def friendly(fn):

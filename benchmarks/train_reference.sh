@@ -36,15 +36,7 @@ data=${1:-../shared/data/cifar10-jpeg.tar.gz}
 runs=${2:-runs}
 hw=${HWTOOL:-hwtool}
 
-phase() {  # phase OUT ARGS...: start the run, or resume it when it has a checkpoint
-    local out=$1
-    shift
-    if [[ -f $out/checkpoint.pt ]]; then
-        $hw train --data "$data" --out "$out" --resume "$@"
-    else
-        $hw train --data "$data" --out "$out" "$@"
-    fi
-}
+source "$(dirname "$0")/train_phase.sh"
 
 first="$runs/reference-run1.onnx"
 [[ -f $first ]] || git show fb060ef:models/reference.onnx > "$first"

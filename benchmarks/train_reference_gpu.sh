@@ -11,22 +11,16 @@
 # gpu-gated, gpu-keep: phases 2 and 3 of train_reference.sh on top of gpu (the schedule for λ,
 #       targeted dropout, then training while pruning to 9% of the parameters), their options
 #       unchanged but for the epochs (2 and 7) and the precision.
-# gpu100, g100-gated, g100-keep: the gpu recipe for 100 epochs alone on the GPU (about 2.3 s an
+# gpu100, g100-gated, g100-keep: the gpu recipe for 100 epochs alone on the GPU (about 2.2 s an
 #       epoch), then phases 2 and 3 on top of it (2 and 5 epochs). g100-keep is models/reference.onnx.
 set -euo pipefail
 data=${1:-../shared/data/cifar10-jpeg.tar.gz}
 runs=${2:-runs}
 hw=${HWTOOL:-hwtool}
 
-phase() {  # phase OUT ARGS...: start the run, or resume it when it has a checkpoint
-    local out=$1
-    shift
-    if [[ -f $out/checkpoint.pt ]]; then
-        $hw train --data "$data" --out "$out" --resume "$@"
-    else
-        $hw train --data "$data" --out "$out" "$@"
-    fi
-}
+source "$(dirname "$0")/train_phase.sh"
+mkdir -p "$runs"
+
 gated() {  # gated OUT FROM EPOCHS: phase 2 of train_reference.sh
     phase "$1" --from "$2" --epochs "$3" --lr 0.02 --gate-penalty 3 --gate-shape sqrt --gate-weighting uniform \
         --silence-penalty 3 --gate-ramp 0.3 --targeted-dropout 1 --targeted-threshold 0.05 --mixed

@@ -351,12 +351,12 @@ def _dist() -> tuple[int, int]:
 
 
 def native_mixed_precision() -> bool:
-    """Whether mixed precision speeds training on this machine: on CUDA (bf16), or on a CPU
+    """Whether mixed precision speeds training on this machine: on a CUDA GPU with bf16, or on a CPU
     with native bf16 arithmetic (AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on an
     AVX-512 CPU without either, a training step ran at 0.36x the speed of float32
     (benchmarks/results/train_throughput_no_native_bf16.json)."""
     if torch.cuda.is_available():
-        return True
+        return torch.cuda.is_bf16_supported()
     cpu = torch.cpu
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(cpu, name, lambda: False)() for name in checks)

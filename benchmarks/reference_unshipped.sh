@@ -6,7 +6,8 @@
 #   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
 #
 # The runs that were not shipped: long (NAME run1b) and keep-kd of benchmarks/train_reference.sh,
-# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from);
+# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from)
+# and gpu (NAME gpu49, the 49-epoch run beside the λ = 0 one);
 # a run worth shipping goes through benchmarks/reference.sh instead.
 set -euo pipefail
 run=${1:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}

@@ -33,12 +33,12 @@ class GateStats:
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
     """A float32 calibration array from .npy, checked against the model's input layout."""
     p = Path(path)
+    name, dims, _ = input_spec(model)
+    expected = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
     if p.is_dir():
         raise ValueError(f"calibration {p} is a folder; pass a .npy file")
     if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist")
-    name, dims, _ = input_spec(model)
-    expected = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+        raise FileNotFoundError(f"calibration file {p} does not exist; expected a float32 .npy of shape [{expected}]")
     try:
         x = np.load(p, allow_pickle=False)
     except Exception as e:

@@ -21,24 +21,14 @@ hw=${HWTOOL:-hwtool}
 source "$(dirname "$0")/train_phase.sh"
 mkdir -p "$runs"
 
-gated() {  # gated OUT FROM EPOCHS: phase 2 of train_reference.sh
-    phase "$1" --from "$2" --epochs "$3" --lr 0.02 --gate-penalty 3 --gate-shape sqrt --gate-weighting uniform \
-        --silence-penalty 3 --gate-ramp 0.3 --targeted-dropout 1 --targeted-threshold 0.05 --mixed
-}
-keep() {  # keep OUT FROM EPOCHS: phase 3 of train_reference.sh
-    phase "$1" --from "$2" --epochs "$3" --lr 0.02 --gate-penalty 1 --gate-shape sqrt --gate-weighting uniform \
-        --gate-ramp 0.1 --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09 --targeted-keep-by 0.6 \
-        --mixed
-}
-
 recipe=(--batch-size 512 --lr 0.4 --cutout 12 --mixed)
 phase "$runs/gpu-plain" --epochs 49 "${recipe[@]}" --gate-penalty 0 > "$runs/gpu-plain.log" 2>&1 &
 plain=$!
 phase "$runs/gpu" --epochs 49 "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5
 wait $plain
-gated "$runs/gpu-gated" "$runs/gpu/checkpoint.pt" 2
-keep "$runs/gpu-keep" "$runs/gpu-gated/checkpoint.pt" 7
+gated "$runs/gpu-gated" "$runs/gpu/checkpoint.pt" 2 --mixed
+keep "$runs/gpu-keep" "$runs/gpu-gated/checkpoint.pt" 7 --mixed
 
 phase "$runs/gpu100" --epochs 100 "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5
-gated "$runs/g100-gated" "$runs/gpu100/checkpoint.pt" 2
-keep "$runs/g100-keep" "$runs/g100-gated/checkpoint.pt" 5
+gated "$runs/g100-gated" "$runs/gpu100/checkpoint.pt" 2 --mixed
+keep "$runs/g100-keep" "$runs/g100-gated/checkpoint.pt" 5 --mixed

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Phases 2 and 3 of the reference recipe again on top of the GPU baseline gpu100
+# (train_reference_gpu.sh), on this 2-core CPU in float32, with a longer phase 3: does training
+# the pruned-while-training network longer close the gap to the baseline? Resumable:
+#
+#   bash benchmarks/train_reference_cpu.sh [DATA] [RUNS]
+#
+# c100-gated: phase 2, 2 epochs (as g100-gated). c100-keep7: phase 3, 7 epochs (g100-keep had 5),
+#             so the last 40% of its steps (2.8 epochs) train only what is kept.
+# About 10 minutes an epoch here (float32: this CPU has no native bf16, see train_reference.sh).
+set -euo pipefail
+data=${1:-../shared/data/cifar10-jpeg.tar.gz}
+runs=${2:-runs}
+hw=${HWTOOL:-hwtool}
+
+source "$(dirname "$0")/train_phase.sh"
+
+gated "$runs/c100-gated" "$runs/gpu100/checkpoint.pt" 2 --fp32
+keep "$runs/c100-keep7" "$runs/c100-gated/checkpoint.pt" 7 --fp32

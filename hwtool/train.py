@@ -539,9 +539,6 @@ def train(
         raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
-    out.mkdir(parents=True, exist_ok=True)
-    if not quiet:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     columns = [
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -675,10 +672,17 @@ def train(
                     if dropout is None or dropout.removed is None
                     else [r.tolist() for r in dropout.removed],
                 }
+                # The run folder is written with the first checkpoint: a run that fails before it
+                # (a diverged loss) leaves nothing behind.
+                out.mkdir(parents=True, exist_ok=True)
                 _save_atomic(ckpt, out / CHECKPOINT)
-                tmp = out / "log.json.tmp"
-                tmp.write_text(json.dumps(log, indent=1) + "\n")
-                os.replace(tmp, out / "log.json")
+                for name, text in (
+                    ("config.json", json.dumps(cfg.to_dict(), indent=2)),
+                    ("log.json", json.dumps(log, indent=1)),
+                ):
+                    tmp = out / f"{name}.tmp"
+                    tmp.write_text(text + "\n")
+                    os.replace(tmp, out / name)
     if world > 1:
         import torch.distributed as dist
 

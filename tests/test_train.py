@@ -136,7 +136,7 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     ]
 
 
-def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(cifar_path, tmp_path):
+def test_a_diverging_run_stops_with_one_line_and_writes_nothing(cifar_path, tmp_path):
     # The loop reads its sums back every SYNC_EVERY steps; a non-finite loss in between must still
     # stop the run before the epoch's checkpoint is written.
     out = tmp_path / "run"
@@ -146,7 +146,7 @@ def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(cifar_path, tmp_p
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()[-1:]
     assert line.startswith("error: loss became") and "lower --lr" in line and "Traceback" not in result.output
-    assert not (out / CHECKPOINT).exists()
+    assert not out.exists()  # nor its config.json: nothing written
 
 
 def test_gate_penalty_lowers_the_mean_gate(cifar_path, cifar, tmp_path):

@@ -152,3 +152,11 @@ def test_usage_errors_are_one_line_too(tmp_path, monkeypatch, args, fragments):
 def test_bare_hwtool_still_prints_its_help():
     result = CliRunner().invoke(main, [], prog_name="hwtool")
     assert result.output.startswith("Usage: hwtool") and "Commands:" in result.output
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_commands_help_shows_no_empty_range(command):
+    # An unbounded number option once showed "[x<=None]" and "FLOAT RANGE" in the help.
+    result = CliRunner().invoke(main, [command, "--help"], prog_name="hwtool")
+    assert result.exit_code == 0, result.output
+    assert "None" not in result.output and result.output.startswith(f"Usage: hwtool {command}")

@@ -5,7 +5,7 @@
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
 latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
 it was trained from and the model shipped before it, unpruned and pruned at 0.05
-(benchmarks/results/gpu100/, run3/), and the model trained without the incentive
+(benchmarks/results/gpu100/, g100keep/), and the model trained without the incentive
 (benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
 Δ is against the shipped model NAME before pruning.
 """
@@ -25,7 +25,7 @@ PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | 
 # JSON, moved aside).
 EARLIER = [
     ("gpu100", "baseline the shipped model started from (100 epochs, λ = 0.5)"),
-    ("run3", "shipped before (CPU, phase 3 of 3)"),
+    ("g100keep", "shipped before (phase 3 for 5 epochs)"),
 ]
 HEADER = [
     "| model | size (MB) | parameters | removed | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",

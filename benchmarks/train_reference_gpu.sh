@@ -12,7 +12,8 @@
 #       targeted dropout, then training while pruning to 9% of the parameters), their options
 #       unchanged but for the epochs (2 and 7) and the precision.
 # gpu100, g100-gated, g100-keep: the gpu recipe for 100 epochs alone on the GPU (about 2.2 s an
-#       epoch), then phases 2 and 3 on top of it (2 and 5 epochs). g100-keep is models/reference.onnx.
+#       epoch), then phases 2 and 3 on top of it (2 and 5 epochs). g100-keep was models/reference.onnx
+#       until the same phases with a 7-epoch phase 3 on the CPU (train_reference_cpu.sh) replaced it.
 set -euo pipefail
 data=${1:-../shared/data/cifar10-jpeg.tar.gz}
 runs=${2:-runs}

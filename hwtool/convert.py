@@ -121,6 +121,7 @@ def convert_to_ort(
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     src = Path(model_path)
     load_model(src)  # clear errors for missing or broken files before ORT's own
+    check_outputs([output], [src])
     dst = Path(output) if output is not None else src.with_suffix(".ort")
     if dst.suffix != ".ort":
         raise ValueError(f"output {dst} must end in .ort: ONNX Runtime picks the model format by the extension")

@@ -391,6 +391,13 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
+def _write_json(path: Path, obj, indent: int) -> None:
+    """Write obj as JSON to path atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -539,6 +546,9 @@ def train(
         raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
+    if not quiet and resume:
+        # A resumed run records how this call runs it (e.g. --compile) even if nothing is left to train.
+        _write_json(out / "config.json", cfg.to_dict(), indent=2)
 
     columns = [
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -676,13 +686,8 @@ def train(
                 # (a diverged loss) leaves nothing behind.
                 out.mkdir(parents=True, exist_ok=True)
                 _save_atomic(ckpt, out / CHECKPOINT)
-                for name, text in (
-                    ("config.json", json.dumps(cfg.to_dict(), indent=2)),
-                    ("log.json", json.dumps(log, indent=1)),
-                ):
-                    tmp = out / f"{name}.tmp"
-                    tmp.write_text(text + "\n")
-                    os.replace(tmp, out / name)
+                _write_json(out / "config.json", cfg.to_dict(), indent=2)
+                _write_json(out / "log.json", log, indent=1)
     if world > 1:
         import torch.distributed as dist
 

@@ -391,6 +391,20 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
+def _check_run_folder(out: Path) -> None:
+    """Fail before any training (the folder itself is made with the first checkpoint) when `out`
+    could not be a run folder: it, or the nearest existing folder above it, is a file or not writable."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder for the run")
+    above = out
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"--out {out} lies under {above}, a file; choose a folder for the run")
+    if not os.access(above, os.W_OK):
+        raise PermissionError(f"--out {out}: {above} is not writable; choose another folder")
+
+
 def _write_json(path: Path, obj, indent: int) -> None:
     """Write obj as JSON to path atomically."""
     tmp = path.with_name(path.name + ".tmp")
@@ -446,6 +460,7 @@ def train(
 ) -> dict:
     """Train (or resume) a run in `out`; returns the final checkpoint dict."""
     out = Path(out)
+    _check_run_folder(out)
     rank, world = _dist()
     console = console or Console()
     quiet = rank != 0

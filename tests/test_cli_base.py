@@ -160,3 +160,14 @@ def test_every_commands_help_shows_no_empty_range(command):
     result = CliRunner().invoke(main, [command, "--help"], prog_name="hwtool")
     assert result.exit_code == 0, result.output
     assert "None" not in result.output and result.output.startswith(f"Usage: hwtool {command}")
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_train_refuses_a_run_folder_that_is_a_file_before_training(tmp_path, where):
+    # The run folder is only made with the first checkpoint; a bad --out must still fail at once.
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me\n")
+    out = f if where == "a file" else f / "run"
+    line = assert_one_line_error(_invoke("train", "--data", tmp_path / "no-data", "--out", out, *TINY), "--out")
+    assert "choose a folder" in line and f.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

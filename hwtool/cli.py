@@ -52,14 +52,14 @@ def friendly(fn):
 class _Number(click.FloatRange):
     """click.FloatRange that also refuses NaN and infinity (which pass its range checks)."""
 
-    def _describe_range(self) -> str:
-        # Unbounded, click would show "x<=None" in the help: show no range at all.
-        return "" if self.min is None and self.max is None else super()._describe_range()
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.min is None and self.max is None:
             self.name = "float"  # the help's metavar: FLOAT, not FLOAT RANGE
+
+    def _describe_range(self) -> str:
+        # Unbounded, click would show "x<=None" in the help: show no range at all.
+        return "" if self.min is None and self.max is None else super()._describe_range()
 
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)

@@ -31,6 +31,7 @@ from hwtool.model import (
     gate_masks,
     transform_parameters,
 )
+from hwtool.runtime import atomic_write_files, check_outputs
 
 CHECKPOINT = "checkpoint.pt"
 SYNC_EVERY = 20  # training steps between reads of the running sums (each read waits for the device)
@@ -391,25 +392,8 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
-def _check_run_folder(out: Path) -> None:
-    """Fail before any training (the folder itself is made with the first checkpoint) when `out`
-    could not be a run folder: it, or the nearest existing folder above it, is a file or not writable."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a folder for the run")
-    above = out
-    while not above.exists() and above != above.parent:
-        above = above.parent
-    if not above.is_dir():
-        raise ValueError(f"--out {out} lies under {above}, a file; choose a folder for the run")
-    if not os.access(above, os.W_OK):
-        raise PermissionError(f"--out {out}: {above} is not writable; choose another folder")
-
-
-def _write_json(path: Path, obj, indent: int) -> None:
-    """Write obj as JSON to path atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    os.replace(tmp, path)
+def _json_bytes(obj, indent: int) -> bytes:
+    return (json.dumps(obj, indent=indent) + "\n").encode()
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -460,7 +444,8 @@ def train(
 ) -> dict:
     """Train (or resume) a run in `out`; returns the final checkpoint dict."""
     out = Path(out)
-    _check_run_folder(out)
+    # The folder is made with the first checkpoint; a path that could not hold it fails here, before any work.
+    check_outputs([out / CHECKPOINT], [])
     rank, world = _dist()
     console = console or Console()
     quiet = rank != 0
@@ -563,7 +548,7 @@ def train(
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
     if not quiet and resume:
         # A resumed run records how this call runs it (e.g. --compile) even if nothing is left to train.
-        _write_json(out / "config.json", cfg.to_dict(), indent=2)
+        atomic_write_files({out / "config.json": _json_bytes(cfg.to_dict(), indent=2)})
 
     columns = [
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -701,8 +686,12 @@ def train(
                 # (a diverged loss) leaves nothing behind.
                 out.mkdir(parents=True, exist_ok=True)
                 _save_atomic(ckpt, out / CHECKPOINT)
-                _write_json(out / "config.json", cfg.to_dict(), indent=2)
-                _write_json(out / "log.json", log, indent=1)
+                atomic_write_files(
+                    {
+                        out / "config.json": _json_bytes(cfg.to_dict(), indent=2),
+                        out / "log.json": _json_bytes(log, indent=1),
+                    }
+                )
     if world > 1:
         import torch.distributed as dist
 

@@ -168,6 +168,8 @@ def test_train_refuses_a_run_folder_that_is_a_file_before_training(tmp_path, whe
     f = tmp_path / "notes.txt"
     f.write_text("keep me\n")
     out = f if where == "a file" else f / "run"
-    line = assert_one_line_error(_invoke("train", "--data", tmp_path / "no-data", "--out", out, *TINY), "--out")
-    assert "choose a folder" in line and f.read_text() == "keep me\n"
+    assert_one_line_error(
+        _invoke("train", "--data", tmp_path / "no-data", "--out", out, *TINY), f"{f} is a file, not a folder"
+    )
+    assert f.read_text() == "keep me\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

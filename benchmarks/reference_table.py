@@ -8,6 +8,9 @@ it was trained from and the model shipped before it, unpruned and pruned at 0.05
 (benchmarks/results/gpu100/, g100keep/), and the model trained without the incentive
 (benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
 Δ is against the shipped model NAME before pruning.
+
+A second table follows: the phase-3 runs (pruning to a budget while training, from the same phase-2
+start) side by side, from their committed logs and configurations (PHASE3).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ EARLIER = [
     ("gpu100", "baseline the shipped model started from (100 epochs, λ = 0.5)"),
     ("g100keep", "shipped before (phase 3 for 5 epochs)"),
 ]
+# Phase-3 runs from the same start: (folder, run name), logs and configurations as train wrote them.
+PHASE3 = [("gpu", "g100-keep"), ("cpu", "c100-keep7"), ("cpu", "c100-keep14")]
 HEADER = [
     "| model | size (MB) | parameters | removed | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",
     "|---|---|---|---|---|---|---|---|",
@@ -88,5 +93,31 @@ def table(name: str) -> str:
     return "\n".join(rows)
 
 
+def phase3_table() -> str:
+    """The phase-3 runs side by side: length, when removal ended, accuracy by epoch and at the end."""
+    rows = [
+        "| run | machine | epochs | removal done by epoch | epochs on what is kept | top-1 by epoch (torch) "
+        "| top-1 at the end | training accuracy | kept parameters |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for folder, run in PHASE3:
+        log_path = RESULTS / folder / f"{run}-log.json"
+        if not log_path.exists():
+            continue
+        log = json.loads(log_path.read_text())
+        config = json.loads((RESULTS / folder / f"{run}-config.json").read_text())
+        done_by = config["targeted_keep_by"] * config["epochs"]
+        machine = f"{folder.upper()}, {'bf16' if config['bf16'] else 'float32'}"
+        by_epoch = ", ".join(f"{100 * e['test_acc']:.2f}" for e in log)
+        last = log[-1]
+        rows.append(
+            f"| `{run}` | {machine} | {config['epochs']} | {done_by:g} | {config['epochs'] - done_by:g} | {by_epoch} "
+            f"| {100 * last['test_acc']:.2f}% | {100 * last['train_acc']:.1f}% | {last['kept_parameters']:,} |"
+        )
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     print(table(sys.argv[1] if len(sys.argv) > 1 else "reference"))
+    print()
+    print(phase3_table())

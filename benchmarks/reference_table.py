@@ -5,7 +5,7 @@
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
 latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
 it was trained from and the model shipped before it, unpruned and pruned at 0.05
-(benchmarks/results/gpu100/, g100keep/), and the model trained without the incentive
+(benchmarks/results/gpu100/, c100keep7/), and the model trained without the incentive
 (benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
 Δ is against the shipped model NAME before pruning.
 
@@ -28,7 +28,7 @@ PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | 
 # JSON, moved aside).
 EARLIER = [
     ("gpu100", "baseline the shipped model started from (100 epochs, λ = 0.5)"),
-    ("g100keep", "shipped before (phase 3 for 5 epochs)"),
+    ("c100keep7", "shipped before (phase 3 for 7 epochs)"),
 ]
 # Phase-3 runs from the same start: (folder, run name), logs and configurations as train wrote them.
 PHASE3 = [("gpu", "g100-keep"), ("cpu", "c100-keep7"), ("cpu", "c100-keep14")]

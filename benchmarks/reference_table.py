@@ -101,11 +101,10 @@ def phase3_table() -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for folder, run in PHASE3:
-        log_path = RESULTS / folder / f"{run}-log.json"
-        if not log_path.exists():
+        log = _load(run, "log", RESULTS / folder)
+        if not log:
             continue
-        log = json.loads(log_path.read_text())
-        config = json.loads((RESULTS / folder / f"{run}-config.json").read_text())
+        config = _load(run, "config", RESULTS / folder)
         done_by = config["targeted_keep_by"] * config["epochs"]
         machine = f"{folder.upper()}, {'bf16' if config['bf16'] else 'float32'}"
         by_epoch = ", ".join(f"{100 * e['test_acc']:.2f}" for e in log)

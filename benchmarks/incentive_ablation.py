@@ -15,7 +15,6 @@ side on 2 cores with --threads 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from common import machine  # noqa: E402
 
 from hwtool.data import load_cifar10  # noqa: E402
 from hwtool.model import HighwayNet, gate_masks  # noqa: E402
-from hwtool.runtime import atomic_write_bytes  # noqa: E402
+from hwtool.runtime import atomic_write_bytes, json_file_bytes  # noqa: E402
 from hwtool.train import CHECKPOINT, build_model, config_from_options, load_checkpoint, to_input, train  # noqa: E402
 
 THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.1)
@@ -126,7 +125,7 @@ def main() -> None:
         print(f"{args.name} pruned in training: {result['pruned_in_training']}")
     result["machine"] = machine()
     out = args.out or f"benchmarks/results/ablation-{args.name}.json"
-    atomic_write_bytes((json.dumps(result, indent=2) + "\n").encode(), out)
+    atomic_write_bytes(json_file_bytes(result), out)
 
 
 if __name__ == "__main__":

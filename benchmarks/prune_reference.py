@@ -12,7 +12,6 @@ no --model, a randomly initialised reference network is exported and each block 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from hwtool.bench import BenchConfig, bench  # noqa: E402
 from hwtool.gates import GateStats, load_calibration, measure_gates  # noqa: E402
 from hwtool.patterns import find_blocks  # noqa: E402
 from hwtool.prune import WRITE_BACKS, PruneConfig, prune  # noqa: E402
-from hwtool.runtime import atomic_write_bytes, atomic_write_model  # noqa: E402
+from hwtool.runtime import atomic_write_bytes, atomic_write_model, json_file_bytes  # noqa: E402
 
 
 def synthetic_gates(model: onnx.ModelProto, keep: float, seed: int = 0) -> GateStats:
@@ -117,7 +116,7 @@ def main() -> None:
         "bench_config": asdict(res.config),
         "machine": machine(),
     }
-    atomic_write_bytes((json.dumps(doc, indent=2) + "\n").encode(), args.out)
+    atomic_write_bytes(json_file_bytes(doc), args.out)
     print(f"wrote {args.out}")
 
 

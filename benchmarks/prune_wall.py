@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 from hwtool.gates import calibration_from_data  # noqa: E402
-from hwtool.runtime import atomic_write_bytes  # noqa: E402
+from hwtool.runtime import atomic_write_bytes, json_file_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
         "runs": runs,
         "machine": machine(),
     }
-    atomic_write_bytes((json.dumps(result, indent=2) + "\n").encode(), args.out)
+    atomic_write_bytes(json_file_bytes(result), args.out)
     print(f"median wall {result['median_wall_seconds']:.2f} s -> {args.out}")
 
 

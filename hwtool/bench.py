@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from hwtool.graph import count_flops, count_parameters
-from hwtool.runtime import ModelError, atomic_write_bytes, input_spec, load_model
+from hwtool.runtime import ModelError, atomic_write_bytes, input_spec, json_file_bytes, load_model
 
 # Short names -> (ONNX Runtime provider, where to get a build that has it).
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -405,7 +405,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
 
 def write_json(result: BenchResult, out: str | os.PathLike) -> None:
     """Write every figure of the result as JSON, atomically."""
-    atomic_write_bytes((json.dumps(result.to_dict(), indent=2) + "\n").encode(), out)
+    atomic_write_bytes(json_file_bytes(result.to_dict()), out)
 
 
 # ---------------------------------------------------------------------------------------------

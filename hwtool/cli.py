@@ -601,7 +601,7 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.gates import gates_from_metadata, measure_gates
     from hwtool.patterns import find_blocks
     from hwtool.report import gate_heatmap, gate_table, progress_bar
-    from hwtool.runtime import atomic_write_files, check_outputs, load_model
+    from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
 
     check_outputs([png, as_json], [*models, calib, data])
     panels = []
@@ -624,7 +624,7 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
         files[png] = gate_heatmap(panels, sort=not unsorted)
     if as_json:
         doc = [{"model": str(p), "source": t, "blocks": m} for p, (t, m) in zip(models, panels)]
-        files[as_json] = (json.dumps(doc) + "\n").encode()
+        files[as_json] = json_file_bytes(doc, indent=None)
     atomic_write_files(files)
     if files:
         out.print(f"wrote {', '.join(map(str, files))}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -135,6 +136,11 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
         for b in given[i + 1 :]:
             if Path(a).resolve() == Path(b).resolve():
                 raise OutputError(f"two outputs are the same file {a}; give each its own path")
+
+
+def json_file_bytes(obj, indent: int | None = 2) -> bytes:
+    """`obj` as the bytes of a JSON file: UTF-8, ending in a newline."""
+    return (json.dumps(obj, indent=indent) + "\n").encode()
 
 
 def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,7 @@ from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.patterns import find_blocks
 from hwtool.prune import PruneConfig, prune
-from hwtool.runtime import atomic_write_model, load_model
+from hwtool.runtime import atomic_write_model, json_file_bytes, load_model
 
 
 @dataclass(frozen=True)
@@ -144,4 +143,4 @@ def csv_bytes(rows: list[SweepRow]) -> bytes:
 
 def json_bytes(rows: list[SweepRow], meta: dict) -> bytes:
     """The rows as JSON, with how they were made."""
-    return (json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n").encode()
+    return json_file_bytes({**meta, "rows": [asdict(r) for r in rows]})

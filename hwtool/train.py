@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import os
 import time
@@ -31,7 +30,7 @@ from hwtool.model import (
     gate_masks,
     transform_parameters,
 )
-from hwtool.runtime import atomic_write_files, check_outputs
+from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes
 
 CHECKPOINT = "checkpoint.pt"
 SYNC_EVERY = 20  # training steps between reads of the running sums (each read waits for the device)
@@ -392,10 +391,6 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
-def _json_bytes(obj, indent: int) -> bytes:
-    return (json.dumps(obj, indent=indent) + "\n").encode()
-
-
 def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -548,7 +543,7 @@ def train(
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
     if not quiet and resume:
         # A resumed run records how this call runs it (e.g. --compile) even if nothing is left to train.
-        atomic_write_files({out / "config.json": _json_bytes(cfg.to_dict(), indent=2)})
+        atomic_write_files({out / "config.json": json_file_bytes(cfg.to_dict(), indent=2)})
 
     columns = [
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -688,8 +683,8 @@ def train(
                 _save_atomic(ckpt, out / CHECKPOINT)
                 atomic_write_files(
                     {
-                        out / "config.json": _json_bytes(cfg.to_dict(), indent=2),
-                        out / "log.json": _json_bytes(log, indent=1),
+                        out / "config.json": json_file_bytes(cfg.to_dict(), indent=2),
+                        out / "log.json": json_file_bytes(log, indent=1),
                     }
                 )
     if world > 1:

@@ -4,6 +4,7 @@ file, before any work, in one line, with nothing written and no input changed.""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -83,7 +84,12 @@ def test_gates_writes_both_outputs_together(work, monkeypatch):
     res = _cli("gates", "m.onnx", "--calib", "c.npy", "--png", "out/g.png", "--json", "out/g.json")
     assert res.exit_code == 0, res.output
     assert (work / "out/g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert '"blocks"' in (work / "out/g.json").read_text()
+    text = (work / "out/g.json").read_text()
+    assert text.endswith("}]\n")  # one JSON document on one line, newline-terminated
+    (doc,) = json.loads(text)
+    assert doc["model"] == "m.onnx" and doc["source"]
+    gates = [t for block in doc["blocks"] for t in block]
+    assert gates and all(0 <= t <= 1 for t in gates) and max(gates) > 0
     assert not [p for p in (work / "out").iterdir() if p.name.endswith(".tmp")]
 
 

@@ -234,15 +234,22 @@ def cache_dir() -> Path:
 
 
 def _cache_key(path: Path) -> str:
-    st = path.stat()
+    """An archive's key is its content's hash, so that the same archive copied, unpacked again or
+    touched reuses one cache file instead of adding another; a folder's is its path and the
+    modification times of it and its subfolders (hashing every image would cost a decode's time)."""
     if path.is_dir():
         # A folder's own mtime changes when entries are added or removed at its top level only;
         # include the split folders too.
         stamps = [f"{p}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")) if p.is_dir()]
-    else:
-        stamps = [f"{st.st_size}"]
-    text = f"v{CACHE_VERSION}|{path.resolve()}|{st.st_mtime_ns}|{'|'.join(stamps)}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        text = f"v{CACHE_VERSION}|{path.resolve()}|{path.stat().st_mtime_ns}|{'|'.join(stamps)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise DataError(f"cannot read {path}: {why}; check that it is a readable file") from None
+    return hashlib.sha256(f"v{CACHE_VERSION}|file|{digest}".encode()).hexdigest()[:16]
 
 
 def load_cifar10(path: str | os.PathLike, use_cache: bool = True) -> dict[str, Split]:

@@ -315,3 +315,26 @@ def test_cache_is_written_read_back_and_invalidated(tree, tmp_path, monkeypatch,
     (tree / "train" / "cat" / f"extra-{name}").write_bytes(data)
     assert len(load_cifar10(tree)["train"]) == len(first["train"]) + 1
     assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 2
+
+
+def test_an_archive_copied_or_touched_reuses_its_cache(tree, tmp_path, monkeypatch):
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    first = _tar_gz(tree, tmp_path / "a.tar.gz")
+    splits = load_cifar10(first)
+    copy = tmp_path / "elsewhere" / "b.tar.gz"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    os.utime(copy, (1, 1))
+    # The copy is read from the first archive's cache: a marked cache comes back marked.
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    with np.load(cache) as z:
+        arrays = dict(z)
+    arrays["train_images"][0, 0, 0] = [7, 8, 9]
+    np.savez(cache, **arrays)
+    assert load_cifar10(copy)["train"].images[0, 0, 0].tolist() == [7, 8, 9]
+    assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 1
+    # Different content is another key: the changed archive is decoded afresh.
+    next((tree / "train" / "cat").iterdir()).unlink()
+    _tar_gz(tree, copy)
+    assert len(load_cifar10(copy)["train"]) == len(splits["train"]) - 1
+    assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 2

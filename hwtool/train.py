@@ -631,6 +631,12 @@ def train(
                 )
                 shown = i + 1
             train_time = time.perf_counter() - t0
+            if world > 1:  # the epoch's figures over every process's batches, not rank 0's alone
+                import torch.distributed as dist
+
+                dist.all_reduce(sums)
+                total_loss, loss_sum, correct, gate_sum, kd_sum = sums.tolist()
+                seen *= world
             if masks is not None:
                 bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
             dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > drop_from)
@@ -646,8 +652,9 @@ def train(
                 "test_block_gates": block_gates,
                 "lr_end": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total),
                 "gate_penalty": penalty_at(cfg, (epoch + 1) * steps_per_epoch - 1, total),
-                "img_per_s": seen * world / train_time,
+                "img_per_s": seen / train_time,
                 "seconds": train_time,
+                "train_images": seen,
             }
             if teacher is not None:
                 entry["distill_loss"] = kd_sum / seen

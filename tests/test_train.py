@@ -481,6 +481,8 @@ def test_ddp_two_cpu_processes(cifar_path, tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["config"]["batch_size"] == 64
     log = json.loads((out / "log.json").read_text())
     assert len(log) == 1 and np.isfinite(log[0]["train_loss"]) and log[0]["distill_loss"] > 0
+    # The epoch's figures sum both processes' halves of every batch: 4 steps of 64 images.
+    assert log[0]["train_images"] == 256
     assert log[0]["kept_parameters"] <= 0.5 * sum(p.numel() for p in build_model(ckpt).parameters())
     # Only rank 0 writes: one checkpoint, one log, no leftovers from the other process.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.json"]

@@ -53,34 +53,30 @@ def prune_tables(report) -> list:
     """Rich tables for a PruneReport: one row per block, then totals and verification."""
     from rich.table import Table
 
-    blocks = Table(title=f"hwtool prune: threshold {report.threshold}, gates from {report.gate_source}")
-    for col in (
-        "block",
-        "spelling",
-        "width",
-        "kept",
-        "params before",
-        "params after",
-        "gate err naive",
-        "gate err refit",
-        "note",
-    ):
-        blocks.add_column(col, justify="left" if col in ("spelling", "note") else "right")
+    # Sized to fit 80 columns (a pipe, a log): numbers never wrap, headers take two lines, the mix
+    # spelling is named in the title when every block shares it (else a letter per block, spelled
+    # out below the table), and notes go below the table too.
+    spellings = sorted({b.spelling for b in report.blocks})
+    title = f"hwtool prune: threshold {report.threshold}, gates from {report.gate_source}"
+    below = []
+    if len(spellings) == 1:
+        title += f"; every block mixes as {spellings[0]}"
+    else:
+        below.append("mix " + "; ".join(f"{chr(97 + i)}: {m}" for i, m in enumerate(spellings)))
+    below += [f"block {b.index}: {b.note}" for b in report.blocks if b.note]
+    blocks = Table(title=title, caption="\n".join(below) or None, caption_justify="left")
+    columns = ["block", *(["mix"] if len(spellings) > 1 else []), "width", "kept", "params\nbefore"]
+    for col in (*columns, "params\nafter", "gate err\nplain", "gate err\nrefit"):
+        blocks.add_column(col, justify="right", no_wrap=True)
     for b in report.blocks:
+        mix = [chr(97 + spellings.index(b.spelling))] if len(spellings) > 1 else []
+        errors = ["-" if e is None else f"{e:.4f}" for e in (b.gate_error_naive, b.gate_error_refit)]
         blocks.add_row(
-            str(b.index),
-            b.spelling,
-            str(b.width),
-            str(b.kept),
-            f"{b.params_before:,}",
-            f"{b.params_after:,}",
-            "-" if b.gate_error_naive is None else f"{b.gate_error_naive:.4f}",
-            "-" if b.gate_error_refit is None else f"{b.gate_error_refit:.4f}",
-            b.note,
+            str(b.index), *mix, str(b.width), str(b.kept), f"{b.params_before:,}", f"{b.params_after:,}", *errors
         )
     totals = Table(title="totals")
     for col in ("", "before", "after", "after/before"):
-        totals.add_column(col, justify="right")
+        totals.add_column(col, justify="right", no_wrap=True)
     totals.add_row(
         "parameters",
         f"{report.params_before:,}",
@@ -98,8 +94,8 @@ def prune_tables(report) -> list:
     )
     check = Table(title=f"verification on {report.calibration_images} calibration inputs")
     for col in ("max abs error", "max rel error", "top-1 agreement", "seconds"):
-        check.add_column(col, justify="right")
-    secs = ", ".join(f"{k} {v:.2f}" for k, v in report.seconds.items())
+        check.add_column(col, justify="right", no_wrap=True)
+    secs = "\n".join(f"{k} {v:.2f}" for k, v in report.seconds.items())
     if report.max_abs_error is None:
         check.add_row("-", "-", "-", secs)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -313,3 +314,29 @@ def test_onnxsim_is_imported_without_torch_and_torch_still_imports_after():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1.0"
+
+
+def test_report_tables_fit_80_columns_without_cutting_numbers():
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from hwtool.report import prune_tables
+
+    _, report = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=images(16))
+    note = "left whole: H, T or the mix is read outside the block"
+    big = [replace(b, params_before=1_180_160 + b.index, note=note if b.kept == 0 else "") for b in report.blocks]
+    for blocks in (big, [replace(big[0], spelling="c + t*(h-c)"), *big[1:]]):
+        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        for table in prune_tables(replace(report, blocks=blocks)):
+            console.print(table)
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        assert "…" not in text
+        for b in blocks:  # every figure whole, on one line
+            assert f"{b.params_before:,}" in text and f"{b.params_after:,}" in text
+        for stage in report.seconds:
+            assert stage in text
+        assert " ".join(f"block 1: {note}".split()) in " ".join(text.split())  # the note, whole
+    # Two spellings: a letter per block, each spelled out once below the table.
+    assert "mix a: c + t*(h-c); b: h*t + (1-t)*c" in text

@@ -645,11 +645,9 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 @friendly
 def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, csv_path, json_path, png):
     """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency)."""
-    from rich.table import Table
-
     from hwtool.gates import load_calibration
     from hwtool.prune import PruneConfig
-    from hwtool.report import progress_bar, sweep_plot
+    from hwtool.report import progress_bar, sweep_plot, sweep_table
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
     from hwtool.sweep import csv_bytes, json_bytes, sweep
 
@@ -673,21 +671,7 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
             latency=latency,
             on_progress=bar.staged,
         )
-    table = Table(title=f"hwtool sweep {model}")
-    for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms b1", "p50 ms b64"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            "original" if r.threshold is None else f"{r.threshold:g}",
-            f"{r.kept_channels}/{r.channels}",
-            f"{r.parameters:,}",
-            f"{r.bytes / 1e6:.2f}",
-            f"{r.flops / 1e6:.1f}",
-            f"{r.accuracy:.2%}",
-            "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
-            "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
-        )
-    out.print(table)
+    out.print(sweep_table(rows, model))
     meta = {
         "model": str(model),
         "refit": not no_refit,

@@ -108,6 +108,28 @@ def prune_tables(report) -> list:
     return [blocks, totals, check]
 
 
+def sweep_table(rows, model) -> object:
+    """A rich table of SweepRows, one per threshold (the original first); it fits 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"hwtool sweep {model}", box=box.SIMPLE_HEAD, collapse_padding=True)
+    for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms\nbatch 1", "p50 ms\nbatch 64"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            "original" if r.threshold is None else f"{r.threshold:g}",
+            f"{r.kept_channels}/{r.channels}",
+            f"{r.parameters:,}",
+            f"{r.bytes / 1e6:.2f}",
+            f"{r.flops / 1e6:.1f}",
+            f"{r.accuracy:.2%}",
+            "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
+            "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
+        )
+    return table
+
+
 # ---------------------------------------------------------------------------------------------
 # gate heat maps and sweep plots (matplotlib, imported lazily, Agg backend)
 

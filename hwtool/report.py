@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from hwtool.prune import PruneReport
+    from hwtool.sweep import SweepRow
 
 
 class Bar:
@@ -49,10 +57,8 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
 
-def prune_tables(report) -> list:
+def prune_tables(report: PruneReport) -> list[Table]:
     """Rich tables for a PruneReport: one row per block, then totals and verification."""
-    from rich.table import Table
-
     # Sized to fit 80 columns (a pipe, a log): numbers never wrap, headers take two lines, the mix
     # spelling is named in the title when every block shares it (else a letter per block, spelled
     # out below the table), and notes go below the table too.
@@ -108,11 +114,8 @@ def prune_tables(report) -> list:
     return [blocks, totals, check]
 
 
-def sweep_table(rows, model) -> object:
+def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     """A rich table of SweepRows, one per threshold (the original first); it fits 80 columns."""
-    from rich import box
-    from rich.table import Table
-
     table = Table(title=f"hwtool sweep {model}", box=box.SIMPLE_HEAD, collapse_padding=True)
     for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms\nbatch 1", "p50 ms\nbatch 64"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -188,10 +191,9 @@ def _png(fig) -> bytes:
 GATE_THRESHOLDS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-def gate_table(title: str, means: list):
+def gate_table(title: str, means: list) -> Table:
     """Per-block mean T and the fraction of channels under common thresholds."""
     import numpy as np
-    from rich.table import Table
 
     table = Table(title=title)
     table.add_column("block", justify="right")

@@ -75,3 +75,26 @@ def test_shipped_reference_reads_back_for_training_and_computes_what_the_onnx_do
         got = build_model(load_start(MODELS / "reference.onnx"))(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_models_readme_quotes_the_committed_figures():
+    """models/README.md's accuracies, sizes and removed share are those of the JSON that
+    benchmarks/reference.sh wrote for the shipped files (a model replaced, its row not, fails)."""
+    results = MODELS.parent / "benchmarks" / "results"
+
+    def load(name: str) -> dict:
+        return json.loads((results / f"{name}.json").read_text())
+
+    rows = {}
+    for line in (MODELS / "README.md").read_text().splitlines():
+        cells = line.split("|")
+        if len(cells) > 2 and cells[1].strip().startswith("`reference"):
+            rows[cells[1].strip().strip("`")] = cells[2]
+    prune, int8 = load("reference-prune"), load("reference-pruned-int8")
+    assert f"{load('reference-eval')['accuracy']:.2%}" in rows["reference.onnx"]
+    pruned = rows["reference.pruned.onnx"]
+    assert f"{load('reference-pruned-eval')['accuracy']:.2%}" in pruned
+    assert f"{prune['bytes_after'] / 1e6:.2f} MB" in pruned
+    assert f"{1 - prune['params_after'] / prune['params_before']:.1%} removed" in pruned
+    assert f"{int8['accuracy_after']:.2%}" in rows["reference.pruned.int8.onnx"]
+    assert f"{int8['bytes_after'] / 1e6:.2f} MB" in rows["reference.pruned.int8.onnx"]

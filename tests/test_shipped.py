@@ -98,3 +98,20 @@ def test_models_readme_quotes_the_committed_figures():
     assert f"{1 - prune['params_after'] / prune['params_before']:.1%} removed" in pruned
     assert f"{int8['accuracy_after']:.2%}" in rows["reference.pruned.int8.onnx"]
     assert f"{int8['bytes_after'] / 1e6:.2f} MB" in rows["reference.pruned.int8.onnx"]
+
+
+@pytest.mark.parametrize("script", ["reference_table.py", "ablation_table.py"])
+def test_readme_tables_are_what_their_scripts_print(script):
+    """The README's tables made by benchmarks/*_table.py from committed JSON are still what the
+    scripts print: a result replaced and its table not re-pasted fails here."""
+    import subprocess
+    import sys
+
+    root = MODELS.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script)], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    readme = (root / "README.md").read_text()
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) > 3 and [ln for ln in lines if ln not in readme] == []

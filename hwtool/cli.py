@@ -152,6 +152,15 @@ def main() -> None:
 # train and export (need torch)
 
 
+_cutout_option = click.option(
+    "--cutout",
+    type=click.IntRange(0, 32),
+    default=0,
+    show_default=True,
+    help="Augmentation: fill a random N x N square of each training image with the mean colour (0: off).",
+)
+
+
 def _distill_options(fn):
     fn = click.option(
         "--distill-temperature",
@@ -256,13 +265,7 @@ def _distill_options(fn):
 @click.option("--widths", default=None, help="Filters per stage.  [default: 64,128,256]")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
-@click.option(
-    "--cutout",
-    type=click.IntRange(0, 32),
-    default=0,
-    show_default=True,
-    help="Augmentation: fill a random N x N square of each training image with the mean colour (0: off).",
-)
+@_cutout_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--fp32/--mixed",
@@ -360,6 +363,7 @@ def _summary(ckpt: dict, out: str) -> None:
     "--count", type=click.IntRange(1), default=512, show_default=True, help="Training images that measure the gates."
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
+@_cutout_option
 @click.option(
     "--fp32/--mixed",
     default=None,
@@ -379,6 +383,7 @@ def finetune(
     gate_penalty,
     count,
     limit,
+    cutout,
     fp32,
     compile_,
     teacher,
@@ -403,6 +408,7 @@ def finetune(
         gate_penalty=gate_penalty,
         calib_images=count,
         limit=limit,
+        cutout=cutout,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,
         teacher=teacher,

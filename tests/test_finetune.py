@@ -26,7 +26,8 @@ OPTIONS = ["--threshold", str(THRESHOLD), "--epochs", "1", "--limit", "1024", "-
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, cifar_path):
     out = tmp_path_factory.mktemp("finetune") / "run"
-    res = CliRunner().invoke(main, ["finetune", str(START), "--data", cifar_path, "--out", str(out), *OPTIONS])
+    args = ["finetune", str(START), "--data", cifar_path, "--out", str(out), *OPTIONS, "--cutout", "8"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return out
 
@@ -40,6 +41,7 @@ def test_finetune_removes_the_channels_prune_would_and_trains_the_rest(tuned, ci
     assert ckpt["log"][-1]["kept_channels"] == [int(m.sum()) for m in expected]
     assert 0 < sum(ckpt["log"][-1]["kept_channels"]) < sum(len(m) for m in expected)
     assert ckpt["config"]["init"] == str(START) and ckpt["config"]["prune_threshold"] == THRESHOLD
+    assert ckpt["config"]["cutout"] == 8 and ckpt["config"]["gate_penalty"] == 0.0  # options reach the run
 
     tuned_model = build_model(ckpt)
     # kept weights moved (it trained); removed ones are baked: zero H filter and T, gate bias off

@@ -412,20 +412,22 @@ def write_json(result: BenchResult, out: str | os.PathLike) -> None:
 # presentation
 
 
-def _ratio(v: float | None) -> str:
-    return "?" if v is None else f"{v:.2f}"
-
-
 def _ms(v: float) -> str:
     return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 def table(result: BenchResult):
-    """A rich table: one row per provider, batch and model; ratios are model / baseline."""
+    """What `hwtool bench` prints (a rich renderable): a table with one row per provider, batch and
+    model and its speed-up against the baseline, then one with each model's parameters, FLOPs and
+    file size against the baseline's; both fit 80 columns."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
 
     threads = result.config.threads or f"default of {result.cpu_count} cores"
+    unique = _unique_names(result)
+    # File names without the .onnx every one of them has, paths if names repeat.
+    short = {m.path: Path(m.path).name.removesuffix(".onnx") if unique else m.path for m in result.models}
     t = Table(
         title=f"latency (ms) and speed-up vs {Path(result.baseline).name}",
         caption=f"onnxruntime {result.onnxruntime}, {result.cpu}, threads {threads}; "
@@ -439,21 +441,27 @@ def table(result: BenchResult):
         t.add_column("provider")
     t.add_column("batch", justify="right", no_wrap=True)
     t.add_column("model", overflow="fold", min_width=10)
-    for col in ("p50", "p90", "p99", "img/s", "speedup", "params", "FLOPs", "size"):
-        t.add_column(col, justify="right")
-    short = {m.path: Path(m.path).name if _unique_names(result) else m.path for m in result.models}
+    for col in ("p50", "p90", "p99", "img/s", "speedup"):
+        t.add_column(col, justify="right", no_wrap=True)
     for tm in result.timings:
-        r = result.ratios(tm.model)
         row = [str(tm.batch), short[tm.model]]
         row += [_ms(tm.p50_ms), _ms(tm.p90_ms), _ms(tm.p99_ms), f"{tm.throughput:,.0f}"]
         row += [f"{result.speedup(tm.model, tm.provider, tm.batch):.2f}x"]
-        row += [_ratio(r["parameters"]), _ratio(r["flops"]), _ratio(r["file_size"])]
         t.add_row(*([tm.provider.removesuffix("ExecutionProvider")] if multi else []), *row)
-    return t
+    sizes = Table(
+        title=f"size against {Path(result.baseline).name}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
+    sizes.add_column("model", overflow="fold", min_width=10)
+    for col in ("parameters", "FLOPs", "file size"):
+        sizes.add_column(col, justify="right", no_wrap=True)
+    for m in result.models:
+        r = ["?" if v is None else f"{v:.2f}x" for v in result.ratios(m.path).values()]
+        sizes.add_row(short[m.path], *r)
+    return Group(t, sizes)
 
 
 def _unique_names(result: BenchResult) -> bool:
-    names = [Path(m.path).name for m in result.models]
+    names = [Path(m.path).name.removesuffix(".onnx") for m in result.models]
     return len(set(names)) == len(names)
 
 

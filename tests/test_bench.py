@@ -6,6 +6,7 @@ No timed assertions: speeds depend on the machine; only their internal consisten
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,25 @@ def test_ratios_and_speedup_match_the_models(models, tmp_path):
         timing[(str(models["wide"]), 4)]["p50_ms"] / timing[(str(models["narrow"]), 4)]["p50_ms"]
     )
     # The table on stdout names both models and the ratio columns.
-    assert "narrow.onnx" in res.stdout and "speedup" in res.stdout and "FLOPs" in res.stdout
+    assert "narrow" in res.stdout and "speedup" in res.stdout and "FLOPs" in res.stdout
+
+
+def test_table_fits_80_columns_with_the_quick_starts_names(models, tmp_path):
+    from rich.console import Console
+
+    from hwtool.bench import bench, table
+
+    names = [tmp_path / "reference.onnx", tmp_path / "reference.pruned.onnx"]
+    for src, dst in zip((models["wide"], models["narrow"]), names):
+        shutil.copy(src, dst)
+    result = bench(names, BenchConfig(batches=(1, 64), warmup=1, runs=2, threads=1))
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(table(result))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80 and "…" not in "".join(lines)
+    # each row names its model whole, on the row itself (not wrapped onto the next line)
+    rows = [ln.split() for ln in lines if ln.split() and ln.split()[0] in ("1", "64")]
+    assert sorted(r[1] for r in rows) == ["reference", "reference", "reference.pruned", "reference.pruned"]
 
 
 def test_seconds_mode_gives_every_model_the_same_runs(models, tmp_path):

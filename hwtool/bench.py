@@ -420,21 +420,18 @@ def table(result: BenchResult):
     """What `hwtool bench` prints (a rich renderable): a table with one row per provider, batch and
     model and its speed-up against the baseline, then one with each model's parameters, FLOPs and
     file size against the baseline's; both fit 80 columns."""
-    from rich import box
     from rich.console import Group
-    from rich.table import Table
+
+    from hwtool.report import plain_table
 
     threads = result.config.threads or f"default of {result.cpu_count} cores"
     unique = _unique_names(result)
     # File names without the .onnx every one of them has, paths if names repeat.
     short = {m.path: Path(m.path).name.removesuffix(".onnx") if unique else m.path for m in result.models}
-    t = Table(
-        title=f"latency (ms) and speed-up vs {Path(result.baseline).name}",
+    t = plain_table(
+        f"latency (ms) and speed-up vs {Path(result.baseline).name}",
         caption=f"onnxruntime {result.onnxruntime}, {result.cpu}, threads {threads}; "
         f"{result.config.warmup} warm-up runs, models interleaved run by run",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
     )
     multi = len({tm.provider for tm in result.timings}) > 1
     if multi:
@@ -448,9 +445,7 @@ def table(result: BenchResult):
         row += [_ms(tm.p50_ms), _ms(tm.p90_ms), _ms(tm.p99_ms), f"{tm.throughput:,.0f}"]
         row += [f"{result.speedup(tm.model, tm.provider, tm.batch):.2f}x"]
         t.add_row(*([tm.provider.removesuffix("ExecutionProvider")] if multi else []), *row)
-    sizes = Table(
-        title=f"size against {Path(result.baseline).name}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
-    )
+    sizes = plain_table(f"size against {Path(result.baseline).name}")
     sizes.add_column("model", overflow="fold", min_width=10)
     for col in ("parameters", "FLOPs", "file size"):
         sizes.add_column(col, justify="right", no_wrap=True)

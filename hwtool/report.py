@@ -114,9 +114,15 @@ def prune_tables(report: PruneReport) -> list[Table]:
     return [blocks, totals, check]
 
 
+def plain_table(title: str, caption: str | None = None) -> Table:
+    """A table with a rule under its header and no other lines, one space between columns: the
+    style of the wide tables (sweep, bench), which must fit an 80-column pipe or log."""
+    return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
 def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     """A rich table of SweepRows, one per threshold (the original first); it fits 80 columns."""
-    table = Table(title=f"hwtool sweep {model}", box=box.SIMPLE_HEAD, collapse_padding=True)
+    table = plain_table(f"hwtool sweep {model}")
     for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms\nbatch 1", "p50 ms\nbatch 64"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import numpy as np
 import onnx
@@ -12,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from highway_onnx import REMOVABLE_DEFAULT, Spec, build, images
 from PIL import Image
+from rendering import render
 
 from hwtool.cli import main
 from hwtool.gates import GateStats, gates_from_metadata, load_calibration, measure_gates
@@ -139,8 +139,6 @@ def test_sweep_rejects_bad_thresholds(model_files, cifar_path, tmp_path):
 
 
 def test_sweep_table_fits_80_columns_without_cutting_numbers():
-    from rich.console import Console
-
     from hwtool.report import sweep_table
     from hwtool.sweep import SweepRow
 
@@ -148,9 +146,6 @@ def test_sweep_table_fits_80_columns_without_cutting_numbers():
         SweepRow(None, 2688, 2688, 8_954_641, 36_100_000, 649_958_400, 0.8845, None, 8.02, 252.1),
         SweepRow(0.05, 589, 2688, 810_703, 3_370_000, 163_042_272, 0.8845, 4.5e-6, 3.69, 145.0),
     ]
-    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(sweep_table(rows, "models/reference.onnx"))
-    text = console.export_text()
-    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    text = render(sweep_table(rows, "models/reference.onnx"))
     for cell in ("original", "2688/2688", "8,954,641", "36.10", "650.0", "88.45%", "8.02", "252.1", "589/2688"):
         assert cell in text

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images
+from rendering import render
 
 from hwtool.cli import main
 from hwtool.graph import count_parameters
@@ -319,20 +319,13 @@ def test_onnxsim_is_imported_without_torch_and_torch_still_imports_after():
 def test_report_tables_fit_80_columns_without_cutting_numbers():
     from dataclasses import replace
 
-    from rich.console import Console
-
     from hwtool.report import prune_tables
 
     _, report = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=images(16))
     note = "left whole: H, T or the mix is read outside the block"
     big = [replace(b, params_before=1_180_160 + b.index, note=note if b.kept == 0 else "") for b in report.blocks]
     for blocks in (big, [replace(big[0], spelling="c + t*(h-c)"), *big[1:]]):
-        console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-        for table in prune_tables(replace(report, blocks=blocks)):
-            console.print(table)
-        text = console.export_text()
-        assert max(len(line) for line in text.splitlines()) <= 80
-        assert "…" not in text
+        text = render(*prune_tables(replace(report, blocks=blocks)))
         for b in blocks:  # every figure whole, on one line
             assert f"{b.params_before:,}" in text and f"{b.params_after:,}" in text
         for stage in report.seconds:

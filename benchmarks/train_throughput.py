@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hwtool.data import load_cifar10
-from hwtool.model import HighwayConfig, HighwayNet, count_parameters
+from hwtool.model import HighwayConfig, HighwayNet, channel_stats, count_parameters
 from hwtool.train import (
     TrainConfig,
     batch_crop,
@@ -51,11 +51,23 @@ SETTINGS = {  # name: (bf16 autocast, channels_last)
 
 
 class Step:
-    """One model, optimizer and input layout; __call__ runs one training step on (x, y)."""
+    """One model, optimizer and input layout; __call__ runs one training step on (x, y).
 
-    def __init__(self, bf16: bool, channels_last: bool, cfg: TrainConfig, masks: list[torch.Tensor] | None = None):
+    stats=False has the blocks hand back full-width H and T (zero where masked) and reduces them
+    to the per-channel statistics training reads, as `hwtool train` did before it asked the blocks
+    for the statistics themselves (stats=True): the two are compared on a masked network.
+    """
+
+    def __init__(
+        self,
+        bf16: bool,
+        channels_last: bool,
+        cfg: TrainConfig,
+        masks: list[torch.Tensor] | None = None,
+        stats: bool = True,
+    ):
         torch.manual_seed(0)
-        self.bf16, self.channels_last, self.cfg, self.masks = bf16, channels_last, cfg, masks
+        self.bf16, self.channels_last, self.cfg, self.masks, self.stats = bf16, channels_last, cfg, masks, stats
         self.model = HighwayNet(cfg.model)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -74,11 +86,20 @@ class Step:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits, gates, transforms = self.model(
-                x, return_gates=True, masks=self.masks, drop_transforms=self.masks is not None
+            logits, a, b = self.model(
+                x,
+                return_gates=True,
+                return_stats=self.stats,
+                masks=self.masks,
+                drop_transforms=self.masks is not None,
             )
             ce = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-        gate_term, _ = incentive(gates, transforms, self.weights, with_silence=False)
+        if self.stats:
+            gate_means, silences = a, b
+        else:  # a: full-width T, b: full-width H, reduced here
+            pairs = [channel_stats(h, t) for t, h in zip(a, b)]
+            silences, gate_means = [p[0] for p in pairs], [p[1] for p in pairs]
+        gate_term, _ = incentive(gate_means, silences, self.weights)
         loss = ce + 0.1 * gate_term
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -51,42 +51,68 @@ class HighwayBlock(nn.Module):
             self.project = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_transforms: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_transforms: bool = False, stats: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune.
 
         drop_transforms also zeroes the masked H channels, so that the kept gates no longer read
         them: what the pruned graph computes without a gate refit (fine-tuning trains this).
+        With stats, H and T come back as what training reads of them (see channel_stats): per
+        channel, the mean of H·(1−T) with T detached and the mean of T, each (C,) float32.
         """
         if mask is not None and drop_transforms:
-            return self._forward_kept(x, mask)
+            return self._forward_kept(x, mask, stats)
         h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
         if mask is not None:
             t = t * mask.view(1, -1, 1, 1)
         carry = x if self.project is None else self.project(x)
-        return h * t + (1 - t) * carry, h, t
+        y = h * t + (1 - t) * carry
+        return (y, *channel_stats(h, t)) if stats else (y, h, t)
 
-    def _forward_kept(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_kept(
+        self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward with the masked channels' H and T zeroed, computing the kept channels only.
 
         A masked channel's H is zero and its gate is zero, so the block carries it through and its
         weights get no gradient: the same outputs and gradients as zeroing them after full-width
         convs, at the cost of the kept channels (what fine-tuning a pruned network pays).
-        H and T come back full width, zero where masked, for the incentive and the gate statistics.
+        H and T come back full width, zero where masked; with stats, their per-channel statistics,
+        computed on the kept channels and zero where masked (no full-width H or T is made).
         """
         keep = mask.nonzero().flatten()
         carry = x if self.project is None else self.project(x)
+        width = self.gate.out_channels
         if keep.numel() == 0:  # the whole transform is gone: the block carries (convs take no 0-channel weight)
+            if stats:
+                return carry, carry.new_zeros(width, dtype=torch.float32), carry.new_zeros(width, dtype=torch.float32)
             return carry, carry.new_zeros(carry.shape), carry.new_zeros(carry.shape)
         tw, gw = self.transform, self.gate
         h_kept = F.relu(F.conv2d(self.norm(x), tw.weight[keep], tw.bias[keep], tw.stride, tw.padding))  # (B, K, H', W')
         t_kept = torch.sigmoid(F.conv2d(h_kept, gw.weight[keep][:, keep], gw.bias[keep], 1, gw.padding))
         mixed = h_kept * t_kept + (1 - t_kept) * carry[:, keep]
         y = carry.index_copy(1, keep, mixed.to(carry.dtype))
+        if stats:
+            zeros = carry.new_zeros(width, dtype=torch.float32)
+            return y, *(zeros.index_copy(0, keep, s) for s in channel_stats(h_kept, t_kept))
         h = h_kept.new_zeros(carry.shape).index_copy(1, keep, h_kept)
         t = t_kept.new_zeros(carry.shape).index_copy(1, keep, t_kept)
         return y, h, t
+
+
+def channel_stats(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What training reads of a block's H and T (B, C, H', W'), in that order: per channel, the
+    mean of H·(1−T) with T detached (the silence term's) and the mean gate, over batch and
+    positions, each (C,) float32.
+
+    Training needs no more than these (the incentive, the running means of targeted dropout, the
+    logged mean gate), so a block with channels removed hands back (C,) vectors instead of
+    full-width tensors that are zero where removed, and their gradients stay that small too.
+    """
+    silence = (h * (1 - t.detach())).float().mean(dim=(0, 2, 3))
+    gate = t.float().mean(dim=(0, 2, 3))
+    return silence, gate
 
 
 class HighwayNet(nn.Module):
@@ -116,21 +142,24 @@ class HighwayNet(nn.Module):
         return_gates: bool = False,
         masks: list[torch.Tensor] | None = None,
         drop_transforms: bool = False,
+        return_stats: bool = False,
     ):
         """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms).
 
         masks: one 0/1 tensor per block that zeroes those gates (what pruning removes);
-        drop_transforms: zero the masked H channels too (see HighwayBlock.forward).
+        drop_transforms: zero the masked H channels too (see HighwayBlock.forward);
+        return_stats: (logits, gate means, silences), per block (C,) vectors (see channel_stats),
+        what training reads, cheaper than the full tensors when channels are masked.
         """
         x = self.stem((x - self.mean) / self.std)
         gates, transforms = [], []
         for i, block in enumerate(self.blocks):
-            x, h, t = block(x, None if masks is None else masks[i], drop_transforms)
+            x, h, t = block(x, None if masks is None else masks[i], drop_transforms, return_stats)
             gates.append(t)
             transforms.append(h)
         x = F.relu(self.head_norm(x))
         logits = self.fc(x.mean(dim=(2, 3)))
-        if return_gates:
+        if return_gates or return_stats:
             return logits, gates, transforms
         return logits
 

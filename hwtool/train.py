@@ -152,34 +152,32 @@ def block_weights(cfg: HighwayConfig, how: str) -> torch.Tensor:
 GATE_SHAPES = ("mean", "sqrt")
 
 
-def gate_cost(t: torch.Tensor, shape: str = "mean") -> torch.Tensor:
-    """One block's gate incentive, a float32 scalar, from its gates t (B, C, H, W).
+def gate_cost(gate_means: torch.Tensor, shape: str = "mean") -> torch.Tensor:
+    """One block's gate incentive, a float32 scalar, from its channels' mean gates (C,) over the
+    batch and positions (model.channel_stats).
 
     'mean' is the mean gate: every gate is pushed down equally hard. 'sqrt' averages the square
-    root of each channel's mean gate (over batch and positions): concave, so a channel whose gate
-    is already low is pushed harder than one in use, which drives gates apart, toward "off" or
-    "on", instead of leaving many at small values that still carry signal.
+    root of each channel's mean gate: concave, so a channel whose gate is already low is pushed
+    harder than one in use, which drives gates apart, toward "off" or "on", instead of leaving many
+    at small values that still carry signal.
     """
     if shape == "mean":
-        return t.mean(dtype=torch.float32)
+        return gate_means.float().mean()
     if shape == "sqrt":
-        per_channel = t.float().mean(dim=(0, 2, 3))
-        return torch.sqrt(per_channel + 1e-4).mean()
+        return torch.sqrt(gate_means.float() + 1e-4).mean()
     raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {shape!r}")
 
 
 def incentive(
-    gates: list[torch.Tensor],
-    transforms: list[torch.Tensor],
+    gate_means: list[torch.Tensor],
+    silences: list[torch.Tensor],
     weights: torch.Tensor,
-    with_silence: bool = True,
     shape: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted gate incentive, weighted mean of H·(1−T) with T detached), both float32 scalars."""
-    mean_t = torch.stack([gate_cost(t, shape) for t in gates])
-    if not with_silence:
-        return (weights * mean_t).sum(), mean_t.new_zeros(())
-    silence = torch.stack([(h * (1 - t.detach())).mean(dtype=torch.float32) for h, t in zip(transforms, gates)])
+    """(weighted gate incentive, weighted mean of H·(1−T) with T detached), both float32 scalars,
+    from each block's per-channel statistics (the return_stats of HighwayNet)."""
+    mean_t = torch.stack([gate_cost(m, shape) for m in gate_means])
+    silence = torch.stack([s.float().mean() for s in silences])
     return (weights * mean_t).sum(), (weights * silence).sum()
 
 
@@ -236,12 +234,13 @@ class TargetedDropout:
             self.removed[b][i] = True
 
     @torch.no_grad()
-    def update(self, gates: list[torch.Tensor], masks: list[torch.Tensor] | None, world: int = 1) -> None:
-        """Fold this step's per-channel mean gates in; dropped channels (gate forced to 0) keep theirs.
+    def update(self, gate_means: list[torch.Tensor], masks: list[torch.Tensor] | None, world: int = 1) -> None:
+        """Fold this step's per-channel mean gates (per block (C,)) in; dropped channels (gate
+        forced to 0) keep theirs.
 
         Under DDP (world > 1) the means are averaged over the processes' batches first, so that
         every process holds the same running means and drops and removes the same channels."""
-        batch = [t.float().mean(dim=(0, 2, 3)) for t in gates]
+        batch = [m.float() for m in gate_means]
         if world > 1:
             import torch.distributed as dist
 
@@ -583,8 +582,8 @@ def train(
                     if drops is not None:
                         step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
                 with _autocast(device, cfg.bf16):
-                    logits, gates, transforms = net(
-                        x, return_gates=True, masks=step_masks, drop_transforms=step_masks is not None
+                    logits, gates, silences = net(
+                        x, return_stats=True, masks=step_masks, drop_transforms=step_masks is not None
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     task_loss, kd = ce, ce.new_zeros(())
@@ -593,8 +592,12 @@ def train(
                             soft = teacher(x)
                         kd = distillation_loss(logits, soft, cfg.distill_temperature)
                         task_loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
-                gate_term, silence_term = incentive(gates, transforms, weights, cfg.silence_penalty > 0, cfg.gate_shape)
-                loss = task_loss + lam * gate_term + cfg.silence_penalty * silence_term
+                gate_term, silence_term = incentive(gates, silences, weights, cfg.gate_shape)
+                loss = task_loss  # a term whose weight is zero (fine-tuning, λ = 0) is left out of the backward
+                if lam > 0:
+                    loss = loss + lam * gate_term
+                if cfg.silence_penalty > 0:
+                    loss = loss + cfg.silence_penalty * silence_term
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -602,7 +605,7 @@ def train(
                     dropout.update(gates, step_masks, world)
                 # Sums stay on the device and are read every SYNC_EVERY steps: reading them each
                 # step would stall a GPU once a step.
-                mean_gate = torch.stack([t.detach().mean(dtype=torch.float32) for t in gates]).mean()
+                mean_gate = torch.stack([m.detach().mean() for m in gates]).mean()
                 step_sums = torch.stack(
                     [
                         loss.detach().double(),

@@ -175,3 +175,48 @@ def test_masked_blocks_compute_only_kept_channels_with_the_same_outputs_and_grad
         assert fast_grad[f"blocks.{i}.transform.weight"][gone].abs().sum() == 0
         assert fast_grad[f"blocks.{i}.gate.weight"][gone].abs().sum() == 0
         assert fast_grad[f"blocks.{i}.gate.weight"][:, gone].abs().sum() == 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_per_channel_stats_are_the_means_of_the_full_tensors_with_the_same_gradients(images, masked):
+    """return_stats (what training reads) gives each block's per-channel mean gate and mean
+    H·(1−T), T detached, as reduced from the full-width H and T, and the same gradients through
+    a loss on them: for the plain network and for one with masked channels, whose stats come from
+    the kept channels alone (zero where masked)."""
+    torch.manual_seed(1)
+    model = HighwayNet(SMALL).train()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.gate.bias, 0.0, 1.0)
+    masks = None
+    if masked:
+        masks = [(torch.rand(b.gate.out_channels) < 0.5).float() for b in model.blocks]
+        masks[1] = torch.zeros_like(masks[1])  # a block with nothing kept
+    x = images[:8]
+
+    def run(stats: bool):
+        model.zero_grad()
+        logits, a, b = model(x, return_gates=True, return_stats=stats, masks=masks, drop_transforms=masked)
+        if stats:
+            gates, silences = a, b
+        else:
+            gates = [t.mean(dim=(0, 2, 3)) for t in a]
+            silences = [(h * (1 - t.detach())).mean(dim=(0, 2, 3)) for t, h in zip(a, b)]
+        weights = torch.linspace(0.5, 2.0, len(gates))
+        loss = logits.square().mean() + sum(w * (g.sqrt().sum() + s.sum()) for w, g, s in zip(weights, gates, silences))
+        loss.backward()
+        return [g.detach() for g in gates + silences], {n: p.grad for n, p in model.named_parameters()}
+
+    got, got_grad = run(True)
+    want, want_grad = run(False)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, g in want_grad.items():
+        if g is None:  # a masked-out block's transform and gate take no part
+            assert got_grad[name] is None or not got_grad[name].any(), name
+            continue
+        torch.testing.assert_close(got_grad[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    if masked:
+        for i, m in enumerate(masks):
+            assert torch.all(got[i][m == 0] == 0) and torch.all(got[len(masks) + i][m == 0] == 0)
+        assert got[1].abs().sum() == 0

@@ -178,14 +178,14 @@ def test_sqrt_gate_shape_pushes_low_gate_channels_hardest():
     grads = {}
     for shape in ("mean", "sqrt"):
         t = torch.sigmoid(logits)
-        (g,) = torch.autograd.grad(gate_cost(t, shape), t)
+        (g,) = torch.autograd.grad(gate_cost(t.mean(dim=(0, 2, 3)), shape), t)
         grads[shape] = g[0, :, 0, 0]
     assert torch.allclose(grads["mean"][0], grads["mean"][1])
     # d sqrt(m)/dm = 1/(2 sqrt(m)): about sqrt(0.5 / 0.01) = 7x harder at 0.01
     ratio = (grads["sqrt"][0] / grads["sqrt"][1]).item()
     assert 6.0 < ratio < 7.5
     with pytest.raises(ValueError, match="gate shape"):
-        gate_cost(torch.sigmoid(logits), "cube")
+        gate_cost(torch.sigmoid(logits).mean(dim=(0, 2, 3)), "cube")
 
 
 def test_train_cli_records_the_gate_shape(cifar_path, tmp_path):
@@ -197,7 +197,7 @@ def test_train_cli_records_the_gate_shape(cifar_path, tmp_path):
 def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():
     drop = TargetedDropout(p=0.5, threshold=0.05, momentum=0.9)
     assert drop.masks(torch.Generator().manual_seed(0), torch.device("cpu")) is None  # nothing seen yet
-    gates = [torch.tensor([0.01, 0.5, 0.02, 0.9]).view(1, 4, 1, 1).repeat(8, 1, 2, 2)]
+    gates = [torch.tensor([0.01, 0.5, 0.02, 0.9])]
     drop.update(gates, None)
     g = torch.Generator().manual_seed(0)
     masks = torch.stack([drop.masks(g, torch.device("cpu"))[0] for _ in range(2000)])
@@ -206,7 +206,7 @@ def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():
     assert 0.45 < rate < 0.55
     # a dropped channel's gate reads 0 in that step; its running mean must not learn that 0
     before = drop.means[0].clone()
-    drop.update([gates[0] * torch.tensor([0.0, 1, 1, 1]).view(1, 4, 1, 1)], [torch.tensor([0.0, 1, 1, 1])])
+    drop.update([gates[0] * torch.tensor([0.0, 1, 1, 1])], [torch.tensor([0.0, 1, 1, 1])])
     assert drop.means[0][0] == before[0]
     assert torch.allclose(drop.means[0][1:], before[1:])
 
@@ -233,7 +233,7 @@ def test_remove_to_takes_the_lowest_gates_first_across_blocks_until_the_budget_f
     drop.remove_to(cfg, 0)  # nothing seen yet: nothing to rank
     assert drop.removed is None
     a, b = torch.tensor([0.30, 0.01, 0.20, 0.40]), torch.tensor([0.05, 0.9, 0.02, 0.6, 0.8, 0.03, 0.7, 0.5])
-    drop.update([a.view(1, 4, 1, 1), b.view(1, 8, 1, 1)], None)
+    drop.update([a, b], None)
     full = sum(block_parameters(cfg, [4, 8]))
     drop.remove_to(cfg, full - 1)  # one channel must go: the lowest gate of all, in block 0
     assert drop.removed[0].tolist() == [False, True, False, False] and not drop.removed[1].any()
@@ -423,7 +423,7 @@ def _update_in_a_group(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     drop = TargetedDropout(p=1.0, threshold=0.05, momentum=0.5)
     for step in range(3):
-        gates = [torch.full((2, 4, 1, 1), 0.1 * (rank + 1) + 0.01 * step), torch.full((2, 2, 1, 1), 0.3 * rank)]
+        gates = [torch.full((4,), 0.1 * (rank + 1) + 0.01 * step), torch.full((2,), 0.3 * rank)]
         drop.update(gates, None, world=2)
     torch.save([m.clone() for m in drop.means], f"{out}/means{rank}.pt")
     dist.destroy_process_group()

@@ -13,8 +13,10 @@
 #              keep14's (from 10% of the steps to 38%), then 12.4 epochs on what is kept (keep14: 7),
 #              and with cutout 12 as the baseline gpu100 had (phases 2 and 3 so far had none): 10
 #              epochs of fine-tuning keep14 gained only 0.13 points at 96.7% training accuracy, so the
-#              kept network overfits. About 3 hours here: it spans sessions, resumed from its last
-#              epoch's checkpoint.
+#              kept network overfits. About 3 hours here. Not run to the end: its first epochs ran in
+#              one session, and the next began in a new checkout without runs/ (nothing git ignores
+#              survives a session here), so c100-gated and gpu100 were gone; it needs gpu100 again
+#              (train_reference_gpu.sh, a GPU) or a resume within one session.
 # About 10 minutes an epoch here (float32: this CPU has no native bf16, see train_reference.sh).
 set -euo pipefail
 data=${1:-../shared/data/cifar10-jpeg.tar.gz}

@@ -201,10 +201,10 @@ def _distill_options(fn):
 )
 @click.option(
     "--gate-weighting",
-    type=click.Choice(["params", "uniform"]),
+    type=click.Choice(["params", "flops", "uniform"]),
     default="params",
     show_default=True,
-    help="Weigh each block's mean gate by its channels' parameter cost, or equally.",
+    help="Weigh each block's mean gate by its channels' parameter cost (size), FLOP cost (latency), or equally.",
 )
 @click.option(
     "--gate-shape",

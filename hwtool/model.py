@@ -220,6 +220,16 @@ def block_channel_costs(cfg: HighwayConfig) -> list[int]:
     return [9 * c + 1 + 9 * w + 1 + 9 * w for c, w in zip(block_inputs(cfg), block_widths(cfg))]
 
 
+def block_positions(cfg: HighwayConfig, image: int = 32) -> list[int]:
+    """Per block, the positions (H'·W') its transform and gate convs compute on for an image×image
+    input: the stem keeps the resolution and the first block of every stage halves it."""
+    out, side = [], image
+    for _ in cfg.widths:
+        side = (side + 1) // 2  # 3x3, stride 2, padding 1
+        out += [side * side] * cfg.depth
+    return out
+
+
 def transform_parameters(c_in: int, k: int) -> int:
     """Parameters a block with input width c_in holds in its transform and gate with k channels
     kept: H (9·c_in + 1 per channel), T (9·k² + k) and the input BatchNorm, which goes with the

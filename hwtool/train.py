@@ -25,6 +25,7 @@ from hwtool.model import (
     block_channel_costs,
     block_inputs,
     block_parameters,
+    block_positions,
     block_widths,
     count_parameters,
     gate_masks,
@@ -49,7 +50,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     cutout: int = 0  # side of the square each training image has filled with the mean colour (0: off)
     gate_penalty: float = 0.0  # λ: weight of the gate incentive
-    gate_weighting: str = "params"  # 'params': weight each block by what its channels cost
+    gate_weighting: str = "params"  # weight each block by what its channels cost: 'params', 'flops' or 'uniform'
     gate_ramp: float = 0.2  # fraction of steps over which λ rises linearly from 0
     gate_shape: str = "mean"  # 'mean': λ·mean T; 'sqrt': λ·mean over channels of sqrt(mean T)
     silence_penalty: float = 0.0  # μ: weight of mean(H·(1−T)), T detached
@@ -131,21 +132,29 @@ def to_input(images: np.ndarray, device: torch.device | None = None) -> torch.Te
 # incentive and schedule
 
 
+GATE_WEIGHTINGS = ("params", "flops", "uniform")
+
+
 def block_weights(cfg: HighwayConfig, how: str) -> torch.Tensor:
     """Per-block weights of the gate incentive, summing to 1.
 
     'params' weights block b by (channels × parameters per channel), so that the weighted mean
-    gate is a soft estimate of the fraction of transform parameters in use; 'uniform' weighs
-    blocks equally.
+    gate is a soft estimate of the fraction of transform parameters in use (what the file size
+    follows); 'flops' by (channels × parameters per channel × positions), a soft estimate of the
+    fraction of transform FLOPs in use (what latency follows; it turns the order of the stages
+    around, a stage-1 channel computing on 16 times the positions of a stage-3 one); 'uniform'
+    weighs blocks equally.
     """
     costs = torch.tensor(block_channel_costs(cfg), dtype=torch.float64)
     widths = torch.tensor(block_widths(cfg), dtype=torch.float64)
     if how == "params":
         w = costs * widths
+    elif how == "flops":
+        w = costs * widths * torch.tensor(block_positions(cfg), dtype=torch.float64)
     elif how == "uniform":
         w = torch.ones_like(costs)
     else:
-        raise ValueError(f"gate weighting must be 'params' or 'uniform', not {how!r}")
+        raise ValueError(f"gate weighting must be one of {', '.join(GATE_WEIGHTINGS)}, not {how!r}")
     return (w / w.sum()).float()
 
 
@@ -465,8 +474,8 @@ def train(
         cfg = saved
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
-    if cfg.gate_weighting not in ("params", "uniform"):
-        raise ValueError(f"gate weighting must be 'params' or 'uniform', not {cfg.gate_weighting!r}")
+    if cfg.gate_weighting not in GATE_WEIGHTINGS:
+        raise ValueError(f"gate weighting must be one of {', '.join(GATE_WEIGHTINGS)}, not {cfg.gate_weighting!r}")
     if cfg.prune_threshold is not None and not (cfg.init and 0.0 <= cfg.prune_threshold <= 1.0):
         raise ValueError("a prune threshold needs a starting checkpoint (init) and must lie in [0, 1]")
     if cfg.gate_shape not in GATE_SHAPES:

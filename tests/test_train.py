@@ -16,7 +16,14 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from hwtool.cli import main
-from hwtool.model import HighwayConfig, HighwayNet, block_parameters, count_parameters
+from hwtool.model import (
+    HighwayConfig,
+    HighwayNet,
+    block_channel_costs,
+    block_parameters,
+    block_positions,
+    count_parameters,
+)
 from hwtool.train import (
     CHECKPOINT,
     TargetedDropout,
@@ -188,10 +195,30 @@ def test_sqrt_gate_shape_pushes_low_gate_channels_hardest():
         gate_cost(torch.sigmoid(logits).mean(dim=(0, 2, 3)), "cube")
 
 
-def test_train_cli_records_the_gate_shape(cifar_path, tmp_path):
-    _train_cli(cifar_path, tmp_path / "run", "--gate-penalty", "1", "--gate-shape", "sqrt")
+def test_flops_weighting_weighs_blocks_by_what_their_channels_compute():
+    """A block's weight under 'flops' is its channels × parameters per channel × positions: on the
+    reference network the stages' blocks weigh alike (width doubles as the positions fall fourfold),
+    so a stage-1 channel is pushed four times as hard as a stage-3 one, where 'params' pushes it
+    four times less."""
+    cfg = HighwayConfig()
+    assert block_positions(cfg) == [256] * 6 + [64] * 6 + [16] * 6
+    assert block_positions(HighwayConfig(widths=(4, 8), depth=1), image=28) == [196, 49]
+    flops, params = block_weights(cfg, "flops"), block_weights(cfg, "params")
+    assert abs(float(flops.sum()) - 1) < 1e-6
+    costs = torch.tensor(block_channel_costs(cfg), dtype=torch.float64)
+    want = costs * 64 * 256  # block 1 (stage 1): 64 channels at 16x16
+    assert float(flops[1] / flops[13]) == pytest.approx(float(want[1] / (costs[13] * 256 * 16)), rel=1e-5)
+    per_channel = lambda w: w / torch.tensor([64.0] * 6 + [128.0] * 6 + [256.0] * 6)  # noqa: E731
+    assert float(per_channel(flops)[1] / per_channel(flops)[13]) == pytest.approx(4.0, rel=0.02)
+    assert float(per_channel(params)[1] / per_channel(params)[13]) == pytest.approx(0.25, rel=0.02)
+    with pytest.raises(ValueError, match="params, flops, uniform"):
+        block_weights(cfg, "latency")
+
+
+def test_train_cli_records_the_gate_shape_and_weighting(cifar_path, tmp_path):
+    _train_cli(cifar_path, tmp_path / "run", "--gate-penalty", "1", "--gate-shape", "sqrt", "--gate-weighting", "flops")
     cfg = load_checkpoint(tmp_path / "run" / CHECKPOINT)["config"]
-    assert cfg["gate_shape"] == "sqrt" and cfg["gate_penalty"] == 1.0
+    assert cfg["gate_shape"] == "sqrt" and cfg["gate_penalty"] == 1.0 and cfg["gate_weighting"] == "flops"
 
 
 def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():

@@ -1,5 +1,9 @@
 """Highway blocks found by dataflow: gate T = Sigmoid(Conv_T(H)), H = act(BN(Conv_H(z))), mixed with a carry.
 
+The gate may also read the block's input instead of H, T = Sigmoid(Conv_T(z')), as in the
+original highway networks: such a block is found by its mix, and pruning it needs no gate refit
+(its kept gates never read the removed channels).
+
 A spelling of the mix y = T·H + (1−T)·c is one small expression tree (`MixPattern`). Add and Mul
 match their operands in either order; `ONE` matches a constant that is all ones. To support a new
 spelling, add one entry to `MIX_PATTERNS` (and one test).
@@ -149,6 +153,7 @@ class Block:
     mix_nodes: tuple[str, ...]  # output tensors of the mix's nodes
     width: int  # channels of H and T
     spelling: str
+    gate_reads_transform: bool = True  # T = Sigmoid(Conv_T(H)); False: Conv_T reads something else (the input)
 
 
 def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
@@ -185,26 +190,22 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
         gate_conv = g.op(node.input[0])
         if gate_conv is None or gate_conv.op_type != "Conv":
             continue
-        h = gate_conv.input[0]
-        chain = _transform_chain(g, h)
-        if chain is None:
+        width = _conv_width(g, gate_conv)
+        if width is None:
             continue
-        transform_conv, post = chain
-        width = _conv_width(g, transform_conv)
-        gw = g.const(gate_conv.input[1])
-        if width is None or _conv_width(g, gate_conv) != width or gw.shape[1] != width:
-            continue
-        for user in g.users(gate):
-            found = _find_mix(g, user, gate, h)
+        # First as designed here, the gate reading H; then as in the original highway networks,
+        # the gate reading something else (the block's input), H then bound by the mix.
+        for reads_h in (True, False):
+            found = _find_block(g, gate, gate_conv, width, reads_h)
             if found is None:
                 continue
-            pattern, env, nodes = found
+            pattern, env, nodes, transform_conv, post = found
             blocks.append(
                 Block(
                     index=len(blocks),
                     transform_conv=transform_conv.output[0],
                     transform_post=tuple(n.output[0] for n in post),
-                    transform=h,
+                    transform=env["H"],
                     gate_conv=gate_conv.output[0],
                     gate=gate,
                     carry=env["C"],
@@ -212,20 +213,46 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                     mix_nodes=tuple(n.output[0] for n in nodes),
                     width=width,
                     spelling=pattern.name,
+                    gate_reads_transform=reads_h,
                 )
             )
             break
     if not blocks:
         raise NoHighwayBlockError(
-            "no highway block found: hwtool looks for T = Sigmoid(Conv(H)), H = Conv(...) [+BN/activation], "
-            "mixed as T*H + (1-T)*carry; is this a highway network?"
+            "no highway block found: hwtool looks for T = Sigmoid(Conv(H or the block input)), "
+            "H = Conv(...) [+BN/activation], mixed as T*H + (1-T)*carry; is this a highway network?"
         )
     return blocks
 
 
-def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str):
-    """From a consumer of T, climb to the node that roots a mix pattern and match it."""
+def _find_block(g: Graph, gate: str, gate_conv: onnx.NodeProto, width: int, reads_h: bool):
+    """The mix around gate T and H's transform chain: (pattern, bindings, mix nodes, Conv_H, post
+    nodes), or None. reads_h: H is the gate conv's input; else H is whatever the mix multiplies by T."""
+    h = gate_conv.input[0] if reads_h else None
+    if reads_h and _transform_width(g, h) != width:
+        return None
+    for user in g.users(gate):
+        found = _find_mix(g, user, gate, h)
+        if found is None:
+            continue
+        pattern, env, nodes = found
+        if reads_h or (env["H"] != gate_conv.input[0] and _transform_width(g, env["H"]) == width):
+            conv, post = _transform_chain(g, env["H"])
+            return pattern, env, nodes, conv, post
+    return None
+
+
+def _transform_width(g: Graph, h: str) -> int | None:
+    """Output channels of the transform conv behind H, or None if H is not act(BN(Conv(...)))."""
+    chain = _transform_chain(g, h)
+    return None if chain is None else _conv_width(g, chain[0])
+
+
+def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):
+    """From a consumer of T, climb to the node that roots a mix pattern and match it (H bound to
+    h, or left for the pattern to bind when h is None)."""
     # The root is at most three nodes above a consumer of T in every spelling.
+    bound = {"T": gate} if h is None else {"T": gate, "H": h}
     frontier, seen = [start], set()
     for _ in range(3):
         nxt = []
@@ -237,8 +264,8 @@ def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str):
                 if node.op_type != pattern.expr.op:
                     continue
                 nodes: list[onnx.NodeProto] = []
-                env = _match(g, pattern.expr, node.output[0], {"T": gate, "H": h}, nodes)
-                if env is not None and env["C"] not in (gate, h):
+                env = _match(g, pattern.expr, node.output[0], bound, nodes)
+                if env is not None and env["C"] not in (gate, env["H"]):
                     return pattern, env, nodes
             for o in node.output:
                 nxt.extend(g.users(o))

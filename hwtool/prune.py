@@ -4,7 +4,8 @@ For a removed channel j the block output is its carry, y_j = c_j. The kept chann
 kept channels only and is written back into the full-width carry. Because the kept gates used to
 read the removed H channels, each block's kept gate conv is refitted (ridge least squares toward
 its original weights) so that its pre-activations match the original's on the already-pruned
-network's own activations, block by block.
+network's own activations, block by block. A gate that reads the block's input instead of H (the
+original highway design) loses only the removed channels' rows, and needs no refit.
 """
 
 from __future__ import annotations
@@ -502,9 +503,12 @@ def prune(
             if len(tconv.input) > 2 and tconv.input[2]
             else np.zeros(block.width, dtype=weight.dtype)
         )
-        gate_w, gate_b = weight[kept][:, kept], bias[kept]
+        # A gate that reads H loses the removed channels' columns; one that reads the block's input keeps them.
+        gate_w, gate_b = (weight[kept][:, kept] if block.gate_reads_transform else weight[kept]), bias[kept]
         err_naive = err_refit = None
-        if len(kept) and runner is not None:
+        if len(kept) and not block.gate_reads_transform:
+            note = "gate reads the block input: kept gates unchanged, no refit needed"
+        elif len(kept) and runner is not None:
             pads = _gate_conv_geometry(ed.graph, block)
             if pads is None:
                 note = "gate conv has strides, dilations or groups; refit skipped"

@@ -25,6 +25,7 @@ class Spec:
     normalise: bool = True  # Sub/Div before the stem
     removable: dict[int, list[int]] = field(default_factory=dict)  # block -> channels made exactly removable
     seed: int = 0
+    gate_reads: str = "transform"  # T = Sigmoid(Conv(H)); "input": Conv_T reads the block's input z, as H does
 
 
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
@@ -109,7 +110,8 @@ def build(spec: Spec) -> onnx.ModelProto:
         stride = 2 if width != c else 1
         w_h = b.rng.normal(0, (2.0 / (c * 9)) ** 0.5, (width, c, 3, 3)).astype(np.float32)
         b_h = b.rng.normal(0, 0.1, width).astype(np.float32)
-        w_t = b.rng.normal(0, (1.0 / (width * 9)) ** 0.5, (width, width, 3, 3)).astype(np.float32)
+        gate_in = width if spec.gate_reads == "transform" else c
+        w_t = b.rng.normal(0, (1.0 / (gate_in * 9)) ** 0.5, (width, gate_in, 3, 3)).astype(np.float32)
         b_t = b.rng.normal(-1.0, 0.5, width).astype(np.float32)
         for j in spec.removable.get(i, []):
             w_h[j] = 0.0  # H_j is act(0 + bias) = 0 for Relu with bias 0 ...
@@ -127,7 +129,10 @@ def build(spec: Spec) -> onnx.ModelProto:
                     tensor = next(t for t in b.inits if t.name == bn.input[idx])
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
         h = b.node(spec.activation, [hc])
-        t = b.node("Sigmoid", [b.conv(h, width, width, 3, 1, w_t, b_t)])
+        if spec.gate_reads == "transform":
+            t = b.node("Sigmoid", [b.conv(h, width, width, 3, 1, w_t, b_t)])
+        else:
+            t = b.node("Sigmoid", [b.conv(z, c, width, 3, stride, w_t, b_t)])
         carry = (
             x
             if stride == 1

@@ -11,11 +11,16 @@ from onnx import helper
 from hwtool.patterns import MIX_PATTERNS, NoHighwayBlockError, find_blocks
 
 
+@pytest.mark.parametrize("gate_reads", ["transform", "input"])
 @pytest.mark.parametrize("spelling", SPELLINGS)
-def test_every_spelling_is_found(spelling):
-    model = build(Spec(spelling=spelling))
+def test_every_spelling_is_found(spelling, gate_reads):
+    model = build(Spec(spelling=spelling, gate_reads=gate_reads))
     blocks = find_blocks(model)
     assert [b.width for b in blocks] == [8, 8, 12]
+    assert all(b.gate_reads_transform == (gate_reads == "transform") for b in blocks)
+    producer = {n.output[0]: n for n in model.graph.node}
+    for b in blocks:  # H is the transform's activation, whatever the gate conv reads
+        assert producer[b.transform].op_type == "Relu" and producer[b.transform].input[0] == b.transform_conv
     # The first two blocks keep width: their carry is the block input; the third projects it.
     assert blocks[0].carry != blocks[1].carry
     proj = {n.output[0]: n for n in model.graph.node}[blocks[2].carry]
@@ -53,8 +58,9 @@ def test_both_exporters(tiny_onnx_dynamo, tiny_onnx_torchscript):
         assert all(b.spelling == "h*t + (1-t)*c" for b in blocks)
 
 
-def test_a_gate_that_reads_x_is_not_a_block():
-    """T computed from the block input (not from H) is a different design: not matched."""
+def _gate_reads_x_model(mix_with_carry: bool) -> onnx.ModelProto:
+    """H = Relu(Conv(x)), T = Sigmoid(Conv(x)): the gate reads the block input, as in the original
+    highway networks; mixed as H*T + (1-T)*x, or (no carry) as H*T alone."""
     x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
     y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
     w = onnx.numpy_helper.from_array(__import__("numpy").ones((4, 4, 1, 1), "float32"), "w")
@@ -64,14 +70,29 @@ def test_a_gate_that_reads_x_is_not_a_block():
         helper.make_node("Relu", ["hc"], ["h"]),
         helper.make_node("Conv", ["x", "w"], ["tc"]),
         helper.make_node("Sigmoid", ["tc"], ["t"]),
-        helper.make_node("Mul", ["h", "t"], ["a"]),
-        helper.make_node("Sub", ["one", "t"], ["u"]),
-        helper.make_node("Mul", ["u", "x"], ["b"]),
-        helper.make_node("Add", ["a", "b"], ["y"]),
+        helper.make_node("Mul", ["h", "t"], ["a" if mix_with_carry else "y"]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, one]))
+    if mix_with_carry:
+        nodes += [
+            helper.make_node("Sub", ["one", "t"], ["u"]),
+            helper.make_node("Mul", ["u", "x"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, one]))
+
+
+def test_a_gate_that_reads_x_is_a_block_that_needs_no_refit():
+    """T computed from the block input (the original highway design): found by its mix, with H the
+    tensor the mix multiplies by T, and marked so that pruning leaves the kept gates' inputs whole."""
+    (block,) = find_blocks(_gate_reads_x_model(mix_with_carry=True))
+    assert (block.transform, block.gate, block.carry, block.output) == ("h", "t", "x", "y")
+    assert block.transform_conv == "hc" and block.gate_conv == "tc" and not block.gate_reads_transform
+
+
+def test_a_sigmoid_gate_without_a_carry_is_not_a_block():
+    """H*T alone (a gated activation, no carry) is not a highway block, whatever the gate reads."""
     with pytest.raises(NoHighwayBlockError, match="no highway block"):
-        find_blocks(model)
+        find_blocks(_gate_reads_x_model(mix_with_carry=False))
 
 
 def test_pattern_registry_is_sane():

@@ -42,6 +42,40 @@ def test_exactly_removable_channels_match(spelling, write_back):
     assert sum(n.op_type == "Sigmoid" for n in pruned.graph.node) == 2
 
 
+@pytest.mark.parametrize("spelling", ["h*t + (1-t)*c", "c + t*(h-c)"])
+def test_a_gate_that_reads_the_input_loses_only_its_rows_and_is_not_refitted(spelling):
+    """The original highway design, T = Sigmoid(Conv(z)): removing H channels leaves the kept gates'
+    inputs whole, so the prune is exact without a refit, the gate conv keeps its input width and
+    each pruned block says why it was not refitted."""
+    spec = Spec(spelling=spelling, removable=REMOVABLE, gate_reads="input", bn_after=True)
+    model = build(spec)
+    x = images(24)
+    pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(simplify=False))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    assert report.top1_agreement == 1.0
+    assert [b.gate_error_refit for b in report.blocks] == [None] * 3
+    assert "no refit" in report.blocks[0].note and "no refit" in report.blocks[2].note
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in pruned.graph.initializer}
+    gate_inputs = {n.input[0] for n in pruned.graph.node if n.op_type == "Sigmoid"}
+    gate_shapes = sorted(
+        weights[n.input[1]].shape for n in pruned.graph.node if n.op_type == "Conv" and n.output[0] in gate_inputs
+    )
+    assert gate_shapes == [(5, 8, 3, 3), (7, 8, 3, 3)]  # kept rows; all 8 input channels (block 2's input is 8 wide)
+    expected = 0
+    c_in = 8
+    for i, width in enumerate(spec.widths):
+        r, k = len(REMOVABLE[i]), width - len(REMOVABLE[i])
+        expected += r * (c_in * 9 + 1) + 4 * r  # transform filters, biases and BN-after channels
+        expected += r * (c_in * 9 + 1)  # the gate conv's removed rows
+        expected += "1-t" in spelling  # the constant 1 of the original mix, where it has one
+        if k == 0:
+            expected += c_in * 4  # the block's input BN goes with it
+        c_in = width
+    assert report.params_before - report.params_after == expected
+
+
 @pytest.mark.parametrize("bn_before,bn_after", [(True, False), (False, True)])
 def test_parameter_count_falls_by_exactly_what_was_removed(bn_before, bn_after):
     spec = Spec(removable=REMOVABLE, bn_before=bn_before, bn_after=bn_after)

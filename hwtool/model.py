@@ -51,27 +51,33 @@ class HighwayBlock(nn.Module):
             self.project = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, drop_transforms: bool = False, stats: bool = False
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        drop_transforms: bool = False,
+        stats: bool = False,
+        silence: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune.
 
         drop_transforms also zeroes the masked H channels, so that the kept gates no longer read
         them: what the pruned graph computes without a gate refit (fine-tuning trains this).
         With stats, H and T come back as what training reads of them (see channel_stats): per
-        channel, the mean of H·(1−T) with T detached and the mean of T, each (C,) float32.
+        channel, the mean of H·(1−T) with T detached and the mean of T, each (C,) float32 (the
+        first zeros, not computed, unless silence).
         """
         if mask is not None and drop_transforms:
-            return self._forward_kept(x, mask, stats)
+            return self._forward_kept(x, mask, stats, silence)
         h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
         if mask is not None:
             t = t * mask.view(1, -1, 1, 1)
         carry = x if self.project is None else self.project(x)
         y = h * t + (1 - t) * carry
-        return (y, *channel_stats(h, t)) if stats else (y, h, t)
+        return (y, *channel_stats(h, t, silence)) if stats else (y, h, t)
 
     def _forward_kept(
-        self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False
+        self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False, silence: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """forward with the masked channels' H and T zeroed, computing the kept channels only.
 
@@ -95,13 +101,13 @@ class HighwayBlock(nn.Module):
         y = carry.index_copy(1, keep, mixed.to(carry.dtype))
         if stats:
             zeros = carry.new_zeros(width, dtype=torch.float32)
-            return y, *(zeros.index_copy(0, keep, s) for s in channel_stats(h_kept, t_kept))
+            return y, *(zeros.index_copy(0, keep, s) for s in channel_stats(h_kept, t_kept, silence))
         h = h_kept.new_zeros(carry.shape).index_copy(1, keep, h_kept)
         t = t_kept.new_zeros(carry.shape).index_copy(1, keep, t_kept)
         return y, h, t
 
 
-def channel_stats(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(h: torch.Tensor, t: torch.Tensor, silence: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """What training reads of a block's H and T (B, C, H', W'), in that order: per channel, the
     mean of H·(1−T) with T detached (the silence term's) and the mean gate, over batch and
     positions, each (C,) float32.
@@ -109,10 +115,12 @@ def channel_stats(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch
     Training needs no more than these (the incentive, the running means of targeted dropout, the
     logged mean gate), so a block with channels removed hands back (C,) vectors instead of
     full-width tensors that are zero where removed, and their gradients stay that small too.
+    Without silence (no silence term in the loss) the first comes back as zeros, not computed.
     """
-    silence = (h * (1 - t.detach())).float().mean(dim=(0, 2, 3))
     gate = t.float().mean(dim=(0, 2, 3))
-    return silence, gate
+    if not silence:
+        return torch.zeros_like(gate), gate
+    return (h * (1 - t.detach())).float().mean(dim=(0, 2, 3)), gate
 
 
 class HighwayNet(nn.Module):
@@ -143,18 +151,20 @@ class HighwayNet(nn.Module):
         masks: list[torch.Tensor] | None = None,
         drop_transforms: bool = False,
         return_stats: bool = False,
+        silence: bool = True,
     ):
         """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms).
 
         masks: one 0/1 tensor per block that zeroes those gates (what pruning removes);
         drop_transforms: zero the masked H channels too (see HighwayBlock.forward);
         return_stats: (logits, gate means, silences), per block (C,) vectors (see channel_stats),
-        what training reads, cheaper than the full tensors when channels are masked.
+        what training reads, cheaper than the full tensors when channels are masked; without
+        silence the silences are zeros, not computed.
         """
         x = self.stem((x - self.mean) / self.std)
         gates, transforms = [], []
         for i, block in enumerate(self.blocks):
-            x, h, t = block(x, None if masks is None else masks[i], drop_transforms, return_stats)
+            x, h, t = block(x, None if masks is None else masks[i], drop_transforms, return_stats, silence)
             gates.append(t)
             transforms.append(h)
         x = F.relu(self.head_norm(x))

@@ -592,7 +592,11 @@ def train(
                         step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
                 with _autocast(device, cfg.bf16):
                     logits, gates, silences = net(
-                        x, return_stats=True, masks=step_masks, drop_transforms=step_masks is not None
+                        x,
+                        return_stats=True,
+                        silence=cfg.silence_penalty > 0,
+                        masks=step_masks,
+                        drop_transforms=step_masks is not None,
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     task_loss, kd = ce, ce.new_zeros(())

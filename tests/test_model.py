@@ -220,3 +220,9 @@ def test_per_channel_stats_are_the_means_of_the_full_tensors_with_the_same_gradi
         for i, m in enumerate(masks):
             assert torch.all(got[i][m == 0] == 0) and torch.all(got[len(masks) + i][m == 0] == 0)
         assert got[1].abs().sum() == 0
+    # Without the silence term the silences are not computed (zeros); the gate means are the same.
+    with torch.no_grad():
+        _, gates, silences = model(x, return_stats=True, silence=False, masks=masks, drop_transforms=masked)
+    for g, want_g, s in zip(gates, got, silences):
+        torch.testing.assert_close(g, want_g, rtol=1e-5, atol=1e-6)
+        assert not s.any()

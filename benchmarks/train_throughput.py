@@ -90,6 +90,7 @@ class Step:
                 x,
                 return_gates=True,
                 return_stats=self.stats,
+                silence=False,  # the loss below has no silence term
                 masks=self.masks,
                 drop_transforms=self.masks is not None,
             )
@@ -97,7 +98,7 @@ class Step:
         if self.stats:
             gate_means, silences = a, b
         else:  # a: full-width T, b: full-width H, reduced here
-            pairs = [channel_stats(h, t) for t, h in zip(a, b)]
+            pairs = [channel_stats(h, t, silence=False) for t, h in zip(a, b)]
             silences, gate_means = [p[0] for p in pairs], [p[1] for p in pairs]
         gate_term, _ = incentive(gate_means, silences, self.weights)
         loss = ce + 0.1 * gate_term

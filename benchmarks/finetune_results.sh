@@ -5,7 +5,7 @@
 #   bash benchmarks/finetune_results.sh RUN_DIR NAME [DATA] [THRESHOLD]
 #
 # Writes runs/NAME.onnx, runs/NAME.pruned.onnx, runs/NAME.pruned.int8.onnx (not shipped) and
-# benchmarks/results/NAME-{train-log,export,prune,pruned-eval,pruned-int8}.json, which the README quotes.
+# benchmarks/results/NAME-{train-log,train-config,export,prune,pruned-eval,pruned-int8}.json, which the README quotes.
 set -euo pipefail
 run=${1:?usage: benchmarks/finetune_results.sh RUN_DIR NAME [DATA] [THRESHOLD]}
 name=${2:?usage: benchmarks/finetune_results.sh RUN_DIR NAME [DATA] [THRESHOLD]}
@@ -16,6 +16,7 @@ res=benchmarks/results
 mkdir -p "$res" runs
 
 cp "$run/log.json" "$res/$name-train-log.json"
+cp "$run/config.json" "$res/$name-train-config.json"
 $hw export "$run/checkpoint.pt" -o "runs/$name.onnx" --data "$data" --json > "$res/$name-export.json"
 $hw prune "runs/$name.onnx" --threshold "$threshold" --calib models/calib256.npy \
     -o "runs/$name.pruned.onnx" --json > "$res/$name-prune.json"

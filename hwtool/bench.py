@@ -425,9 +425,10 @@ def table(result: BenchResult):
     from hwtool.report import plain_table
 
     threads = result.config.threads or f"default of {result.cpu_count} cores"
-    unique = _unique_names(result)
     # File names without the .onnx every one of them has, paths if names repeat.
-    short = {m.path: Path(m.path).name.removesuffix(".onnx") if unique else m.path for m in result.models}
+    short = {m.path: Path(m.path).name.removesuffix(".onnx") for m in result.models}
+    if len(set(short.values())) < len(short):
+        short = {m.path: m.path for m in result.models}
     t = plain_table(
         f"latency (ms) and speed-up vs {Path(result.baseline).name}",
         caption=f"onnxruntime {result.onnxruntime}, {result.cpu}, threads {threads}; "
@@ -453,11 +454,6 @@ def table(result: BenchResult):
         r = ["?" if v is None else f"{v:.2f}x" for v in result.ratios(m.path).values()]
         sizes.add_row(short[m.path], *r)
     return Group(t, sizes)
-
-
-def _unique_names(result: BenchResult) -> bool:
-    names = [Path(m.path).name.removesuffix(".onnx") for m in result.models]
-    return len(set(names)) == len(names)
 
 
 def placement_lines(result: BenchResult) -> list[str]:

@@ -227,25 +227,20 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
 
 def _find_block(g: Graph, gate: str, gate_conv: onnx.NodeProto, width: int, reads_h: bool):
     """The mix around gate T and H's transform chain: (pattern, bindings, mix nodes, Conv_H, post
-    nodes), or None. reads_h: H is the gate conv's input; else H is whatever the mix multiplies by T."""
+    nodes), or None. reads_h: H is the gate conv's input; else H is whatever the mix multiplies by
+    T, and not the gate conv's input. Either way H must be act(BN(Conv(...))) with the gate's width."""
     h = gate_conv.input[0] if reads_h else None
-    if reads_h and _transform_width(g, h) != width:
-        return None
     for user in g.users(gate):
         found = _find_mix(g, user, gate, h)
         if found is None:
             continue
         pattern, env, nodes = found
-        if reads_h or (env["H"] != gate_conv.input[0] and _transform_width(g, env["H"]) == width):
-            conv, post = _transform_chain(g, env["H"])
-            return pattern, env, nodes, conv, post
+        if not reads_h and env["H"] == gate_conv.input[0]:
+            continue
+        chain = _transform_chain(g, env["H"])
+        if chain is not None and _conv_width(g, chain[0]) == width:
+            return pattern, env, nodes, *chain
     return None
-
-
-def _transform_width(g: Graph, h: str) -> int | None:
-    """Output channels of the transform conv behind H, or None if H is not act(BN(Conv(...)))."""
-    chain = _transform_chain(g, h)
-    return None if chain is None else _conv_width(g, chain[0])
 
 
 def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):

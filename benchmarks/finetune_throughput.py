@@ -16,7 +16,6 @@ returned per-channel statistics: full-width H and T, zero where masked, reduced 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ from train_throughput import Step, batches, cpu_model, time_steps
 from hwtool.data import load_cifar10
 from hwtool.export import checkpoint_from_onnx
 from hwtool.model import count_parameters, gate_masks
+from hwtool.runtime import atomic_write_bytes, json_file_bytes
 from hwtool.train import TrainConfig, build_model
 
 
@@ -85,10 +85,7 @@ def main() -> None:
         "stats_speedup_median": statistics.median(before) / statistics.median(pruned),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    atomic_write_bytes(json_file_bytes(result), out)
     rates = result["img_per_s_median"]
     print(
         f"full {rates['full']:.1f} img/s, pruned {rates['pruned']:.1f} img/s: "

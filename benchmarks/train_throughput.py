@@ -16,7 +16,6 @@ to benchmarks/results/train_throughput.json; the interesting numbers are the rat
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from hwtool.data import load_cifar10
 from hwtool.model import HighwayConfig, HighwayNet, channel_stats, count_parameters
+from hwtool.runtime import atomic_write_bytes, json_file_bytes
 from hwtool.train import (
     TrainConfig,
     batch_crop,
@@ -235,9 +235,7 @@ def main() -> None:
             for name, t in batch_times.items()
         },
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(json_file_bytes(result), args.out)
     for name, r in result["train_step"].items():
         print(
             f"{name:20s} best {r['img_per_s_best']:6.1f} img/s (x{r['speedup_vs_fp32_best']:.2f} vs fp32), "
@@ -245,7 +243,7 @@ def main() -> None:
         )
     for name, r in result["batch_assembly"].items():
         print(f"batches {name:12s} {r['img_per_s']:8.0f} img/s  ({r['share_of_fastest_step']:.1%} of the fastest step)")
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -63,7 +62,7 @@ from hwtool.gates import GateStats
 from hwtool.graph import count_flops, count_parameters
 from hwtool.model import HighwayNet
 from hwtool.prune import PruneConfig, prune
-from hwtool.runtime import atomic_write_model, make_session
+from hwtool.runtime import atomic_write_bytes, atomic_write_model, json_file_bytes, make_session
 from hwtool.train import batch_crop, batch_flip_lr, build_model, load_checkpoint, to_input
 
 OPSET = 18
@@ -497,7 +496,7 @@ def main() -> None:
     print_table(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_bytes(json_file_bytes(result, indent=1), out)
     print(f"wrote {out}")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from common import machine
 
 from hwtool.bench import BenchConfig, bench
 from hwtool.quantize import METHODS, QuantizeConfig, quantize
+from hwtool.runtime import atomic_write_bytes, json_file_bytes
 
 OP_SETS = {"all": None, "Conv": ("Conv",)}
 
@@ -67,9 +67,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results[args.model] = {"rows": rows, **counts, "machine": machine()}
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write_bytes(json_file_bytes(results, indent=1), out)
     for row in rows:
         print(
             f"{row['method']:>10} {row['ops']:>4}: {100 * row['accuracy_after']:.2f}% "

@@ -25,13 +25,14 @@ class EvalResult:
 
 
 def check_image_input(model: onnx.ModelProto) -> None:
-    """Raise ModelError unless the model takes float32 [N, 3, 32, 32]."""
+    """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]."""
     name, dims, elem = input_spec(model)
-    if elem != onnx.TensorProto.FLOAT or len(dims) != 4 or list(dims[1:]) != [3, 32, 32]:
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    if elem not in floats or len(dims) != 4 or list(dims[1:]) != [3, 32, 32]:
         shown = "x".join(str(d) for d in dims)
         raise ModelError(
             f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}]; "
-            "hwtool eval needs float32 [N,3,32,32] RGB in [0,1]"
+            "hwtool eval needs float32 (or float16) [N,3,32,32] RGB in [0,1]"
         )
 
 

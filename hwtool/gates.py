@@ -31,7 +31,7 @@ class GateStats:
 
 
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
-    """A float32 calibration array from .npy, checked against the model's input layout."""
+    """A calibration array from .npy (float32, or float16 widened to it), checked against the model's input layout."""
     p = Path(path)
     name, dims, _ = input_spec(model)
     expected = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
@@ -47,8 +47,10 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndar
         ) from None
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{p} is an .npz archive; save the one calibration array with np.save as float32 [{expected}]")
-    if x.dtype != np.float32:
-        raise ValueError(f"calibration array {p} is {x.dtype}; expected float32 [{expected}] for input {name!r}")
+    if x.dtype not in (np.float32, np.float16):
+        raise ValueError(
+            f"calibration array {p} is {x.dtype}; expected float32 (or float16) [{expected}] for input {name!r}"
+        )
     want = [d if isinstance(d, int) and d > 0 else None for d in dims]
     if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
         raise ValueError(
@@ -58,7 +60,7 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndar
         raise ValueError(f"calibration array {p} holds no images")
     if not np.isfinite(x).all():
         raise ValueError(f"calibration array {p} holds NaN or infinite values; pass real images in [0, 1]")
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, split: str = "train") -> np.ndarray:

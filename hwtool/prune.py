@@ -164,7 +164,8 @@ class _Runner:
         self.model = model
         inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
         self.input = inp.name
-        self.values: dict[str, np.ndarray] = {inp.name: x}
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        self.values: dict[str, np.ndarray] = {inp.name: x.astype(dtype, copy=False)}
         self.batch = batch
         self.threads = threads
 
@@ -208,8 +209,11 @@ class _Runner:
         graph = helper.make_graph(
             order,
             "segment",
-            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
-            [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in targets],
+            [
+                helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(self.values[n].dtype), None)
+                for n in names
+            ],
+            [onnx.ValueInfoProto(name=t) for t in targets],
             [t for t in self.model.graph.initializer if t.name in seen],
         )
         seg = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
@@ -310,8 +314,11 @@ def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int,
             ed.set_input(node, 1, f"{tag}_slope", slope.reshape(width, *slope.shape[1:])[kept] if slope.ndim else slope)
 
 
-def _write_back(kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.ndarray, width: int, out: str):
-    """Nodes and initializers writing the kept-channel mix into the full-width carry as `out`."""
+def _write_back(
+    kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.ndarray, width: int, out: str, dtype: np.dtype
+):
+    """Nodes and initializers writing the kept-channel mix into the full-width carry as `out`
+    (`dtype`: the network's float type, for the conv write-back's one-hot weights)."""
     nodes, inits = [], []
     if kind == "gather":
         perm = np.arange(width, dtype=np.int64)
@@ -327,7 +334,7 @@ def _write_back(kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.
             helper.make_node("ScatterElements", [carry, f"{tag}_idx", mix], [out], axis=1, name=f"{tag}_writeback")
         )
     elif kind == "conv":
-        onehot = np.zeros((width, len(kept), 1, 1), dtype=np.float32)
+        onehot = np.zeros((width, len(kept), 1, 1), dtype=dtype)
         onehot[kept, np.arange(len(kept)), 0, 0] = 1.0
         inits.append(numpy_helper.from_array(onehot, f"{tag}_onehot"))
         nodes.append(helper.make_node("Conv", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
@@ -384,7 +391,7 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     if kind != "conv":
         nodes.append(helper.make_node("Add", [f"{tag}_carry_kept", f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
     wb_nodes, wb_inits = _write_back(
-        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output
+        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output, gate_w.dtype
     )
     ed.model.graph.node.extend(nodes + wb_nodes)
     ed.model.graph.initializer.extend([kept_idx, *wb_inits])
@@ -579,7 +586,8 @@ def prune(
 def _run_first(model: onnx.ModelProto, x: np.ndarray, cfg: PruneConfig, on_batch=None) -> np.ndarray:
     sess = make_session(model, threads=cfg.threads)
     first = sess.get_outputs()[0].name
-    return np.concatenate([r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)])
+    outs = [r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)]
+    return np.concatenate(outs).astype(np.float32, copy=False)
 
 
 def _import_onnxsim() -> types.ModuleType:

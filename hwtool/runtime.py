@@ -85,14 +85,23 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+# ORT's names of the float element types a model's input may have, as numpy dtypes.
+FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def input_dtype(sess: ort.InferenceSession) -> type[np.floating]:
+    """The numpy dtype the session's first input takes (float32 unless it is float16 or double)."""
+    return FLOAT_INPUTS.get(sess.get_inputs()[0].type, np.float32)
+
+
 def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: list[str] | None = None, on_batch=None):
-    """Run x through the session in batches; yields (start, list of output arrays).
+    """Run x through the session in batches, cast to the input's float type; yields (start, outputs).
 
     on_batch(n, total) is called after each batch of n images.
     """
-    name = sess.get_inputs()[0].name
+    name, dtype = sess.get_inputs()[0].name, input_dtype(sess)
     for i in range(0, len(x), batch):
-        res = sess.run(outputs, {name: x[i : i + batch]})
+        res = sess.run(outputs, {name: x[i : i + batch].astype(dtype, copy=False)})
         if on_batch:
             on_batch(min(batch, len(x) - i), len(x))
         yield i, res

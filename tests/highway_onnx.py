@@ -168,3 +168,25 @@ def build(spec: Spec) -> onnx.ModelProto:
 def images(n: int = 32, seed: int = 1) -> np.ndarray:
     """Random float32 images in [0, 1]."""
     return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in float16 throughout, inputs and outputs included, as converted for GPU or mobile use."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+
+    def half(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+
+    for t in m.graph.initializer:
+        half(t)
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                half(a.t)
+    for v in [*m.graph.input, *m.graph.output, *m.graph.value_info]:
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(m, full_check=True)
+    return m

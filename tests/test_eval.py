@@ -13,6 +13,7 @@ import onnx.parser
 import pytest
 import torch
 from click.testing import CliRunner
+from highway_onnx import to_float16
 
 from hwtool.cli import main
 from hwtool.evaluate import accuracy_onnx, evaluate
@@ -99,6 +100,17 @@ def test_eval_of_a_foreign_model(cifar, cifar_path, tmp_path):
 
     res = _eval_json(path, cifar_path, "--limit", str(LIMIT))
     assert res["correct"] == expected and res["images"] == LIMIT
+
+
+def test_eval_of_a_float16_model(cifar, cifar_path, tmp_path):
+    model, mu = _colour_classifier(cifar)
+    path = tmp_path / "colours16.onnx"
+    onnx.save(to_float16(model), str(path))
+    test = cifar["test"].head(LIMIT)
+    expected = _nearest_colour_correct(test.images, test.labels, mu)
+    res = _eval_json(path, cifar_path, "--limit", str(LIMIT))
+    # The images are cast to float16 on the way in; the scores round there, so a few near ties may flip.
+    assert res["images"] == LIMIT and abs(res["correct"] - expected) <= LIMIT // 50
 
 
 def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tmp_path):

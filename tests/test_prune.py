@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images
+from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images, to_float16
 from rendering import render
 
 from hwtool.cli import main
@@ -40,6 +40,24 @@ def test_exactly_removable_channels_match(spelling, write_back):
     assert report.top1_agreement == 1.0
     # A block with nothing kept is its carry alone: no Sigmoid left for it.
     assert sum(n.op_type == "Sigmoid" for n in pruned.graph.node) == 2
+
+
+@pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])
+def test_a_float16_model_prunes_to_a_float16_model(write_back):
+    model = to_float16(build(Spec(spelling="h*t + (1-t)*c", removable=REMOVABLE)))
+    x = images(24)  # float32 calibration inputs are cast to the model's input type
+    pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    f16 = onnx.TensorProto.FLOAT16
+    assert pruned.graph.input[0].type.tensor_type.elem_type == f16
+    assert pruned.graph.output[0].type.tensor_type.elem_type == f16
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, f16}
+    assert {t.data_type for t in pruned.graph.initializer} & floats == {f16}
+    x16 = x.astype(np.float16)
+    # The refitted gates are rounded to float16 again: equal to float16 precision, not bit for bit.
+    np.testing.assert_allclose(_run(pruned, x16), _run(model, x16), atol=2e-2)
+    assert report.max_abs_error < 2e-2 and report.top1_agreement == 1.0
 
 
 @pytest.mark.parametrize("spelling", ["h*t + (1-t)*c", "c + t*(h-c)"])
@@ -246,6 +264,26 @@ def test_cli_prune_writes_default_output_and_json(tmp_path):
     assert rep["flops_after"] < rep["flops_before"]
     assert src.read_bytes() == before  # the input is never modified
     onnx.checker.check_model(onnx.load(rep["output"]), full_check=True)
+
+
+def test_cli_prunes_a_model_with_external_data_into_one_self_contained_file(tmp_path):
+    model = build(Spec(removable=REMOVABLE))
+    src = tmp_path / "in" / "net.onnx"
+    src.parent.mkdir()
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(model)  # saving with external data rewrites the proto it is given
+    onnx.save(on_disk, str(src), save_as_external_data=True, location="net.weights", size_threshold=0)
+    assert (src.parent / "net.weights").stat().st_size > 10_000
+    np.save(tmp_path / "calib.npy", images(16))
+    out = tmp_path / "out" / "net.pruned.onnx"
+    out.parent.mkdir()
+    res = _cli(["prune", src, "--threshold", "0.000001", "--calib", tmp_path / "calib.npy", "-o", out])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["net.pruned.onnx"]
+    pruned = onnx.load(str(out), load_external_data=False)
+    assert not [t.name for t in pruned.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    x = images(8)
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
 
 
 def test_cli_max_error_writes_nothing(tmp_path):

@@ -216,12 +216,9 @@ def quantize(
     model = load_model(src)
     if is_quantized(model):
         raise ModelError(f"{src} already holds quantization ops; quantize the float model instead")
-    elem = input_spec(model)[2]
-    if elem != onnx.TensorProto.FLOAT:
-        kind = onnx.TensorProto.DataType.Name(elem).lower()
-        raise ModelError(
-            f"{src} takes {kind} input; int8 quantization starts from a float32 model: quantize the float32 one"
-        )
+    half = onnx.TensorProto.FLOAT16
+    if input_spec(model)[2] == half or any(t.data_type == half for t in model.graph.initializer):
+        raise ModelError(f"{src} is a float16 model; int8 quantization starts from float32: quantize the float32 model")
     make_session(model)  # a model ORT cannot run fails here, in one line, not inside the quantizer
     if config.ops:
         present = {n.op_type for n in model.graph.node}

@@ -170,10 +170,18 @@ def images(n: int = 32, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model in float16 throughout, inputs and outputs included, as converted for GPU or mobile use."""
+def to_float16(model: onnx.ModelProto, keep_io: bool = False) -> onnx.ModelProto:
+    """The model in float16, as converted for GPU or mobile use: throughout, inputs and outputs included,
+    or with `keep_io` float32 inputs and outputs cast to and from float16 at the edges."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if keep_io:
+        inp, out = m.graph.input[0].name, m.graph.output[0].name
+        for n in m.graph.node:
+            n.input[:] = [f"{inp}_f16" if i == inp else i for i in n.input]
+            n.output[:] = [f"{out}_f16" if o == out else o for o in n.output]
+        m.graph.node.insert(0, helper.make_node("Cast", [inp], [f"{inp}_f16"], to=TensorProto.FLOAT16))
+        m.graph.node.append(helper.make_node("Cast", [f"{out}_f16"], [out], to=TensorProto.FLOAT))
 
     def half(t: onnx.TensorProto) -> None:
         if t.data_type == TensorProto.FLOAT:
@@ -185,7 +193,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 half(a.t)
-    for v in [*m.graph.input, *m.graph.output, *m.graph.value_info]:
+    for v in [*m.graph.input, *m.graph.output, *m.graph.value_info] if not keep_io else m.graph.value_info:
         if v.type.tensor_type.elem_type == TensorProto.FLOAT:
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.checker.check_model(m, full_check=True)

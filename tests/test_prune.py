@@ -43,20 +43,21 @@ def test_exactly_removable_channels_match(spelling, write_back):
 
 
 @pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])
-def test_a_float16_model_prunes_to_a_float16_model(write_back):
-    model = to_float16(build(Spec(spelling="h*t + (1-t)*c", removable=REMOVABLE)))
+@pytest.mark.parametrize("keep_io", [False, True], ids=["float16 io", "float32 io"])
+def test_a_float16_model_prunes_to_a_float16_model(write_back, keep_io):
+    model = to_float16(build(Spec(spelling="h*t + (1-t)*c", removable=REMOVABLE)), keep_io=keep_io)
     x = images(24)  # float32 calibration inputs are cast to the model's input type
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
     onnx.checker.check_model(pruned, full_check=True)
     assert [b.kept for b in report.blocks] == [5, 0, 7]
-    f16 = onnx.TensorProto.FLOAT16
-    assert pruned.graph.input[0].type.tensor_type.elem_type == f16
-    assert pruned.graph.output[0].type.tensor_type.elem_type == f16
+    f16, io = onnx.TensorProto.FLOAT16, (onnx.TensorProto.FLOAT if keep_io else onnx.TensorProto.FLOAT16)
+    assert pruned.graph.input[0].type.tensor_type.elem_type == io
+    assert pruned.graph.output[0].type.tensor_type.elem_type == io
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, f16}
     assert {t.data_type for t in pruned.graph.initializer} & floats == {f16}
-    x16 = x.astype(np.float16)
+    xin = x if keep_io else x.astype(np.float16)
     # The refitted gates are rounded to float16 again: equal to float16 precision, not bit for bit.
-    np.testing.assert_allclose(_run(pruned, x16), _run(model, x16), atol=2e-2)
+    np.testing.assert_allclose(_run(pruned, xin), _run(model, xin), atol=2e-2)
     assert report.max_abs_error < 2e-2 and report.top1_agreement == 1.0
 
 

@@ -19,7 +19,7 @@ def test_compare_matches_parameter_counts_and_reports_accuracies(tiny_checkpoint
     # sigmoid(-2); 0.05 would remove nothing, 0.12 about half of the H and T channels.
     args = ["--checkpoint", tiny_checkpoint, "--data", cifar_path, "--threshold", "0.12"]
     args += ["--calib-count", "64", "--limit", "300", "--threads", "1", "--out", out]
-    subprocess.run([sys.executable, SCRIPT, *map(str, args)], check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, SCRIPT, *map(str, args)], check=True, capture_output=True, timeout=300)
     r = json.loads(out.read_text())
     rows = r["rows"]
     assert set(rows) == {"original", "hwtool", "torch_pruning", "l1_hwtool_surgery"}

@@ -32,7 +32,7 @@ def check_image_input(model: onnx.ModelProto) -> None:
         shown = "x".join(str(d) for d in dims)
         raise ModelError(
             f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}]; "
-            "hwtool eval needs float32 (or float16) [N,3,32,32] RGB in [0,1]"
+            "hwtool eval needs float32 [N,3,32,32] (or float16) RGB in [0,1]"
         )
 
 

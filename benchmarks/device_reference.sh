@@ -13,7 +13,8 @@
 # (18.5 MiB) pass the call's 64 MiB, so move that file aside for the call and back after it.
 # Epochs from the environment: E1 (phase 1, default 100), E2 (phase 2, 2), E3 (phase 3, 30), and
 # P3 (phase 3's extra options). Seen on the GPU: phase 1 at batch 512 about 2.2 s an epoch (H200),
-# phase 3 at batch 128 13 to 25 s an epoch, hence batch 512 here with the LR scaled with it (0.08);
+# phase 3 at batch 128 13 to 25 s an epoch, hence batch 512 here with the LR scaled with it (0.08;
+# P3 comes after keep()'s own options, and the last value of an option given twice wins);
 # sized for about 9 minutes, so check the first call's epoch times before a second. TINY (options
 # for every phase, e.g. "--limit 512 --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail

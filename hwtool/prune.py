@@ -164,8 +164,8 @@ class _Runner:
         self.model = model
         inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
         self.input = inp.name
-        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        self.values: dict[str, np.ndarray] = {inp.name: x.astype(dtype, copy=False)}
+        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)  # float16 for a float16 model
+        self.values: dict[str, np.ndarray] = {inp.name: x.astype(dtype, copy=False) if dtype.kind == "f" else x}
         self.batch = batch
         self.threads = threads
 

@@ -20,20 +20,9 @@ from types import ModuleType
 import numpy as np
 import onnxruntime as ort
 
-from hwtool.runtime import ModelError, atomic_write_files, check_outputs, load_model
+from hwtool.runtime import ORT_DTYPES, ModelError, atomic_write_files, check_outputs, load_model
 
 TARGETS = ("portable", "arm", "amd64")
-# ORT session input types -> numpy dtypes for random verification inputs.
-_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)
@@ -80,10 +69,10 @@ def random_feed(sess: ort.InferenceSession, batch: int = 2, seed: int = 0) -> di
     rng = np.random.default_rng(seed)
     feed = {}
     for inp in sess.get_inputs():
-        if inp.type not in _DTYPES:
+        if inp.type not in ORT_DTYPES:
             raise ModelError(f"input {inp.name!r} has type {inp.type}; cannot make verification inputs for it")
         shape = [d if isinstance(d, int) and d > 0 else (batch if i == 0 else 1) for i, d in enumerate(inp.shape)]
-        dtype = _DTYPES[inp.type]
+        dtype = ORT_DTYPES[inp.type]
         if np.issubdtype(dtype, np.floating):
             feed[inp.name] = rng.random(shape, dtype=np.float32).astype(dtype)
         else:

@@ -85,13 +85,23 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
-# ORT's names of the float element types a model's input may have, as numpy dtypes.
-FLOAT_INPUTS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+# ORT session input types -> numpy dtypes.
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
 
 
 def input_dtype(sess: ort.InferenceSession) -> type[np.floating]:
     """The numpy dtype the session's first input takes (float32 unless it is float16 or double)."""
-    return FLOAT_INPUTS.get(sess.get_inputs()[0].type, np.float32)
+    dtype = ORT_DTYPES.get(sess.get_inputs()[0].type, np.float32)
+    return dtype if np.issubdtype(dtype, np.floating) else np.float32
 
 
 def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: list[str] | None = None, on_batch=None):

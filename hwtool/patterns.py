@@ -1,5 +1,8 @@
 """Highway blocks found by dataflow: gate T = Sigmoid(Conv_T(H)), H = act(BN(Conv_H(z))), mixed with a carry.
 
+The gate's squashing may be the logistic Sigmoid or its piecewise-linear HardSigmoid, as mobile
+networks use (`GATE_ACTIVATIONS`).
+
 The gate may also read the block's input instead of H, T = Sigmoid(Conv_T(z')), as in the
 original highway networks: such a block is found by its mix, and pruning it needs no gate refit
 (its kept gates never read the removed channels).
@@ -34,6 +37,11 @@ TRANSFORM_POST_OPS = (
     "Identity",
 )
 COMMUTATIVE = ("Add", "Mul")
+# The gate's activation T = f(Conv_T(...)): ONNX op -> its float attributes and their defaults.
+GATE_ACTIVATIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    "Sigmoid": (),
+    "HardSigmoid": (("alpha", 0.2), ("beta", 0.5)),
+}
 
 
 class NoHighwayBlockError(ValueError):
@@ -147,13 +155,23 @@ class Block:
     transform_post: tuple[str, ...]  # output tensors of BN/activation nodes after Conv_H, in order
     transform: str  # H
     gate_conv: str  # output tensor of Conv_T (the gate pre-activation)
-    gate: str  # T = Sigmoid(Conv_T(H))
+    gate: str  # T = Sigmoid(Conv_T(H)) (or HardSigmoid)
     carry: str  # c
     output: str  # y
     mix_nodes: tuple[str, ...]  # output tensors of the mix's nodes
     width: int  # channels of H and T
     spelling: str
     gate_reads_transform: bool = True  # T = Sigmoid(Conv_T(H)); False: Conv_T reads something else (the input)
+    gate_activation: str = "Sigmoid"  # a key of GATE_ACTIVATIONS
+    gate_params: tuple[float, ...] = ()  # its attributes, in GATE_ACTIVATIONS' order
+
+
+def gate_response(block: Block, z: np.ndarray) -> np.ndarray:
+    """T as the block computes it from gate pre-activations z."""
+    if block.gate_activation == "HardSigmoid":
+        alpha, beta = block.gate_params
+        return np.clip(alpha * z + beta, 0.0, 1.0)
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
 def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
@@ -184,7 +202,7 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
     g = Graph(model)
     blocks: list[Block] = []
     for node in model.graph.node:
-        if node.op_type != "Sigmoid":
+        if node.op_type not in GATE_ACTIVATIONS:
             continue
         gate = node.output[0]
         gate_conv = g.op(node.input[0])
@@ -214,12 +232,14 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                     width=width,
                     spelling=pattern.name,
                     gate_reads_transform=reads_h,
+                    gate_activation=node.op_type,
+                    gate_params=tuple(float(attr(node, a, d)) for a, d in GATE_ACTIVATIONS[node.op_type]),
                 )
             )
             break
     if not blocks:
         raise NoHighwayBlockError(
-            "no highway block found: hwtool looks for T = Sigmoid(Conv(H or the block input)), "
+            "no highway block found: hwtool looks for T = Sigmoid or HardSigmoid(Conv(H or the block input)), "
             "H = Conv(...) [+BN/activation], mixed as T*H + (1-T)*carry; is this a highway network?"
         )
     return blocks

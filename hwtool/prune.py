@@ -14,7 +14,9 @@ import os
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import onnx
@@ -22,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
 from hwtool.graph import Graph, attr, count_flops, count_parameters
-from hwtool.patterns import Block, block_is_self_contained, find_blocks
+from hwtool.patterns import Block, block_is_self_contained, find_blocks, gate_response
 from hwtool.runtime import fixed_batch, load_model, make_session, run_batched
 
 WRITE_BACKS = ("gather", "scatter", "conv")
@@ -55,7 +57,7 @@ class BlockReport:
     kept: int
     params_before: int
     params_after: int
-    gate_error_naive: float | None  # RMS error of the kept gates (sigmoid space) with removed inputs dropped
+    gate_error_naive: float | None  # RMS error of the kept gates (T, after the activation) with removed inputs dropped
     gate_error_refit: float | None  # the same after the least-squares refit
     note: str = ""
 
@@ -250,10 +252,6 @@ def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: lis
     return out
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-
-
 def refit_gate(
     h: np.ndarray,
     target: np.ndarray,
@@ -262,14 +260,16 @@ def refit_gate(
     kept: np.ndarray,
     pads: list[int],
     cfg: PruneConfig,
+    activation: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fit the kept gate conv on kept H channels to reproduce the original kept pre-activations.
 
     h: full-width H (N, C, H, W) on the pruned network's activations; target: the original gate
     conv's output on the same activations (N, C, H, W); weight (C, C, kh, kw), bias (C,).
     Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit),
-    gate errors in sigmoid space over sampled positions.
+    gate errors in gate space (after `activation`, the logistic sigmoid unless given) over sampled positions.
     """
+    f = activation or (lambda v: 1.0 / (1.0 + np.exp(-np.clip(v, -60, 60))))
     n, _, hh, ww = h.shape
     k = len(kept)
     kh, kw = weight.shape[2:]
@@ -283,9 +283,9 @@ def refit_gate(
     gram = x.T @ x
     alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
     theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ z + alpha * theta0)
-    sz = _sigmoid(z)
-    err_naive = float(np.sqrt(np.mean((_sigmoid(x @ theta0) - sz) ** 2)))
-    err_refit = float(np.sqrt(np.mean((_sigmoid(x @ theta) - sz) ** 2)))
+    fz = f(z)
+    err_naive = float(np.sqrt(np.mean((f(x @ theta0) - fz) ** 2)))
+    err_refit = float(np.sqrt(np.mean((f(x @ theta) - fz) ** 2)))
     if err_refit > err_naive:  # never make a block worse than the plain drop
         theta, err_refit = theta0, err_naive
     w_new = theta[:-1].T.reshape(k, k, kh, kw).astype(weight.dtype)
@@ -526,7 +526,9 @@ def prune(
                 inputs = list(dict.fromkeys([ed.node(block.transform_conv).input[0], block.carry]))
                 h, z, *known = runner.compute([block.transform, block.gate_conv, *inputs])
                 runner.remember(dict(zip(inputs, known)))
-                gate_w, gate_b, err_naive, err_refit = refit_gate(h, z, weight, bias, kept, pads, cfg)
+                gate_w, gate_b, err_naive, err_refit = refit_gate(
+                    h, z, weight, bias, kept, pads, cfg, partial(gate_response, block)
+                )
                 refit_seconds += time.perf_counter() - ts
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
         if runner is not None:

@@ -26,6 +26,7 @@ class Spec:
     removable: dict[int, list[int]] = field(default_factory=dict)  # block -> channels made exactly removable
     seed: int = 0
     gate_reads: str = "transform"  # T = Sigmoid(Conv(H)); "input": Conv_T reads the block's input z, as H does
+    gate_activation: str = "Sigmoid"  # or "HardSigmoid" (alpha 1/6, beta 0.5, as torch exports it)
 
 
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
@@ -129,10 +130,11 @@ def build(spec: Spec) -> onnx.ModelProto:
                     tensor = next(t for t in b.inits if t.name == bn.input[idx])
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
         h = b.node(spec.activation, [hc])
+        squash = {"alpha": 1.0 / 6.0} if spec.gate_activation == "HardSigmoid" else {}
         if spec.gate_reads == "transform":
-            t = b.node("Sigmoid", [b.conv(h, width, width, 3, 1, w_t, b_t)])
+            t = b.node(spec.gate_activation, [b.conv(h, width, width, 3, 1, w_t, b_t)], **squash)
         else:
-            t = b.node("Sigmoid", [b.conv(z, c, width, 3, stride, w_t, b_t)])
+            t = b.node(spec.gate_activation, [b.conv(z, c, width, 3, stride, w_t, b_t)], **squash)
         carry = (
             x
             if stride == 1

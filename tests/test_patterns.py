@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import onnxsim
 import pytest
-from highway_onnx import SPELLINGS, Spec, build
+from highway_onnx import SPELLINGS, Spec, build, images
 from onnx import helper
 
-from hwtool.patterns import MIX_PATTERNS, NoHighwayBlockError, find_blocks
+from hwtool.patterns import MIX_PATTERNS, NoHighwayBlockError, find_blocks, gate_response
 
 
 @pytest.mark.parametrize("gate_reads", ["transform", "input"])
@@ -49,6 +51,29 @@ def test_odd_names_fixed_batch_and_other_activation():
         Spec(input_name="images:0", output_name="probs/out", batch=4, activation="LeakyRelu", normalise=False)
     )
     assert len(find_blocks(model)) == 3
+
+
+@pytest.mark.parametrize("activation", ["Sigmoid", "HardSigmoid"])
+def test_gate_activation_is_read_from_the_graph(activation):
+    """A HardSigmoid gate (as mobile networks use; torch exports alpha = 1/6 and leaves beta at its
+    default 0.5) is found like a Sigmoid one, and gate_response reproduces ORT's T from Conv_T's output."""
+    model = build(Spec(gate_activation=activation, widths=(8, 12)))
+    blocks = find_blocks(model)
+    assert [b.gate_activation for b in blocks] == [activation] * 2
+    expected = (pytest.approx(1 / 6), pytest.approx(0.5)) if activation == "HardSigmoid" else ()
+    assert all(b.gate_params == expected for b in blocks)
+    if activation == "HardSigmoid":  # saturates at pre-activations -3 and 3
+        assert gate_response(blocks[0], np.array([-9.0, -3.0, 0.0, 3.0, 9.0])).tolist() == pytest.approx(
+            [0, 0, 0.5, 1, 1]
+        )
+    names = [t for b in blocks for t in (b.gate_conv, b.gate)]
+    model.graph.output.extend([onnx.ValueInfoProto(name=t) for t in names])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip(names, sess.run(names, {"input": images(4)})))
+    for b in blocks:
+        t = values[b.gate]
+        assert 0.05 < t.mean() < 0.95 and t.std() > 0.01  # not saturated: the comparison means something
+        np.testing.assert_allclose(gate_response(b, values[b.gate_conv]), t, atol=1e-6)
 
 
 def test_both_exporters(tiny_onnx_dynamo, tiny_onnx_torchscript):

@@ -21,7 +21,8 @@ import onnx
 
 from hwtool.graph import Graph, attr
 
-# Nodes that may sit between the transform conv and H: per-channel, one data input.
+# Nodes that may sit between the transform conv and H: per-channel, one data input. SiLU (swish),
+# which exporters spell Mul(a, Sigmoid(a)), is recognised too (`_silu`).
 TRANSFORM_POST_OPS = (
     "BatchNormalization",
     "Relu",
@@ -34,6 +35,9 @@ TRANSFORM_POST_OPS = (
     "Softplus",
     "Tanh",
     "PRelu",
+    "Gelu",
+    "Mish",
+    "Softsign",
     "Identity",
 )
 COMMUTATIVE = ("Add", "Mul")
@@ -174,6 +178,17 @@ def gate_response(block: Block, z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
+def _silu(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Sigmoid of a SiLU spelled Mul(a, Sigmoid(a)) (operands in either order), else None."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for a, s in (node.input, reversed(node.input)):
+        sig = g.op(s)
+        if sig is not None and sig.op_type == "Sigmoid" and sig.input[0] == a:
+            return sig
+    return None
+
+
 def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """Walk back from H through per-channel nodes to the transform Conv: (conv, post nodes)."""
     post: list[onnx.NodeProto] = []
@@ -184,6 +199,11 @@ def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodePr
             return None
         if node.op_type == "Conv":
             return node, list(reversed(post))
+        sig = _silu(g, node)
+        if sig is not None:
+            post += [node, sig]
+            name = sig.input[0]
+            continue
         if node.op_type not in TRANSFORM_POST_OPS:
             return None
         post.append(node)

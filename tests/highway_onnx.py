@@ -17,7 +17,7 @@ class Spec:
     widths: tuple[int, ...] = (8, 8, 12)  # one block per entry; a width change means a projection carry
     bn_before: bool = True  # BatchNormalization on the block input, before H
     bn_after: bool = False  # BatchNormalization between Conv_H and the activation
-    activation: str = "Relu"
+    activation: str = "Relu"  # an ONNX op, or "SiLU" (spelled Mul(a, Sigmoid(a)), as exporters do)
     opset: int = 17
     input_name: str = "input"
     output_name: str = "logits"
@@ -129,7 +129,7 @@ def build(spec: Spec) -> onnx.ModelProto:
                     arr[spec.removable[i]] = val
                     tensor = next(t for t in b.inits if t.name == bn.input[idx])
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
-        h = b.node(spec.activation, [hc])
+        h = b.node("Mul", [hc, b.node("Sigmoid", [hc])]) if spec.activation == "SiLU" else b.node(spec.activation, [hc])
         squash = {"alpha": 1.0 / 6.0} if spec.gate_activation == "HardSigmoid" else {}
         if spec.gate_reads == "transform":
             t = b.node(spec.gate_activation, [b.conv(h, width, width, 3, 1, w_t, b_t)], **squash)

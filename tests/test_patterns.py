@@ -76,6 +76,21 @@ def test_gate_activation_is_read_from_the_graph(activation):
         np.testing.assert_allclose(gate_response(b, values[b.gate_conv]), t, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "activation,post",
+    [("SiLU", ["Sigmoid", "Mul"]), ("Gelu", ["Gelu"]), ("Mish", ["Mish"]), ("Softsign", ["Softsign"])],
+)
+def test_smooth_transform_activations(activation, post):
+    """H = SiLU (spelled Mul(a, Sigmoid(a)) by the exporters), GELU, Mish, ...: the chain back to Conv_H
+    is followed, and SiLU's own Sigmoid is not taken for a gate."""
+    model = build(Spec(activation=activation, opset=20))
+    blocks = find_blocks(model)
+    assert len(blocks) == 3
+    producer = {n.output[0]: n for n in model.graph.node}
+    assert all([producer[t].op_type for t in b.transform_post] == post for b in blocks)
+    assert all(producer[b.gate_conv].input[0] == b.transform for b in blocks)
+
+
 def test_both_exporters(tiny_onnx_dynamo, tiny_onnx_torchscript):
     for path in (tiny_onnx_dynamo, tiny_onnx_torchscript):
         blocks = find_blocks(onnx.load(str(path)))

@@ -204,30 +204,34 @@ def test_hard_sigmoid_gates_prune_exactly(write_back):
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_a_users_torch_network_with_hard_sigmoid_gates_prunes_exactly(exporter, tmp_path):
-    """A network of the user's own (not hwtool's model), gates by torch's Hardsigmoid, exported by
-    each torch exporter: its dead channels (H and T zero) are removed and the logits stay the same."""
+    """A network of the user's own (not hwtool's model), gates by torch's Hardsigmoid, transforms by
+    SiLU and GELU, exported by each torch exporter: its dead channels (H and T zero) are removed and
+    the logits stay the same."""
     import warnings
 
     import torch
     from torch import nn
 
     class Block(nn.Module):
-        def __init__(self, c: int, w: int, stride: int):
+        def __init__(self, c: int, w: int, stride: int, act: nn.Module):
             super().__init__()
+            self.act = act
             self.norm, self.h, self.t = nn.BatchNorm2d(c), nn.Conv2d(c, w, 3, stride, 1), nn.Conv2d(w, w, 3, 1, 1)
             self.proj = nn.Conv2d(c, w, 1, stride, bias=False) if (c, stride) != (w, 1) else None
-            with torch.no_grad():  # channels 0, 2, 3 dead: H = relu(0) = 0 and T = hardsigmoid(-40) = 0
+            with torch.no_grad():  # channels 0, 2, 3 dead: H = act(0) = 0 and T = hardsigmoid(-40) = 0
                 for conv, bias in ((self.h, 0.0), (self.t, -40.0)):
                     conv.weight[[0, 2, 3]] = 0.0
                     conv.bias[[0, 2, 3]] = bias
 
         def forward(self, x):
-            h = torch.relu(self.h(self.norm(x)))
+            h = self.act(self.h(self.norm(x)))
             t = nn.functional.hardsigmoid(self.t(h))
             return h * t + (1 - t) * (x if self.proj is None else self.proj(x))
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), Block(8, 8, 1), Block(8, 16, 2), nn.AdaptiveAvgPool2d(1))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1), Block(8, 8, 1, nn.SiLU()), Block(8, 16, 2, nn.GELU()), nn.AdaptiveAvgPool2d(1)
+    )
     net.append(nn.Sequential(nn.Flatten(), nn.Linear(16, 10))).eval()
     path = tmp_path / f"user-{exporter}.onnx"
     with warnings.catch_warnings():
@@ -237,12 +241,21 @@ def test_a_users_torch_network_with_hard_sigmoid_gates_prunes_exactly(exporter, 
             if exporter == "dynamo"
             else {"dynamo": False, "dynamic_axes": {"input": {0: "N"}}}
         )
-        torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(path), input_names=["input"], **kw)
+        torch.onnx.export(net, (torch.rand(2, 3, 32, 32),), str(path), input_names=["input"], opset_version=20, **kw)
     model = onnx.load(str(path))
     assert [b.gate_activation for b in find_blocks(model)] == ["HardSigmoid"] * 2
     x = images(16)
     pruned, report = prune(model, threshold=1e-6, calib=x)
     assert [(b.width, b.kept) for b in report.blocks] == [(8, 5), (16, 13)]
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["SiLU", "Gelu"])
+def test_smooth_transform_activations_prune_exactly(activation):
+    model = build(Spec(activation=activation, opset=20, removable=REMOVABLE))
+    x = images(24)
+    pruned, report = prune(model, threshold=1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
 
 

@@ -146,3 +146,11 @@ def count_flops(model: onnx.ModelProto, batch: int = 1) -> int:
                 k = a[0] if (node.op_type == "Gemm" and attr(node, "transA", 0)) else a[-1]
                 total += 2 * int(np.prod(y)) * k
     return total
+
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph already holds quantization ops."""
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from hwtool.graph import Graph, attr
+from hwtool.graph import Graph, attr, is_quantized
 
 # Nodes that may sit between the transform conv and H: per-channel, one data input. SiLU (swish),
 # which exporters spell Mul(a, Sigmoid(a)), is recognised too (`_silu`).
@@ -257,6 +257,11 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                 )
             )
             break
+    if not blocks and is_quantized(model):
+        raise NoHighwayBlockError(
+            "the model is quantized (it holds QuantizeLinear/DequantizeLinear or integer ops); "
+            "hwtool finds blocks in float models: prune the float model, then quantize the result"
+        )
     if not blocks:
         raise NoHighwayBlockError(
             "no highway block found: hwtool looks for T = Sigmoid or HardSigmoid(Conv(H or the block input)), "

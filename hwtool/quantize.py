@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from hwtool.graph import is_quantized
 from hwtool.runtime import (
     ModelError,
     atomic_write_bytes,
@@ -34,7 +35,6 @@ from hwtool.runtime import (
     make_session,
 )
 
-QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -114,11 +114,6 @@ def _reader(model: onnx.ModelProto, x: np.ndarray, batch: int, on_batch=None) ->
     if fixed and len(x) < fixed:
         raise ValueError(f"the model has a fixed batch of {fixed}; give at least {fixed} calibration images")
     return ArrayReader(name, x, fixed or batch, fixed=bool(fixed), on_batch=on_batch)
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    """Whether the graph already holds quantization ops."""
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
 def _method(name: str) -> CalibrationMethod:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -389,6 +390,7 @@ def test_cli_max_error_writes_nothing(tmp_path):
         ("calib_dtype", "expected float32"),
         ("no_calib_no_meta", "calibration"),
         ("same_output", "is the input"),
+        ("quantized", "the model is quantized"),
     ],
 )
 def test_cli_bad_inputs(tmp_path, case, message):
@@ -419,6 +421,8 @@ def test_cli_bad_inputs(tmp_path, case, message):
         args = ["prune", src]
     elif case == "same_output":
         args += ["-o", src]
+    elif case == "quantized":  # the shipped int8 model: prune the float one, then quantize
+        src.write_bytes((Path(__file__).resolve().parents[1] / "models/reference.pruned.int8.onnx").read_bytes())
     before = sorted(p.name for p in tmp_path.iterdir())
     res = _cli(args)
     assert res.exit_code != 0

@@ -179,16 +179,18 @@ def test_deterministic_bytes():
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
 
 
-def test_refit_beats_the_plain_drop():
-    """Random weights: the kept gates read the removed H, so the refit must reduce the gate error."""
-    model = build(Spec(seed=3))
+@pytest.mark.parametrize("gate_activation", ["Sigmoid", "HardSigmoid"])
+def test_refit_beats_the_plain_drop(gate_activation):
+    """Random weights: the kept gates read the removed H, so the refit must reduce the gate error
+    (measured through the block's own activation)."""
+    model = build(Spec(seed=3, gate_activation=gate_activation))
     x = images(64)
     _, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False))
     _, refit = prune(model, 0.3, calib=x)
     pruned_blocks = [b for b in refit.blocks if 0 < b.kept < b.width]
     assert pruned_blocks, "threshold 0.3 should prune part of some block"
     for b in pruned_blocks:
-        assert b.gate_error_refit < b.gate_error_naive
+        assert b.gate_error_refit < b.gate_error_naive < 1.0
     assert refit.max_abs_error < plain.max_abs_error
 
 
@@ -258,19 +260,6 @@ def test_smooth_transform_activations_prune_exactly(activation):
     pruned, report = prune(model, threshold=1e-6, calib=x)
     assert [b.kept for b in report.blocks] == [5, 0, 7]
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
-
-
-def test_refit_beats_the_plain_drop_with_hard_sigmoid_gates():
-    """The refit's gate error is measured through the block's own activation (HardSigmoid here)."""
-    model = build(Spec(seed=3, gate_activation="HardSigmoid"))
-    x = images(64)
-    _, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False))
-    _, refit = prune(model, 0.3, calib=x)
-    pruned_blocks = [b for b in refit.blocks if 0 < b.kept < b.width]
-    assert pruned_blocks, "threshold 0.3 should prune part of some block"
-    for b in pruned_blocks:
-        assert b.gate_error_refit < b.gate_error_naive < 1.0
-    assert refit.max_abs_error < plain.max_abs_error
 
 
 def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, cifar_path):

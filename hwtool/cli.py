@@ -605,15 +605,14 @@ def prune_cmd(
 def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     """Mean gate T per block and channel of one or more MODELS: tables and a heat map."""
     from hwtool.gates import gates_from_metadata, measure_gates
-    from hwtool.patterns import find_blocks
+    from hwtool.prune import highway_model
     from hwtool.report import gate_heatmap, gate_table, progress_bar
     from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
 
     check_outputs([png, as_json], [*models, calib, data])
     panels = []
     for path in models:
-        proto = load_model(path)
-        blocks = find_blocks(proto)
+        proto, blocks = highway_model(load_model(path))
         x = _calibration(proto, calib, data, count, split)
         if x is None:
             stats = gates_from_metadata(proto, blocks)

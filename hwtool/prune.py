@@ -23,8 +23,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
-from hwtool.graph import Graph, attr, count_flops, count_parameters
-from hwtool.patterns import Block, block_is_self_contained, find_blocks, gate_response
+from hwtool.graph import Graph, attr, count_flops, count_parameters, is_quantized
+from hwtool.patterns import (
+    GATE_ACTIVATIONS,
+    Block,
+    NoHighwayBlockError,
+    block_is_self_contained,
+    find_blocks,
+    gate_response,
+)
 from hwtool.runtime import fixed_batch, load_model, make_session, run_batched
 
 WRITE_BACKS = ("gather", "scatter", "conv")
@@ -457,7 +464,8 @@ def prune(
     original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    blocks = find_blocks(original)
+    given = original  # reported and verified against; blocks may be found only in its simplification
+    original, blocks = highway_model(given)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         if len(calib) < fixed:
@@ -554,8 +562,8 @@ def prune(
     t3 = time.perf_counter()
     max_abs = max_rel = agree = None
     if calib is not None:
-        if ref_logits is None:
-            ref_logits = _run_first(original, calib, cfg)
+        if ref_logits is None or original is not given:
+            ref_logits = _run_first(given, calib, cfg)
         new_logits = _run_first(model, calib, cfg, on_batch=bar("verify"))
         diff = np.abs(new_logits - ref_logits)
         max_abs = float(diff.max())
@@ -571,11 +579,11 @@ def prune(
         gate_source=gate_stats.source,
         calibration_images=0 if calib is None else len(calib),
         blocks=reports,
-        params_before=count_parameters(original),
+        params_before=count_parameters(given),
         params_after=count_parameters(model),
-        flops_before=count_flops(original),
+        flops_before=count_flops(given),
         flops_after=count_flops(model),
-        bytes_before=original.ByteSize(),
+        bytes_before=given.ByteSize(),
         bytes_after=model.ByteSize(),
         max_abs_error=max_abs,
         max_rel_error=max_rel,
@@ -610,6 +618,35 @@ def _import_onnxsim() -> types.ModuleType:
             for name in hidden:
                 del sys.modules[name]
     return sys.modules["onnxsim"]
+
+
+def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]:
+    """The model and its highway blocks, or, when a sigmoid is left unexplained (no gate, no SiLU of a
+    block) and onnxsim's simplification shows more blocks, that simplification and its blocks.
+
+    Exports without constant folding (torch's `do_constant_folding=False`, the dynamo exporter's
+    `optimize=False`) leave a BatchNormalization between a gate conv and its sigmoid and the mix's 1
+    behind a Cast; onnxsim folds both, computing the same function.
+    """
+    if is_quantized(model):
+        return model, find_blocks(model)  # raises: prune the float model
+    try:
+        blocks = find_blocks(model)
+    except NoHighwayBlockError as e:
+        blocks, first = [], e
+    explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
+    more: list[Block] = []
+    if any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS):
+        try:
+            simplified = _simplify(model)
+            more = find_blocks(simplified)
+        except Exception:  # onnxsim cannot run it, or finds no block either
+            more = []
+    if len(more) > len(blocks):
+        return simplified, more
+    if not blocks:
+        raise first
+    return model, blocks
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:

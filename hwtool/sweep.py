@@ -16,8 +16,7 @@ from hwtool.data import load_cifar10
 from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
-from hwtool.patterns import find_blocks
-from hwtool.prune import PruneConfig, prune
+from hwtool.prune import PruneConfig, highway_model, prune
 from hwtool.runtime import atomic_write_model, json_file_bytes, load_model
 
 
@@ -54,33 +53,33 @@ def sweep(
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
-    original = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    check_image_input(original)
+    given = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    check_image_input(given)
     splits = load_cifar10(data)
     if calib is None:
         calib = splits["train"].as_float(calib_count)
     test = splits["test"].head(limit)
-    blocks = find_blocks(original)
+    original, blocks = highway_model(given)  # the row "original" describes the model as given
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
 
     stats, ref = measure_gates(original, blocks, calib, batch=config.batch, on_batch=bar("gates"), keep_outputs=True)
     channels = sum(b.width for b in blocks)
-    correct, _ = accuracy_onnx(original, test, on_batch=bar("accuracy original"))
+    correct, _ = accuracy_onnx(given, test, on_batch=bar("accuracy original"))
     rows = [
         SweepRow(
             None,
             channels,
             channels,
-            count_parameters(original),
-            original.ByteSize(),
-            count_flops(original),
+            count_parameters(given),
+            given.ByteSize(),
+            count_flops(given),
             correct / len(test),
             0.0,
         )
     ]
-    models = [original]
+    models = [given]
     for t in thresholds:
         pruned, rep = prune(
             original,

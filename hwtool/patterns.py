@@ -170,12 +170,17 @@ class Block:
     gate_params: tuple[float, ...] = ()  # its attributes, in GATE_ACTIVATIONS' order
 
 
+def logistic(z: np.ndarray) -> np.ndarray:
+    """The Sigmoid op, overflow-free."""
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+
+
 def gate_response(block: Block, z: np.ndarray) -> np.ndarray:
     """T as the block computes it from gate pre-activations z."""
     if block.gate_activation == "HardSigmoid":
         alpha, beta = block.gate_params
         return np.clip(alpha * z + beta, 0.0, 1.0)
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
+    return logistic(z)
 
 
 def _silu(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:

@@ -31,6 +31,7 @@ from hwtool.patterns import (
     block_is_self_contained,
     find_blocks,
     gate_response,
+    logistic,
 )
 from hwtool.runtime import fixed_batch, load_model, make_session, run_batched
 
@@ -267,16 +268,15 @@ def refit_gate(
     kept: np.ndarray,
     pads: list[int],
     cfg: PruneConfig,
-    activation: Callable[[np.ndarray], np.ndarray] | None = None,
+    activation: Callable[[np.ndarray], np.ndarray] = logistic,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Fit the kept gate conv on kept H channels to reproduce the original kept pre-activations.
 
     h: full-width H (N, C, H, W) on the pruned network's activations; target: the original gate
     conv's output on the same activations (N, C, H, W); weight (C, C, kh, kw), bias (C,).
     Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit),
-    gate errors in gate space (after `activation`, the logistic sigmoid unless given) over sampled positions.
+    gate errors in gate space (after `activation`) over sampled positions.
     """
-    f = activation or (lambda v: 1.0 / (1.0 + np.exp(-np.clip(v, -60, 60))))
     n, _, hh, ww = h.shape
     k = len(kept)
     kh, kw = weight.shape[2:]
@@ -290,9 +290,9 @@ def refit_gate(
     gram = x.T @ x
     alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
     theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ z + alpha * theta0)
-    fz = f(z)
-    err_naive = float(np.sqrt(np.mean((f(x @ theta0) - fz) ** 2)))
-    err_refit = float(np.sqrt(np.mean((f(x @ theta) - fz) ** 2)))
+    fz = activation(z)
+    err_naive = float(np.sqrt(np.mean((activation(x @ theta0) - fz) ** 2)))
+    err_refit = float(np.sqrt(np.mean((activation(x @ theta) - fz) ** 2)))
     if err_refit > err_naive:  # never make a block worse than the plain drop
         theta, err_refit = theta0, err_naive
     w_new = theta[:-1].T.reshape(k, k, kh, kw).astype(weight.dtype)

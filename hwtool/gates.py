@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from hwtool.patterns import Block
-from hwtool.runtime import fixed_batch, input_spec, make_session, run_batched
+from hwtool.runtime import ModelError, fixed_batch, input_spec, make_session, run_batched
 
 GATE_METADATA = "hwtool.gate_means"
 
@@ -68,7 +68,15 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
     from hwtool.data import load_cifar10
     from hwtool.evaluate import check_image_input
 
-    check_image_input(model)
+    try:
+        check_image_input(model)
+    except ModelError:
+        name, dims, _ = input_spec(model)
+        shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+        raise ModelError(
+            f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{shown}]; "
+            "pass --calib FILE.npy with calibration inputs in the model's own layout"
+        ) from None
     return load_cifar10(data)[split].as_float(count)
 
 

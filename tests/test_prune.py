@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_errors import one_line_error
 from click.testing import CliRunner
 from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images, to_float16
 from rendering import render
@@ -379,6 +380,21 @@ def test_cli_prunes_a_model_with_external_data_into_one_self_contained_file(tmp_
     assert not [t.name for t in pruned.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     x = images(8)
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+
+
+def test_cli_data_for_a_model_of_another_input_size_says_to_pass_calib(tmp_path, cifar_path):
+    """--data gives 32x32 CIFAR images; a 64x64 model is told to bring --calib, and prunes with it."""
+    model = build(Spec(removable=REMOVABLE))
+    for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_value = 64
+    src = _save(model, tmp_path / "net64.onnx")
+    line = one_line_error(_cli(["prune", src, "--data", cifar_path, "--count", "8"]))
+    assert "[Nx3x64x64]" in line and "pass --calib" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net64.onnx"]
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).random((8, 3, 64, 64), dtype=np.float32))
+    res = _cli(["prune", src, "--calib", tmp_path / "calib.npy", "--threshold", "0.000001", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [b["kept"] for b in json.loads(res.output)["blocks"]] == [5, 0, 7]
 
 
 def test_cli_max_error_writes_nothing(tmp_path):

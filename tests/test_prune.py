@@ -277,6 +277,24 @@ def test_a_users_torch_network_prunes_exactly(exporter, folded, tmp_path):
     assert report.max_abs_error < 1e-4
 
 
+def test_highway_model_simplifies_only_when_that_finds_more_blocks():
+    """A model whose sigmoids are all gates (or SiLUs) is searched as given; an extra sigmoid outside
+    any block (a squeeze-excite, say) sends it through onnxsim, whose result is kept only if it shows
+    more blocks."""
+    from hwtool.prune import highway_model
+
+    model = build(Spec(activation="SiLU", opset=20))
+    same, blocks = highway_model(model)
+    assert same is model and len(blocks) == 3
+    extra = onnx.ModelProto()
+    extra.CopyFrom(model)
+    out = extra.graph.output[0].name
+    extra.graph.node.append(onnx.helper.make_node("Sigmoid", [out], ["probs"]))
+    extra.graph.output.append(onnx.ValueInfoProto(name="probs"))
+    same, blocks = highway_model(extra)
+    assert same is extra and len(blocks) == 3
+
+
 @pytest.mark.parametrize("activation", ["SiLU", "Gelu"])
 def test_smooth_transform_activations_prune_exactly(activation):
     model = build(Spec(activation=activation, opset=20, removable=REMOVABLE))

@@ -3,7 +3,8 @@
 The gate's squashing may be the logistic Sigmoid or its piecewise-linear HardSigmoid, as mobile
 networks use (`GATE_ACTIVATIONS`).
 
-The gate may also read the block's input instead of H, T = Sigmoid(Conv_T(z')), as in the
+The gate conv may be depthwise (each gate reading only its own channel of H). The gate may also
+read the block's input instead of H, T = Sigmoid(Conv_T(z')), as in the
 original highway networks: such a block is found by its mix, and pruning it needs no gate refit
 (its kept gates never read the removed channels).
 
@@ -168,6 +169,7 @@ class Block:
     gate_reads_transform: bool = True  # T = Sigmoid(Conv_T(H)); False: Conv_T reads something else (the input)
     gate_activation: str = "Sigmoid"  # a key of GATE_ACTIVATIONS
     gate_params: tuple[float, ...] = ()  # its attributes, in GATE_ACTIVATIONS' order
+    gate_depthwise: bool = False  # Conv_T is depthwise: each gate reads only its own channel
 
 
 def logistic(z: np.ndarray) -> np.ndarray:
@@ -222,6 +224,18 @@ def _conv_width(g: Graph, conv: onnx.NodeProto) -> int | None:
     return int(w.shape[0])
 
 
+def _gate_width(g: Graph, conv: onnx.NodeProto) -> tuple[int, bool] | None:
+    """(width, depthwise) of a gate conv: a plain conv, or a depthwise one (one group per channel,
+    each gate reading only its own channel); None for anything else."""
+    w = g.const(conv.input[1])
+    if w is None or w.ndim != 4:
+        return None
+    group = attr(conv, "group", 1)
+    if group == 1 or (group == w.shape[0] and w.shape[1] == 1):
+        return int(w.shape[0]), group != 1
+    return None
+
+
 def find_blocks(model: onnx.ModelProto) -> list[Block]:
     """All highway blocks of the model, in graph order. Raises NoHighwayBlockError if none."""
     g = Graph(model)
@@ -233,9 +247,10 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
         gate_conv = g.op(node.input[0])
         if gate_conv is None or gate_conv.op_type != "Conv":
             continue
-        width = _conv_width(g, gate_conv)
-        if width is None:
+        shape = _gate_width(g, gate_conv)
+        if shape is None:
             continue
+        width, depthwise = shape
         # First as designed here, the gate reading H; then as in the original highway networks,
         # the gate reading something else (the block's input), H then bound by the mix.
         for reads_h in (True, False):
@@ -259,6 +274,7 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                     gate_reads_transform=reads_h,
                     gate_activation=node.op_type,
                     gate_params=tuple(float(attr(node, a, d)) for a, d in GATE_ACTIVATIONS[node.op_type]),
+                    gate_depthwise=depthwise,
                 )
             )
             break

@@ -383,6 +383,8 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
         _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_post{i}")
     tconv = ed.node(block.gate_conv)
     ed.set_input(tconv, 1, f"{tag}_gate_w", gate_w)
+    if block.gate_depthwise:
+        next(a for a in tconv.attribute if a.name == "group").i = len(kept)
     if len(tconv.input) > 2 and tconv.input[2]:
         ed.set_input(tconv, 2, f"{tag}_gate_b", gate_b)
     else:
@@ -518,10 +520,14 @@ def prune(
             if len(tconv.input) > 2 and tconv.input[2]
             else np.zeros(block.width, dtype=weight.dtype)
         )
-        # A gate that reads H loses the removed channels' columns; one that reads the block's input keeps them.
-        gate_w, gate_b = (weight[kept][:, kept] if block.gate_reads_transform else weight[kept]), bias[kept]
+        # A gate that reads H loses the removed channels' columns; one that reads the block's input keeps
+        # them; a depthwise gate has one column, its own channel.
+        full_rows = block.gate_depthwise or not block.gate_reads_transform
+        gate_w, gate_b = (weight[kept] if full_rows else weight[kept][:, kept]), bias[kept]
         err_naive = err_refit = None
-        if len(kept) and not block.gate_reads_transform:
+        if len(kept) and block.gate_depthwise:
+            note = "depthwise gate: each reads only its own channel; kept gates unchanged, no refit needed"
+        elif len(kept) and not block.gate_reads_transform:
             note = "gate reads the block input: kept gates unchanged, no refit needed"
         elif len(kept) and runner is not None:
             pads = _gate_conv_geometry(ed.graph, block)

@@ -27,6 +27,7 @@ class Spec:
     seed: int = 0
     gate_reads: str = "transform"  # T = Sigmoid(Conv(H)); "input": Conv_T reads the block's input z, as H does
     gate_activation: str = "Sigmoid"  # or "HardSigmoid" (alpha 1/6, beta 0.5, as torch exports it)
+    gate_depthwise: bool = False  # Conv_T depthwise (group = width): each gate reads only its own channel of H
 
 
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
@@ -112,7 +113,8 @@ def build(spec: Spec) -> onnx.ModelProto:
         w_h = b.rng.normal(0, (2.0 / (c * 9)) ** 0.5, (width, c, 3, 3)).astype(np.float32)
         b_h = b.rng.normal(0, 0.1, width).astype(np.float32)
         gate_in = width if spec.gate_reads == "transform" else c
-        w_t = b.rng.normal(0, (1.0 / (gate_in * 9)) ** 0.5, (width, gate_in, 3, 3)).astype(np.float32)
+        gate_cols = 1 if spec.gate_depthwise else gate_in
+        w_t = b.rng.normal(0, (1.0 / (gate_cols * 9)) ** 0.5, (width, gate_cols, 3, 3)).astype(np.float32)
         b_t = b.rng.normal(-1.0, 0.5, width).astype(np.float32)
         for j in spec.removable.get(i, []):
             w_h[j] = 0.0  # H_j is act(0 + bias) = 0 for Relu with bias 0 ...
@@ -131,7 +133,10 @@ def build(spec: Spec) -> onnx.ModelProto:
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
         h = b.node("Mul", [hc, b.node("Sigmoid", [hc])]) if spec.activation == "SiLU" else b.node(spec.activation, [hc])
         squash = {"alpha": 1.0 / 6.0} if spec.gate_activation == "HardSigmoid" else {}
-        if spec.gate_reads == "transform":
+        if spec.gate_depthwise:
+            dw = b.node("Conv", [h, b.init(w_t, "w"), b.init(b_t, "b")], pads=[1, 1, 1, 1], group=width)
+            t = b.node(spec.gate_activation, [dw], **squash)
+        elif spec.gate_reads == "transform":
             t = b.node(spec.gate_activation, [b.conv(h, width, width, 3, 1, w_t, b_t)], **squash)
         else:
             t = b.node(spec.gate_activation, [b.conv(z, c, width, 3, stride, w_t, b_t)], **squash)

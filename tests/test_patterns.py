@@ -91,6 +91,23 @@ def test_smooth_transform_activations(activation, post):
     assert all(producer[b.gate_conv].input[0] == b.transform for b in blocks)
 
 
+def test_a_depthwise_gate_is_a_block_but_a_grouped_one_is_not():
+    model = build(Spec(gate_depthwise=True))
+    blocks = find_blocks(model)
+    assert [(b.width, b.gate_depthwise, b.gate_reads_transform) for b in blocks] == [(8, True, True)] * 2 + [
+        (12, True, True)
+    ]
+    # Two groups of four channels each (neither plain nor depthwise): not something hwtool can prune.
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.name == "group" and a.i == 8:
+                a.i = 2
+                w = next(t for t in model.graph.initializer if t.name == n.input[1])
+                arr = onnx.numpy_helper.to_array(w)
+                w.CopyFrom(onnx.numpy_helper.from_array(np.repeat(arr, 4, axis=1), w.name))
+    assert [b.width for b in find_blocks(model)] == [12]
+
+
 def test_both_exporters(tiny_onnx_dynamo, tiny_onnx_torchscript):
     for path in (tiny_onnx_dynamo, tiny_onnx_torchscript):
         blocks = find_blocks(onnx.load(str(path)))

@@ -277,6 +277,27 @@ def test_a_users_torch_network_prunes_exactly(exporter, folded, tmp_path):
     assert report.max_abs_error < 1e-4
 
 
+@pytest.mark.parametrize("write_back", ["gather", "conv"])
+def test_a_depthwise_gate_loses_its_rows_and_needs_no_refit(write_back):
+    """T = Sigmoid(depthwise Conv_T(H)): a kept gate reads only its own channel, so the removed
+    channels take nothing from it; the gate conv keeps one group per kept channel."""
+    model = build(Spec(gate_depthwise=True, removable=REMOVABLE))
+    assert all(b.gate_depthwise for b in find_blocks(model))
+    x = images(24)
+    pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    kept_blocks = [b for b in report.blocks if b.kept]
+    assert all("no refit needed" in b.note and b.gate_error_refit is None for b in kept_blocks)
+    # At a threshold that removes live channels: one group per kept channel in each gate conv.
+    pruned, report = prune(model, threshold=0.3, calib=x)
+    assert any(0 < b.kept < b.width for b in report.blocks)
+    groups = sorted(a.i for n in pruned.graph.node for a in n.attribute if a.name == "group")
+    assert groups == sorted(b.kept for b in report.blocks if b.kept)
+    assert _run(pruned, x).shape == (24, 10) and report.top1_agreement > 0.5
+
+
 def test_highway_model_simplifies_only_when_that_finds_more_blocks():
     """A model whose sigmoids are all gates (or SiLUs) is searched as given; an extra sigmoid outside
     any block (a squeeze-excite, say) sends it through onnxsim, whose result is kept only if it shows

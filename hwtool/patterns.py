@@ -217,16 +217,9 @@ def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodePr
         name = node.input[0]
 
 
-def _conv_width(g: Graph, conv: onnx.NodeProto) -> int | None:
-    w = g.const(conv.input[1])
-    if w is None or w.ndim != 4 or attr(conv, "group", 1) != 1:
-        return None
-    return int(w.shape[0])
-
-
 def _gate_width(g: Graph, conv: onnx.NodeProto) -> tuple[int, bool] | None:
-    """(width, depthwise) of a gate conv: a plain conv, or a depthwise one (one group per channel,
-    each gate reading only its own channel); None for anything else."""
+    """(width, depthwise) of a 2-D conv with constant weights: a plain conv, or a depthwise one (one
+    group per channel, each output reading only its own channel); None for anything else."""
     w = g.const(conv.input[1])
     if w is None or w.ndim != 4:
         return None
@@ -234,6 +227,12 @@ def _gate_width(g: Graph, conv: onnx.NodeProto) -> tuple[int, bool] | None:
     if group == 1 or (group == w.shape[0] and w.shape[1] == 1):
         return int(w.shape[0]), group != 1
     return None
+
+
+def _conv_width(g: Graph, conv: onnx.NodeProto) -> int | None:
+    """Output channels of a plain (ungrouped) 2-D conv with constant weights, else None."""
+    shape = _gate_width(g, conv)
+    return shape[0] if shape is not None and not shape[1] else None
 
 
 def find_blocks(model: onnx.ModelProto) -> list[Block]:

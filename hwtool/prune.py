@@ -634,15 +634,14 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
     `optimize=False`) leave a BatchNormalization between a gate conv and its sigmoid and the mix's 1
     behind a Cast; onnxsim folds both, computing the same function.
     """
-    if is_quantized(model):
-        return model, find_blocks(model)  # raises: prune the float model
     try:
         blocks = find_blocks(model)
     except NoHighwayBlockError as e:
         blocks, first = [], e
     explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
+    unexplained = any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS)
     more: list[Block] = []
-    if any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS):
+    if unexplained and not is_quantized(model):  # a quantized one gets find_blocks' own error
         try:
             simplified = _simplify(model)
             more = find_blocks(simplified)

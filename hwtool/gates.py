@@ -30,11 +30,16 @@ class GateStats:
         return float((allm < threshold).mean())
 
 
+def _layout(dims: list) -> str:
+    """An input's dims as '1x3x32x32', symbolic or unknown ones as N."""
+    return "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+
+
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
     """A calibration array from .npy (float32, or float16 widened to it), checked against the model's input layout."""
     p = Path(path)
     name, dims, _ = input_spec(model)
-    expected = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+    expected = _layout(dims)
     if p.is_dir():
         raise ValueError(f"calibration {p} is a folder; pass a .npy file")
     if not p.is_file():
@@ -72,9 +77,8 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
         check_image_input(model)
     except ModelError:
         name, dims, _ = input_spec(model)
-        shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
         raise ModelError(
-            f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{shown}]; "
+            f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{_layout(dims)}]; "
             "pass --calib FILE.npy with calibration inputs in the model's own layout"
         ) from None
     return load_cifar10(data)[split].as_float(count)

@@ -196,14 +196,20 @@ def test_refit_beats_the_plain_drop(gate_activation):
 
 
 @pytest.mark.parametrize("write_back", ["gather", "conv"])
-def test_hard_sigmoid_gates_prune_exactly(write_back):
-    model = build(Spec(gate_activation="HardSigmoid", removable=REMOVABLE))
+@pytest.mark.parametrize(
+    "variant",
+    [{"gate_activation": "HardSigmoid"}, {"activation": "SiLU", "opset": 20}, {"activation": "Gelu", "opset": 20}],
+    ids=["HardSigmoid gates", "SiLU transforms", "GELU transforms"],
+)
+def test_other_gate_and_transform_activations_prune_exactly(variant, write_back):
+    model = build(Spec(removable=REMOVABLE, **variant))
     x = images(24)
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
     assert [b.kept for b in report.blocks] == [5, 0, 7]
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
-    assert sum(n.op_type == "HardSigmoid" for n in pruned.graph.node) == 2
-    assert not any(n.op_type == "Sigmoid" for n in pruned.graph.node)
+    if variant.get("gate_activation") == "HardSigmoid":
+        assert sum(n.op_type == "HardSigmoid" for n in pruned.graph.node) == 2
+        assert not any(n.op_type == "Sigmoid" for n in pruned.graph.node)
 
 
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
@@ -314,15 +320,6 @@ def test_highway_model_simplifies_only_when_that_finds_more_blocks():
     extra.graph.output.append(onnx.ValueInfoProto(name="probs"))
     same, blocks = highway_model(extra)
     assert same is extra and len(blocks) == 3
-
-
-@pytest.mark.parametrize("activation", ["SiLU", "Gelu"])
-def test_smooth_transform_activations_prune_exactly(activation):
-    model = build(Spec(activation=activation, opset=20, removable=REMOVABLE))
-    x = images(24)
-    pruned, report = prune(model, threshold=1e-6, calib=x)
-    assert [b.kept for b in report.blocks] == [5, 0, 7]
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
 
 
 def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, cifar_path):

@@ -123,7 +123,8 @@ def measure_gates(
     for _, res in run_batched(sess, x, batch, outputs=[first, *gate_names], on_batch=on_batch):
         if keep_outputs:
             outs.append(res[0])
-        for s, t in zip(sums, res[1:]):
+        for block, s, t in zip(blocks, sums, res[1:]):
+            t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
             s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
     stats = GateStats(tuple(s / len(x) for s in sums), f"calibration ({len(x)} images)", len(x))
     return stats, (np.concatenate(outs) if keep_outputs else None)

@@ -1,5 +1,10 @@
 """Highway blocks found by dataflow: gate T = Sigmoid(Conv_T(H)), H = act(BN(Conv_H(z))), mixed with a carry.
 
+The transform and gate layers are weighted layers (`Affine`): convs of any rank (Conv1d over
+sequences, Conv2d over images, Conv3d), or fully connected, as in the original highway networks
+and the highway layers of speech and text models: a Gemm, or a MatMul by a constant matrix with an
+optional Add of a bias, over [..., C] with channels last.
+
 The gate's squashing may be the logistic Sigmoid or its piecewise-linear HardSigmoid, as mobile
 networks use (`GATE_ACTIVATIONS`).
 
@@ -156,10 +161,10 @@ class Block:
     """One highway block, named by tensors so that it survives edits to other blocks."""
 
     index: int
-    transform_conv: str  # output tensor of Conv_H
+    transform_conv: str  # output tensor of the transform layer Conv_H (see `affine`)
     transform_post: tuple[str, ...]  # output tensors of BN/activation nodes after Conv_H, in order
     transform: str  # H
-    gate_conv: str  # output tensor of Conv_T (the gate pre-activation)
+    gate_conv: str  # output tensor of the gate layer Conv_T (the gate pre-activation)
     gate: str  # T = Sigmoid(Conv_T(H)) (or HardSigmoid)
     carry: str  # c
     output: str  # y
@@ -170,6 +175,95 @@ class Block:
     gate_activation: str = "Sigmoid"  # a key of GATE_ACTIVATIONS
     gate_params: tuple[float, ...] = ()  # its attributes, in GATE_ACTIVATIONS' order
     gate_depthwise: bool = False  # Conv_T is depthwise: each gate reads only its own channel
+    channel_axis: int = 1  # of H, T and the carry: 1 for convs, -1 for fully connected layers
+
+
+@dataclass(frozen=True, eq=False)
+class Affine:
+    """A weighted layer y = W·x + b as the graph spells it, read with its weights in a Conv's
+    out × in (× kernel) layout whatever the storage."""
+
+    kind: str  # "conv" (Conv over [N, C, ...]) or "linear" (Gemm, or MatMul over [..., C])
+    input: str  # x
+    output: str  # y (the bias Add's output for a MatMul with a bias)
+    node: str  # output tensor of the node holding the weight (its input 1)
+    weight: np.ndarray  # out × in (× kernel)
+    transposed: bool  # the stored matrix is in × out (MatMul; Gemm without transB)
+    bias: np.ndarray | None  # (out,)
+    bias_node: str | None  # output tensor of the node holding the bias: the layer's own, or the Add
+    bias_index: int | None  # that node's input holding it
+    group: int = 1
+
+
+def affine(g: Graph, name: str) -> Affine | None:
+    """The weighted layer whose output is tensor `name` (constant weights), else None."""
+    node = g.op(name)
+    if node is None:
+        return None
+    if node.op_type == "Conv":
+        w = g.const(node.input[1])
+        if w is None or w.ndim < 3 or g.const(node.input[0]) is not None:
+            return None
+        b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and b is None:
+            return None
+        return Affine(
+            "conv",
+            node.input[0],
+            name,
+            name,
+            w,
+            False,
+            b,
+            name if b is not None else None,
+            2 if b is not None else None,
+            int(attr(node, "group", 1)),
+        )
+    if node.op_type == "Gemm":
+        w = g.const(node.input[1])
+        if w is None or w.ndim != 2 or attr(node, "transA", 0) or float(attr(node, "alpha", 1.0)) != 1.0:
+            return None
+        trans = not attr(node, "transB", 0)
+        out = w.shape[1] if trans else w.shape[0]
+        b = None
+        if len(node.input) > 2 and node.input[2]:
+            b = g.const(node.input[2])
+            if b is None or b.size != out or float(attr(node, "beta", 1.0)) != 1.0:
+                return None
+        return Affine(
+            "linear",
+            node.input[0],
+            name,
+            name,
+            w.T if trans else w,
+            trans,
+            None if b is None else b.reshape(out),
+            name if b is not None else None,
+            2 if b is not None else None,
+        )
+    if node.op_type == "MatMul":
+        return _matmul(g, node, name, None, None)
+    if node.op_type == "Add" and len(node.input) == 2:
+        for i, (mm, bias) in enumerate((node.input, reversed(node.input))):
+            mnode = g.op(mm)
+            if mnode is not None and mnode.op_type == "MatMul" and len(g.users(mm)) == 1:
+                return _matmul(g, mnode, name, bias, 1 - i)
+    return None
+
+
+def _matmul(g: Graph, node: onnx.NodeProto, name: str, bias: str | None, bias_index: int | None) -> Affine | None:
+    """x @ W (W a constant matrix, x not constant), with the Add of a constant bias (out,) when given."""
+    w = g.const(node.input[1])
+    if w is None or w.ndim != 2 or g.const(node.input[0]) is not None:
+        return None
+    b = None
+    if bias is not None:
+        b = g.const(bias)
+        if b is None or b.size != w.shape[1] or (b.ndim and b.shape[-1] != w.shape[1]):
+            return None
+        b = b.reshape(w.shape[1])
+    bias_node = name if bias is not None else None
+    return Affine("linear", node.input[0], name, node.output[0], w.T, True, b, bias_node, bias_index)
 
 
 def logistic(z: np.ndarray) -> np.ndarray:
@@ -196,16 +290,17 @@ def _silu(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
     return None
 
 
-def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """Walk back from H through per-channel nodes to the transform Conv: (conv, post nodes)."""
+def _transform_chain(g: Graph, h: str) -> tuple[Affine, list[onnx.NodeProto]] | None:
+    """Walk back from H through per-channel nodes to the transform layer: (layer, post nodes)."""
     post: list[onnx.NodeProto] = []
     name = h
     while True:
         node = g.op(name)
         if node is None:
             return None
-        if node.op_type == "Conv":
-            return node, list(reversed(post))
+        layer = affine(g, name)
+        if layer is not None:
+            return layer, list(reversed(post))
         sig = _silu(g, node)
         if sig is not None:
             post += [node, sig]
@@ -217,21 +312,18 @@ def _transform_chain(g: Graph, h: str) -> tuple[onnx.NodeProto, list[onnx.NodePr
         name = node.input[0]
 
 
-def _gate_width(g: Graph, conv: onnx.NodeProto) -> tuple[int, bool] | None:
-    """(width, depthwise) of a 2-D conv with constant weights: a plain conv, or a depthwise one (one
-    group per channel, each output reading only its own channel); None for anything else."""
-    w = g.const(conv.input[1])
-    if w is None or w.ndim != 4:
-        return None
-    group = attr(conv, "group", 1)
-    if group == 1 or (group == w.shape[0] and w.shape[1] == 1):
-        return int(w.shape[0]), group != 1
+def _gate_width(layer: Affine) -> tuple[int, bool] | None:
+    """(width, depthwise) of a gate layer: fully connected, a plain conv, or a depthwise one (one
+    group per channel, each output reading only its own channel); None for other grouped convs."""
+    w = layer.weight
+    if layer.group == 1 or (layer.group == w.shape[0] and w.shape[1] == 1):
+        return int(w.shape[0]), layer.group != 1
     return None
 
 
-def _conv_width(g: Graph, conv: onnx.NodeProto) -> int | None:
-    """Output channels of a plain (ungrouped) 2-D conv with constant weights, else None."""
-    shape = _gate_width(g, conv)
+def _transform_width(layer: Affine) -> int | None:
+    """Output channels of an ungrouped transform layer, else None."""
+    shape = _gate_width(layer)
     return shape[0] if shape is not None and not shape[1] else None
 
 
@@ -243,10 +335,10 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
         if node.op_type not in GATE_ACTIVATIONS:
             continue
         gate = node.output[0]
-        gate_conv = g.op(node.input[0])
-        if gate_conv is None or gate_conv.op_type != "Conv":
+        gate_conv = affine(g, node.input[0])
+        if gate_conv is None:
             continue
-        shape = _gate_width(g, gate_conv)
+        shape = _gate_width(gate_conv)
         if shape is None:
             continue
         width, depthwise = shape
@@ -260,10 +352,10 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
             blocks.append(
                 Block(
                     index=len(blocks),
-                    transform_conv=transform_conv.output[0],
+                    transform_conv=transform_conv.output,
                     transform_post=tuple(n.output[0] for n in post),
                     transform=env["H"],
-                    gate_conv=gate_conv.output[0],
+                    gate_conv=gate_conv.output,
                     gate=gate,
                     carry=env["C"],
                     output=nodes[0].output[0],
@@ -274,6 +366,7 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                     gate_activation=node.op_type,
                     gate_params=tuple(float(attr(node, a, d)) for a, d in GATE_ACTIVATIONS[node.op_type]),
                     gate_depthwise=depthwise,
+                    channel_axis=-1 if gate_conv.kind == "linear" else 1,
                 )
             )
             break
@@ -284,26 +377,27 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
         )
     if not blocks:
         raise NoHighwayBlockError(
-            "no highway block found: hwtool looks for T = Sigmoid or HardSigmoid(Conv(H or the block input)), "
-            "H = Conv(...) [+BN/activation], mixed as T*H + (1-T)*carry; is this a highway network?"
+            "no highway block found: hwtool looks for T = Sigmoid or HardSigmoid(Conv or Linear(H or the block "
+            "input)), H = Conv or Linear(...) [+BN/activation], mixed as T*H + (1-T)*carry; is this a highway network?"
         )
     return blocks
 
 
-def _find_block(g: Graph, gate: str, gate_conv: onnx.NodeProto, width: int, reads_h: bool):
-    """The mix around gate T and H's transform chain: (pattern, bindings, mix nodes, Conv_H, post
-    nodes), or None. reads_h: H is the gate conv's input; else H is whatever the mix multiplies by
-    T, and not the gate conv's input. Either way H must be act(BN(Conv(...))) with the gate's width."""
-    h = gate_conv.input[0] if reads_h else None
+def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: bool):
+    """The mix around gate T and H's transform chain: (pattern, bindings, mix nodes, transform
+    layer, post nodes), or None. reads_h: H is the gate layer's input; else H is whatever the mix
+    multiplies by T, and not the gate layer's input. Either way H must be act(BN(layer(...))) with
+    the gate's width, the gate and transform layers of one kind (both convs or both linear)."""
+    h = gate_conv.input if reads_h else None
     for user in g.users(gate):
         found = _find_mix(g, user, gate, h)
         if found is None:
             continue
         pattern, env, nodes = found
-        if not reads_h and env["H"] == gate_conv.input[0]:
+        if not reads_h and env["H"] == gate_conv.input:
             continue
         chain = _transform_chain(g, env["H"])
-        if chain is not None and _conv_width(g, chain[0]) == width:
+        if chain is not None and chain[0].kind == gate_conv.kind and _transform_width(chain[0]) == width:
             return pattern, env, nodes, *chain
     return None
 
@@ -338,13 +432,15 @@ def block_is_self_contained(g: Graph, block: Block) -> bool:
 
     Pruning shrinks those tensors, so a reader outside the block (or a graph output) would break.
     """
-    inside = set(block.mix_nodes) | {block.gate_conv}
-    internal = [block.transform, block.gate, *[m for m in block.mix_nodes if m != block.output]]
+    layers = [affine(g, block.transform_conv), affine(g, block.gate_conv)]
+    matmuls = [layer.node for layer in layers if layer is not None and layer.node != layer.output]  # before a bias Add
+    inside = set(block.mix_nodes) | {block.gate_conv, block.transform_conv, *block.transform_post, *matmuls}
+    internal = [block.transform, block.gate, *[m for m in block.mix_nodes if m != block.output], *matmuls]
     internal += list(block.transform_post[:-1]) + [block.transform_conv] if block.transform_post else []
     for t in internal:
         if t in g.graph_outputs:
             return False
         for user in g.users(t):
-            if user.output[0] not in inside and user.output[0] not in block.transform_post:
+            if user.output[0] not in inside:
                 return False
     return True

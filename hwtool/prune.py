@@ -26,8 +26,10 @@ from hwtool.gates import GateStats, gates_from_metadata, measure_gates
 from hwtool.graph import Graph, attr, count_flops, count_parameters, is_quantized
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
+    Affine,
     Block,
     NoHighwayBlockError,
+    affine,
     block_is_self_contained,
     find_blocks,
     gate_response,
@@ -322,29 +324,50 @@ def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int,
 
 
 def _write_back(
-    kind: str, tag: str, carry: str, mix: str, delta: str, kept: np.ndarray, width: int, out: str, dtype: np.dtype
+    kind: str,
+    tag: str,
+    carry: str,
+    mix: str,
+    delta: str,
+    kept: np.ndarray,
+    width: int,
+    out: str,
+    dtype: np.dtype,
+    layer: Affine,
 ):
     """Nodes and initializers writing the kept-channel mix into the full-width carry as `out`
-    (`dtype`: the network's float type, for the conv write-back's one-hot weights)."""
+    (`dtype`: the network's float type, for the conv write-back's one-hot weights; `layer`: the
+    block's transform layer, whose kind and rank place the channel axis)."""
+    axis = -1 if layer.kind == "linear" else 1
     nodes, inits = [], []
     if kind == "gather":
         perm = np.arange(width, dtype=np.int64)
         perm[kept] = width + np.arange(len(kept))
         inits.append(numpy_helper.from_array(perm, f"{tag}_perm"))
-        nodes.append(helper.make_node("Concat", [carry, mix], [f"{tag}_cat"], axis=1, name=f"{tag}_cat"))
-        nodes.append(helper.make_node("Gather", [f"{tag}_cat", f"{tag}_perm"], [out], axis=1, name=f"{tag}_writeback"))
+        nodes.append(helper.make_node("Concat", [carry, mix], [f"{tag}_cat"], axis=axis, name=f"{tag}_cat"))
+        nodes.append(
+            helper.make_node("Gather", [f"{tag}_cat", f"{tag}_perm"], [out], axis=axis, name=f"{tag}_writeback")
+        )
     elif kind == "scatter":
-        inits.append(numpy_helper.from_array(kept.astype(np.int64).reshape(1, -1, 1, 1), f"{tag}_idx4"))
+        # broadcast over the other axes by Expand: channels last need no trailing ones
+        spatial = () if layer.kind == "linear" else (1,) * (layer.weight.ndim - 2)
+        index = kept.astype(np.int64).reshape(*((1,) if axis == 1 else ()), -1, *spatial)
+        inits.append(numpy_helper.from_array(index, f"{tag}_idx4"))
         nodes.append(helper.make_node("Shape", [mix], [f"{tag}_shape"], name=f"{tag}_shape"))
         nodes.append(helper.make_node("Expand", [f"{tag}_idx4", f"{tag}_shape"], [f"{tag}_idx"], name=f"{tag}_expand"))
         nodes.append(
-            helper.make_node("ScatterElements", [carry, f"{tag}_idx", mix], [out], axis=1, name=f"{tag}_writeback")
+            helper.make_node("ScatterElements", [carry, f"{tag}_idx", mix], [out], axis=axis, name=f"{tag}_writeback")
         )
     elif kind == "conv":
-        onehot = np.zeros((width, len(kept), 1, 1), dtype=dtype)
-        onehot[kept, np.arange(len(kept)), 0, 0] = 1.0
-        inits.append(numpy_helper.from_array(onehot, f"{tag}_onehot"))
-        nodes.append(helper.make_node("Conv", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
+        onehot = np.zeros((width, len(kept)), dtype=dtype)
+        onehot[kept, np.arange(len(kept))] = 1.0
+        if layer.kind == "linear":  # delta (..., k) @ (k, width)
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(onehot.T), f"{tag}_onehot"))
+            nodes.append(helper.make_node("MatMul", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
+        else:
+            onehot = onehot.reshape(width, len(kept), *(1,) * (layer.weight.ndim - 2))
+            inits.append(numpy_helper.from_array(onehot, f"{tag}_onehot"))
+            nodes.append(helper.make_node("Conv", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
         nodes.append(helper.make_node("Add", [carry, f"{tag}_spread"], [out], name=f"{tag}_writeback"))
     else:
         raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {kind!r}")
@@ -352,15 +375,43 @@ def _write_back(
 
 
 def _block_params(g: Graph, block: Block) -> int:
-    names = [block.transform_conv, *block.transform_post, block.gate_conv]
+    """Float weights of the block's transform and gate layers and their per-channel post nodes."""
     n = 0
-    for t in names:
-        node = g.producer[t]
-        for i in node.input[1:]:
+    for name in (block.transform_conv, block.gate_conv):
+        layer = affine(g, name)
+        n += layer.weight.size + (0 if layer.bias is None else layer.bias.size)
+    for t in block.transform_post:
+        for i in g.producer[t].input[1:]:
             v = g.const(i)
             if v is not None and v.dtype.kind == "f":
                 n += v.size
     return n
+
+
+def _set_layer(ed: _Editor, layer: Affine, weight: np.ndarray, bias: np.ndarray | None, tag: str) -> None:
+    """Give a transform or gate layer new weights (out × in (× kernel)) and bias (out,), stored the
+    way the layer stores them; a layer without a bias gets one (a MatMul an Add after it) unless
+    bias is None."""
+    node = ed.node(layer.node)
+    ed.set_input(node, 1, f"{tag}_w", np.ascontiguousarray(weight.T) if layer.transposed else weight)
+    if bias is None:
+        pass
+    elif layer.bias_node is not None:
+        ed.set_input(ed.node(layer.bias_node), layer.bias_index, f"{tag}_b", bias)
+    elif node.op_type == "MatMul":
+        node.output[0] = f"{tag}_matmul"
+        ed.model.graph.initializer.append(numpy_helper.from_array(bias, f"{tag}_b"))
+        add = helper.make_node("Add", [f"{tag}_matmul", f"{tag}_b"], [layer.output], name=f"{tag}_bias")
+        ed.model.graph.node.append(add)
+    else:  # Conv, Gemm: an optional third input
+        while len(node.input) < 3:
+            node.input.append("")
+        ed.set_input(node, 2, f"{tag}_b", bias)
+        if node.op_type == "Gemm":  # with no C before, beta was never applied
+            keep = [a for a in node.attribute if a.name != "beta"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    ed.refresh()
 
 
 def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray, kind: str):
@@ -375,32 +426,27 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
         ed.model.graph.node.append(helper.make_node("Identity", [block.carry], [block.output], name=f"{tag}_carry"))
         ed.refresh()
         return
-    hconv = ed.node(block.transform_conv)
-    ed.set_input(hconv, 1, f"{tag}_transform_w", g.const(hconv.input[1])[kept])
-    if len(hconv.input) > 2 and hconv.input[2]:
-        ed.set_input(hconv, 2, f"{tag}_transform_b", g.const(hconv.input[2])[kept])
+    transform = affine(g, block.transform_conv)
+    bias = None if transform.bias is None else transform.bias[kept]
+    _set_layer(ed, transform, transform.weight[kept], bias, f"{tag}_transform")
     for i, t in enumerate(block.transform_post):
         _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_post{i}")
-    tconv = ed.node(block.gate_conv)
-    ed.set_input(tconv, 1, f"{tag}_gate_w", gate_w)
+    gate = affine(ed.graph, block.gate_conv)
+    _set_layer(ed, gate, gate_w, gate_b, f"{tag}_gate")
     if block.gate_depthwise:
-        next(a for a in tconv.attribute if a.name == "group").i = len(kept)
-    if len(tconv.input) > 2 and tconv.input[2]:
-        ed.set_input(tconv, 2, f"{tag}_gate_b", gate_b)
-    else:
-        tconv.input.append("")
-        ed.set_input(tconv, 2, f"{tag}_gate_b", gate_b)
+        next(a for a in ed.node(gate.node).attribute if a.name == "group").i = len(kept)
     ed.remove_nodes(mix)
+    axis = block.channel_axis
     kept_idx = numpy_helper.from_array(kept.astype(np.int64), f"{tag}_kept")
     nodes = [
-        helper.make_node("Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=1, name=f"{tag}_carry"),
+        helper.make_node("Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=axis, name=f"{tag}_carry"),
         helper.make_node("Sub", [block.transform, f"{tag}_carry_kept"], [f"{tag}_diff"], name=f"{tag}_diff"),
         helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_delta"], name=f"{tag}_delta"),
     ]
     if kind != "conv":
         nodes.append(helper.make_node("Add", [f"{tag}_carry_kept", f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
     wb_nodes, wb_inits = _write_back(
-        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output, gate_w.dtype
+        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output, gate_w.dtype, transform
     )
     ed.model.graph.node.extend(nodes + wb_nodes)
     ed.model.graph.initializer.extend([kept_idx, *wb_inits])
@@ -426,18 +472,35 @@ def kept_channels(means: np.ndarray, threshold: float, round_to: int = 1) -> np.
 
 
 def _gate_conv_geometry(g: Graph, block: Block) -> list[int] | None:
-    """Pads of the gate conv if the refit supports it (stride 1, no dilation, no groups)."""
-    conv = g.producer[block.gate_conv]
-    if any(s != 1 for s in attr(conv, "strides", [1, 1])) or any(d != 1 for d in attr(conv, "dilations", [1, 1])):
+    """Pads of the gate layer seen as a 2-D conv (`_as_2d`), if the refit supports it: a fully
+    connected layer, or a 1-D or 2-D conv with stride 1, no dilation and no groups."""
+    layer = affine(g, block.gate_conv)
+    if layer.kind == "linear":
+        return [0, 0, 0, 0]
+    conv = g.producer[layer.node]
+    rank = layer.weight.ndim - 2
+    if rank > 2 or layer.group != 1:
         return None
-    if attr(conv, "group", 1) != 1:
+    ones = [1] * rank
+    if list(attr(conv, "strides", ones)) != ones or list(attr(conv, "dilations", ones)) != ones:
         return None
     auto = attr(conv, "auto_pad", b"NOTSET")
-    w = g.const(conv.input[1])
-    if auto in (b"SAME_UPPER", b"SAME_LOWER", "SAME_UPPER", "SAME_LOWER"):
-        kh, kw = w.shape[2:]
-        return [(kh - 1) // 2, (kw - 1) // 2, kh // 2, kw // 2]
-    return list(attr(conv, "pads", [0, 0, 0, 0]))
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    kernel = layer.weight.shape[2:]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # the odd one of a padding goes at the end (upper) or the start
+        begin = [(k - 1) // 2 if auto == "SAME_UPPER" else k // 2 for k in kernel]
+        pads = begin + [k - 1 - b for k, b in zip(kernel, begin)]
+    else:
+        pads = list(attr(conv, "pads", [0] * 2 * rank))
+    return pads if rank == 2 else [0, pads[0], 0, pads[1]]
+
+
+def _as_2d(layer: Affine, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Activations (N, C, ...) or (..., C) and weights (C, C, ...) of a gate layer seen as a 2-D
+    conv's: a fully connected layer as a 1x1 conv over all rows, a 1-D conv over height-1 images."""
+    if layer.kind == "linear":
+        return [a.reshape(-1, a.shape[-1])[:, :, None, None] for a in arrays[:-1]] + [arrays[-1][:, :, None, None]]
+    return [a[:, :, None] if a.ndim == 3 else a for a in arrays]
 
 
 def prune(
@@ -513,13 +576,9 @@ def prune(
                 BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None, note)
             )
             continue
-        tconv = ed.node(block.gate_conv)
-        weight = ed.graph.const(tconv.input[1])
-        bias = (
-            ed.graph.const(tconv.input[2])
-            if len(tconv.input) > 2 and tconv.input[2]
-            else np.zeros(block.width, dtype=weight.dtype)
-        )
+        gate = affine(ed.graph, block.gate_conv)
+        weight = gate.weight
+        bias = gate.bias if gate.bias is not None else np.zeros(block.width, dtype=weight.dtype)
         # A gate that reads H loses the removed channels' columns; one that reads the block's input keeps
         # them; a depthwise gate has one column, its own channel.
         full_rows = block.gate_depthwise or not block.gate_reads_transform
@@ -532,17 +591,18 @@ def prune(
         elif len(kept) and runner is not None:
             pads = _gate_conv_geometry(ed.graph, block)
             if pads is None:
-                note = "gate conv has strides, dilations or groups; refit skipped"
+                note = "gate conv is 3-D or has strides, dilations or groups; refit skipped"
             else:
                 ts = time.perf_counter()
                 # the block's own inputs are kept too, so that its pruned output is computed from
                 # them alone instead of from the network's input
-                inputs = list(dict.fromkeys([ed.node(block.transform_conv).input[0], block.carry]))
+                inputs = list(dict.fromkeys([affine(ed.graph, block.transform_conv).input, block.carry]))
                 h, z, *known = runner.compute([block.transform, block.gate_conv, *inputs])
                 runner.remember(dict(zip(inputs, known)))
                 gate_w, gate_b, err_naive, err_refit = refit_gate(
-                    h, z, weight, bias, kept, pads, cfg, partial(gate_response, block)
+                    *_as_2d(gate, h, z, weight), bias, kept, pads, cfg, partial(gate_response, block)
                 )
+                gate_w = gate_w.reshape(len(kept), len(kept), *weight.shape[2:])
                 refit_seconds += time.perf_counter() - ts
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
         if runner is not None:

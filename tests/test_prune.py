@@ -523,6 +523,41 @@ def test_patches_match_a_padded_reference():
     np.testing.assert_array_equal(x[:, -1], 1.0)  # the bias column
 
 
+@pytest.mark.parametrize("auto_pad", ["NOTSET", "SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("kernel", [(2, 3), (4,)], ids=["2-D", "1-D"])
+def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
+    """Patches taken with the gate conv's geometry (explicit pads or SAME padding of an even kernel,
+    whose odd pad goes at the end or the start; a 1-D conv as height-1 images) times its weights
+    give ORT's conv output."""
+    from types import SimpleNamespace
+
+    from hwtool.prune import _as_2d, _gate_conv_geometry, _patches
+
+    rng = np.random.default_rng(0)
+    h = rng.random((2, 3, *(6, 5)[-len(kernel) :]), dtype=np.float32)
+    w = rng.standard_normal((3, 3, *kernel)).astype(np.float32)
+    pads = {"auto_pad": auto_pad} if auto_pad != "NOTSET" else {"pads": [1] * len(kernel) + [2] * len(kernel)}
+    conv = onnx.helper.make_node("Conv", ["h", "w"], ["z"], **pads)
+    graph = onnx.helper.make_graph(
+        [conv],
+        "g",
+        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, list(h.shape))],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    z = _run(model, h)
+    from hwtool.graph import Graph
+    from hwtool.patterns import affine
+
+    layer = affine(Graph(model), "z")
+    geometry = _gate_conv_geometry(Graph(model), SimpleNamespace(gate_conv="z"))
+    h2, z2, w2 = _as_2d(layer, h, z, w)
+    rows = np.stack(np.unravel_index(np.arange(z2[:, 0].size), z2[:, 0].shape), axis=1)
+    x = _patches(h2, rows, w2.shape[2:], geometry)
+    np.testing.assert_allclose(x[:, :-1] @ w2.reshape(3, -1).T, z2.transpose(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
+
+
 def test_round_to_fills_up_with_the_highest_gates():
     from hwtool.prune import kept_channels
 

@@ -1,0 +1,160 @@
+"""Highway layers beyond 2-D convs, in networks of the user's own exported by both torch exporters:
+fully connected ones (Gemm over [N, C], MatMul + Add over [N, L, C], channels last), as in the
+original highway networks and the highway layers of speech and text models, and 1-D and 3-D convs."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from hwtool.patterns import find_blocks  # noqa: E402
+from hwtool.prune import PruneConfig, prune  # noqa: E402
+
+DEAD = [0, 2, 3]  # channels whose H and T are made exactly zero in each block
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+class Highway(nn.Module):
+    """y = H·T + (1 − T)·x with H = relu(layer(x)), T = sigmoid(layer(H)) (or of x: `gate_reads_input`)."""
+
+    def __init__(self, make, c: int, gate_reads_input: bool = False, gate_bias: bool = True):
+        super().__init__()
+        self.h, self.t, self.gate_reads_input = make(c, c, True), make(c, c, gate_bias), gate_reads_input
+
+    def forward(self, x):
+        h = torch.relu(self.h(x))
+        t = torch.sigmoid(self.t(x if self.gate_reads_input else h))
+        return h * t + (1 - t) * x
+
+    def kill(self, channels: list[int]) -> None:
+        """Make channels dead: H = relu(0) = 0 and T = sigmoid(-40) (about 4e-18)."""
+        with torch.no_grad():
+            for layer, bias in ((self.h, 0.0), (self.t, -40.0)):
+                layer.weight[channels] = 0.0
+                layer.bias[channels] = bias
+
+
+def _linear(c_in: int, c_out: int, bias: bool) -> nn.Module:
+    return nn.Linear(c_in, c_out, bias=bias)
+
+
+def _conv(dims: int):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    return lambda c_in, c_out, bias: conv(c_in, c_out, 3, padding=1, bias=bias)
+
+
+class Head(nn.Module):
+    """Mean over every axis but the channel axis, then a linear classifier."""
+
+    def __init__(self, c: int, channel_axis: int):
+        super().__init__()
+        self.axis, self.fc = channel_axis, nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = x.movedim(self.axis, -1)
+        return self.fc(x.reshape(x.shape[0], -1, x.shape[-1]).mean(1))
+
+
+def _network(kind: str, c: int = 12) -> tuple[nn.Module, tuple[int, ...]]:
+    """A stem, two highway blocks (the second's gate reads the block input) and a head; its input shape."""
+    if kind in ("linear", "sequence"):
+        stem, make, axis = nn.Linear(20, c), _linear, -1
+        shape = (20,) if kind == "linear" else (7, 20)
+    else:
+        dims = {"conv1d": 1, "conv3d": 3}[kind]
+        stem, make, axis = _conv(dims)(4, c, True), _conv(dims), 1
+        shape = (4, 16) if dims == 1 else (4, 4, 6, 6)
+    blocks = [Highway(make, c), Highway(make, c, gate_reads_input=True)]
+    return nn.Sequential(stem, *blocks, Head(c, axis)).eval(), shape
+
+
+def _export(net: nn.Module, shape: tuple[int, ...], exporter: str, path) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kw = (
+            {"dynamo": True, "dynamic_shapes": {"input": {0: torch.export.Dim("N")}}}
+            if exporter == "dynamo"
+            else {"dynamo": False, "dynamic_axes": {"input": {0: "N"}}}
+        )
+        torch.onnx.export(net, (torch.rand(2, *shape),), str(path), input_names=["input"], opset_version=18, **kw)
+    return onnx.load(str(path))
+
+
+def _close_half(block: Highway) -> None:
+    """Half the gates mostly closed, not dead: H >= 0 is read by negative weights."""
+    with torch.no_grad():
+        block.t.weight[:6] = -8 * block.t.weight[:6].abs()
+
+
+def _inputs(shape: tuple[int, ...], n: int = 32) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((n, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kind", ["linear", "sequence", "conv1d", "conv3d"])
+def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporter, tmp_path):
+    """Both blocks are found (fully connected ones with channels last); their dead channels go, the
+    logits stay, and each layer loses exactly its dead rows (and the gate reading H its columns)."""
+    torch.manual_seed(0)
+    net, shape = _network(kind)
+    for block in net[1:3]:
+        block.kill(DEAD)
+    model = _export(net, shape, exporter, tmp_path / f"{kind}.onnx")
+    blocks = find_blocks(model)
+    assert [(b.width, b.gate_reads_transform) for b in blocks] == [(12, True), (12, False)]
+    assert {b.channel_axis for b in blocks} == ({-1} if kind in ("linear", "sequence") else {1})
+    x = _inputs(shape)
+    pruned, report = prune(model, threshold=1e-6, calib=x)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [9, 9]
+    if kind != "conv3d":  # the removed H is zero: the kept gates, read back, are the original ones
+        assert report.blocks[0].gate_error_naive < 1e-6 and report.blocks[0].gate_error_refit < 1e-6
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    kernel = 1 if kind in ("linear", "sequence") else 3 ** (1 if kind == "conv1d" else 3)
+    reads_h, reads_x = ((9 * 12 + 9 * 9) * kernel + 18, (9 * 12 + 9 * 12) * kernel + 18)
+    assert [b.params_after for b in report.blocks] == [reads_h, reads_x]
+
+
+@pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "sequence", "conv1d"])
+def test_the_gate_refit_works_on_other_layers(kind, write_back, tmp_path):
+    """Random weights, live channels removed at 0.3: the refit reduces the kept gates' error and the
+    logits' against the plain drop (the sequence net's gate has no bias, so pruning adds one), in
+    every write-back. A 3-D conv's gate is not refitted, and the report says so."""
+    torch.manual_seed(1)
+    net, shape = _network(kind)
+    if kind == "sequence":
+        net[1].t = nn.Linear(12, 12, bias=False)
+    _close_half(net[1])
+    model = _export(net, shape, "torchscript", tmp_path / f"{kind}.onnx")
+    x = _inputs(shape, 64)
+    dropped, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False, write_back=write_back))
+    pruned, refit = prune(model, 0.3, calib=x, config=PruneConfig(write_back=write_back))
+    block = refit.blocks[0]
+    assert 0 < block.kept < block.width
+    assert block.gate_error_refit < 0.8 * block.gate_error_naive
+    logits = _run(model, x)
+    rms = [np.sqrt(np.mean((_run(m, x) - logits) ** 2)) for m in (pruned, dropped)]
+    assert rms[0] < rms[1]
+
+
+def test_a_3d_conv_gate_is_pruned_without_refit(tmp_path):
+    torch.manual_seed(1)
+    net, shape = _network("conv3d")
+    _close_half(net[1])
+    model = _export(net, shape, "torchscript", tmp_path / "conv3d.onnx")
+    pruned, report = prune(model, 0.3, calib=_inputs(shape, 8))
+    block = report.blocks[0]
+    assert 0 < block.kept < block.width and "refit skipped" in block.note and block.gate_error_refit is None
+    assert _run(pruned, _inputs(shape, 8)).shape == (8, 10)

@@ -700,6 +700,12 @@ def _names(text: str, option: str) -> tuple[str, ...]:
     return tuple(_items(text, "names", option))
 
 
+def _quantize_ops(text: str) -> tuple[str, ...] | str | None:
+    """--ops: 'all' (None: every op ORT can), 'auto', or op type names."""
+    word = text.strip().lower()
+    return None if word == "all" else "auto" if word == "auto" else _names(text, "--ops")
+
+
 @main.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--batch", default="1,64", show_default=True, help="Comma-separated batch sizes.")
@@ -782,9 +788,10 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
 )
 @click.option(
     "--ops",
-    default="Conv",
+    default="auto",
     show_default=True,
-    help="Comma-separated op types to quantize, or 'all' for every op ORT can (the gate's sigmoid and mix too).",
+    help="Comma-separated op types to quantize; 'auto': the convolutions, or in a network without any its "
+    "fully connected layers (Gemm, MatMul); 'all': every op ORT can (the gate's sigmoid and mix too).",
 )
 @click.option("--no-preprocess", is_flag=True, help="Skip ORT's quant_pre_process.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
@@ -800,7 +807,7 @@ def quantize_cmd(
         per_channel=not per_tensor,
         activations=activations,
         method=method,
-        ops=None if ops.strip().lower() == "all" else _names(ops, "--ops"),
+        ops=_quantize_ops(ops),
         preprocess=not no_preprocess,
     )
     with progress_bar(console, "quantize", disable=as_json) as bar:

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +49,12 @@ class QuantizeConfig:
     # int8 suits Arm builds (session.qdqisint8allowed); uint8 runs everywhere.
     activations: str = "uint8"
     method: str = "percentile"  # activation range calibration: minmax, entropy or percentile
-    # Op types to quantize; None: every op ORT can. The convolutions alone by default: they hold the
-    # weights and the compute, while quantizing the gate's sigmoid and the H·T + (1−T)·carry mix
-    # costs accuracy for little speed (shipped reference, percentile: 0.03 points lost against 0.69,
-    # 1.61x against 1.53x the float speed at batch 1, 1.24x against 1.35x at batch 64;
-    # benchmarks/results/quantize_methods.json).
-    ops: tuple[str, ...] | None = ("Conv",)
+    # Op types to quantize; None: every op ORT can; "auto": the weighted layers (`layer_ops`). The
+    # convolutions alone for a conv network: they hold the weights and the compute, while quantizing
+    # the gate's sigmoid and the H·T + (1−T)·carry mix costs accuracy for little speed (shipped
+    # reference, percentile: 0.03 points lost against 0.69, 1.61x against 1.53x the float speed at
+    # batch 1, 1.24x against 1.35x at batch 64; benchmarks/results/quantize_methods.json).
+    ops: tuple[str, ...] | str | None = "auto"
     preprocess: bool = True  # run ORT's quant_pre_process (shape inference + basic graph fusions) first
     batch: int = 64  # calibration images per ORT run (a fixed-batch model uses its own batch)
     threads: int | None = None  # ORT threads for the accuracy runs
@@ -141,12 +141,21 @@ def _quiet_quantizer():
         root.setLevel(level)
 
 
+def layer_ops(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The weighted layers to quantize: the convolutions, or in a network without any (fully
+    connected highway layers), its Gemm and MatMul nodes."""
+    present = {n.op_type for n in model.graph.node}
+    return ("Conv",) if "Conv" in present else ("Gemm", "MatMul")
+
+
 def quantize_model(
     model: onnx.ModelProto, calib: np.ndarray, config: QuantizeConfig = QuantizeConfig(), on_batch=None
 ) -> tuple[onnx.ModelProto, bool]:
     """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs."""
     if is_quantized(model):
         raise ModelError("the model already holds quantization ops; quantize the float model instead")
+    if config.ops == "auto":
+        config = replace(config, ops=layer_ops(model))
     with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         onnx.save(model, src)
@@ -215,6 +224,8 @@ def quantize(
     if input_spec(model)[2] == half or any(t.data_type == half for t in model.graph.initializer):
         raise ModelError(f"{src} is a float16 model; int8 quantization starts from float32: quantize the float32 model")
     make_session(model)  # a model ORT cannot run fails here, in one line, not inside the quantizer
+    if config.ops == "auto":
+        config = replace(config, ops=layer_ops(model))
     if config.ops:
         present = {n.op_type for n in model.graph.node}
         if not present & set(config.ops):

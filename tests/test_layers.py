@@ -158,3 +158,35 @@ def test_a_3d_conv_gate_is_pruned_without_refit(tmp_path):
     block = report.blocks[0]
     assert 0 < block.kept < block.width and "refit skipped" in block.note and block.gate_error_refit is None
     assert _run(pruned, _inputs(shape, 8)).shape == (8, 10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "sequence"])
+def test_a_fully_connected_highway_net_is_pruned_and_quantized_from_the_command_line(kind, tmp_path):
+    """`hwtool prune --calib` then `hwtool quantize --calib`: with no convolution to quantize, the
+    default quantizes the fully connected layers (their weights behind DequantizeLinear)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from hwtool.cli import main
+
+    torch.manual_seed(0)
+    net, shape = _network(kind)
+    for block in net[1:3]:
+        block.kill(DEAD)
+    model = tmp_path / "m.onnx"
+    _export(net, shape, "dynamo", model)
+    np.save(tmp_path / "calib.npy", _inputs(shape, 64))
+    res = CliRunner().invoke(main, ["prune", str(model), "--threshold", "0.01", "--calib", str(tmp_path / "calib.npy")])
+    assert res.exit_code == 0, res.output
+    pruned = tmp_path / "m.pruned.onnx"
+    out = tmp_path / "q.onnx"
+    res = CliRunner().invoke(main, ["quantize", str(pruned), "-o", str(out), "--calib", str(tmp_path / "calib.npy")])
+    assert res.exit_code == 0, res.output
+    q = onnx.load(out)
+    made_by = {o: n.op_type for n in q.graph.node for o in n.output}
+    layers = [n for n in q.graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(layers) >= 5 and all(made_by.get(n.input[1]) == "DequantizeLinear" for n in layers)
+    assert json.loads({p.key: p.value for p in q.metadata_props}["hwtool.quantize"])["ops"] == ["Gemm", "MatMul"]
+    x = _inputs(shape, 64)
+    assert (_run(q, x).argmax(1) == _run(onnx.load(model), x).argmax(1)).mean() > 0.9

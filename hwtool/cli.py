@@ -637,9 +637,16 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 
 @main.command("sweep")
 @click.argument("model", type=click.Path())
-@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz (test accuracy).")
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="CIFAR-10 folder or .tar.gz (test accuracy). Without it, --calib: agreement with the original on it.",
+)
 @click.option("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True)
-@click.option("--calib", type=click.Path(), default=None, help="Calibration .npy (default: --count train images).")
+@click.option(
+    "--calib", type=click.Path(), default=None, help="Calibration .npy (default with --data: --count train images)."
+)
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop.")
@@ -649,13 +656,20 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 @click.option("--png", type=click.Path(), default=None, help="Default: MODEL.sweep.png.")
 @friendly
 def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, csv_path, json_path, png):
-    """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency)."""
+    """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency).
+
+    A model of other inputs than CIFAR-10 images is swept on --calib alone: each threshold's top-1
+    agreement with the original on those inputs (or, for outputs that are not class scores, the max
+    abs difference) instead of accuracy.
+    """
     from hwtool.gates import load_calibration
     from hwtool.prune import PruneConfig
     from hwtool.report import progress_bar, sweep_plot, sweep_table
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
-    from hwtool.sweep import csv_bytes, json_bytes, sweep
+    from hwtool.sweep import csv_bytes, json_bytes, quality, sweep
 
+    if data is None and calib is None:
+        raise click.UsageError("pass --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy (inputs of the model)")
     ths = _floats(thresholds, "--thresholds")
     proto = load_model(model)
     stem = Path(model).with_suffix("")
@@ -677,16 +691,18 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
             on_progress=bar.staged,
         )
     out.print(sweep_table(rows, model))
+    measure = quality(rows)
     meta = {
         "model": str(model),
         "refit": not no_refit,
-        "test_images": limit or 10000,
+        "test_images": None if data is None else limit or 10000,
         "calibration": calib or f"{count} train images",
+        "measure": measure,
     }
-    plot_rows = [{"threshold": r.threshold, "accuracy": r.accuracy, "bytes": r.bytes} for r in rows[1:]]
-    title = f"{Path(model).name}: accuracy and size vs gate threshold"
+    plot_rows = [{"threshold": r.threshold, measure: getattr(r, measure), "bytes": r.bytes} for r in rows[1:]]
+    title = f"{Path(model).name}: {measure.replace('_', ' ')} and size vs gate threshold"
     atomic_write_files(
-        {csv_path: csv_bytes(rows), json_path: json_bytes(rows, meta), png: sweep_plot(plot_rows, title)}
+        {csv_path: csv_bytes(rows), json_path: json_bytes(rows, meta), png: sweep_plot(plot_rows, title, measure)}
     )
     out.print(f"wrote {csv_path}, {json_path}, {png}")
 

@@ -122,17 +122,27 @@ def plain_table(title: str, caption: str | None = None) -> Table:
 
 def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     """A rich table of SweepRows, one per threshold (the original first); it fits 80 columns."""
-    table = plain_table(f"hwtool sweep {model}")
-    for col in ("threshold", "kept", "params", "MB", "MFLOPs", "top-1", "p50 ms\nbatch 1", "p50 ms\nbatch 64"):
+    from hwtool.sweep import quality
+
+    measure = quality(rows)
+    caption = {
+        "accuracy": None,
+        "agreement": "agree: top-1 agreement with the original on the calibration inputs",
+        "max_abs_error": "max err: max abs difference from the original's output on the calibration inputs",
+    }[measure]
+    table = plain_table(f"hwtool sweep {model}", caption)
+    name = {"accuracy": "top-1", "agreement": "agree", "max_abs_error": "max err"}[measure]
+    for col in ("threshold", "kept", "params", "MB", "MFLOPs", name, "p50 ms\nbatch 1", "p50 ms\nbatch 64"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
+        value = getattr(r, measure)
         table.add_row(
             "original" if r.threshold is None else f"{r.threshold:g}",
             f"{r.kept_channels}/{r.channels}",
             f"{r.parameters:,}",
             f"{r.bytes / 1e6:.2f}",
             f"{r.flops / 1e6:.1f}",
-            f"{r.accuracy:.2%}",
+            "-" if value is None else f"{value:.3g}" if measure == "max_abs_error" else f"{value:.2%}",
             "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
             "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
         )
@@ -215,15 +225,23 @@ def gate_table(title: str, means: list) -> Table:
     return table
 
 
-def sweep_plot(rows: list[dict], title: str) -> bytes:
-    """PNG of accuracy and model size against threshold, on two y axes."""
+SWEEP_MEASURES = {  # SweepRow field -> (plot label, scale)
+    "accuracy": ("top-1 accuracy (%)", 100.0),
+    "agreement": ("top-1 agreement with the original (%)", 100.0),
+    "max_abs_error": ("max abs error against the original", 1.0),
+}
+
+
+def sweep_plot(rows: list[dict], title: str, measure: str = "accuracy") -> bytes:
+    """PNG of a measure of the pruned models (`SWEEP_MEASURES`; rows hold it under its name) and
+    model size against threshold, on two y axes."""
     plt = _pyplot()
+    label, scale = SWEEP_MEASURES[measure]
     th = [r["threshold"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    acc = [100 * r["accuracy"] for r in rows]
-    ax.plot(th, acc, "o-", color="tab:blue", label="top-1 accuracy")
+    ax.plot(th, [scale * r[measure] for r in rows], "o-", color="tab:blue", label=label)
     ax.set_xlabel("gate threshold")
-    ax.set_ylabel("top-1 accuracy (%)", color="tab:blue")
+    ax.set_ylabel(label, color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(th, [r["bytes"] / 1e6 for r in rows], "s--", color="tab:red", label="file size")
     ax2.set_ylabel("file size (MB)", color="tab:red")

@@ -30,15 +30,16 @@ class SweepRow:
     parameters: int
     bytes: int
     flops: int
-    accuracy: float
-    max_abs_error: float | None
+    accuracy: float | None  # top-1 on the test images; None without labelled data
+    max_abs_error: float | None  # of the first output, against the original's, on the calibration inputs
     p50_ms_batch1: float | None = None
     p50_ms_batch64: float | None = None
+    agreement: float | None = None  # top-1 agreement with the original on the calibration inputs (N x classes)
 
 
 def sweep(
     model: str | os.PathLike | onnx.ModelProto,
-    data: str,
+    data: str | None,
     thresholds: tuple[float, ...],
     calib: np.ndarray | None = None,
     calib_count: int = 512,
@@ -49,24 +50,35 @@ def sweep(
     on_progress=None,
 ) -> list[SweepRow]:
     """Prune at each threshold with one shared gate measurement; the first row is the original.
-    `model` is an ONNX file or one already loaded."""
+    `model` is an ONNX file or one already loaded. With `data` (CIFAR-10) each row has its test
+    accuracy; without it (a model of other inputs, with `calib` in its own layout) the rows compare
+    with the original on the calibration inputs only: top-1 agreement and max abs error."""
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
+    if data is None and calib is None:
+        raise ValueError(
+            "sweep needs --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy (inputs in the model's "
+            "own layout: agreement with the original on them)"
+        )
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    check_image_input(given)
-    splits = load_cifar10(data)
-    if calib is None:
-        calib = splits["train"].as_float(calib_count)
-    test = splits["test"].head(limit)
+    test = None
+    if data is not None:
+        check_image_input(given)
+        splits = load_cifar10(data)
+        if calib is None:
+            calib = splits["train"].as_float(calib_count)
+        test = splits["test"].head(limit)
     original, blocks = highway_model(given)  # the row "original" describes the model as given
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
 
+    def accuracy(m: onnx.ModelProto, stage: str) -> float | None:
+        return None if test is None else accuracy_onnx(m, test, on_batch=bar(stage))[0] / len(test)
+
     stats, ref = measure_gates(original, blocks, calib, batch=config.batch, on_batch=bar("gates"), keep_outputs=True)
     channels = sum(b.width for b in blocks)
-    correct, _ = accuracy_onnx(given, test, on_batch=bar("accuracy original"))
     rows = [
         SweepRow(
             None,
@@ -75,8 +87,9 @@ def sweep(
             count_parameters(given),
             given.ByteSize(),
             count_flops(given),
-            correct / len(test),
+            accuracy(given, "accuracy original"),
             0.0,
+            agreement=1.0 if ref.ndim == 2 else None,
         )
     ]
     models = [given]
@@ -90,7 +103,6 @@ def sweep(
             reference=ref,
             on_progress=on_progress,
         )
-        correct, _ = accuracy_onnx(pruned, test, on_batch=bar(f"accuracy at {t}"))
         rows.append(
             SweepRow(
                 t,
@@ -99,14 +111,23 @@ def sweep(
                 rep.params_after,
                 rep.bytes_after,
                 rep.flops_after,
-                correct / len(test),
+                accuracy(pruned, f"accuracy at {t}"),
                 rep.max_abs_error,
+                agreement=rep.top1_agreement,
             )
         )
         models.append(pruned)
     if latency:
         rows = _with_latency(rows, models, latency_runs)
     return rows
+
+
+def quality(rows: list[SweepRow]) -> str:
+    """What the rows measure the pruned models by: 'accuracy', else 'agreement' (a classifier's
+    output without labels), else 'max_abs_error'."""
+    if rows[0].accuracy is not None:
+        return "accuracy"
+    return "agreement" if rows[0].agreement is not None else "max_abs_error"
 
 
 def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRow]:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from cli_errors import one_line_error
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -190,3 +191,43 @@ def test_a_fully_connected_highway_net_is_pruned_and_quantized_from_the_command_
     assert json.loads({p.key: p.value for p in q.metadata_props}["hwtool.quantize"])["ops"] == ["Gemm", "MatMul"]
     x = _inputs(shape, 64)
     assert (_run(q, x).argmax(1) == _run(onnx.load(model), x).argmax(1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("head", [True, False], ids=["class scores", "sequence output"])
+def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_path):
+    """Without --data, sweep compares each threshold with the original on --calib: top-1 agreement
+    for class scores, the max abs error for other outputs; in the table, CSV, JSON and plot."""
+    import csv
+    import json
+
+    from click.testing import CliRunner
+
+    from hwtool.cli import main
+
+    torch.manual_seed(1)
+    net, shape = _network("sequence")
+    for block in net[1:3]:
+        block.kill(DEAD)
+    _close_half(net[1])
+    if not head:
+        net = net[:3]
+    model = tmp_path / "m.onnx"
+    _export(net, shape, "torchscript", model)
+    np.save(tmp_path / "calib.npy", _inputs(shape, 64))
+    args = ["sweep", str(model), "--calib", str(tmp_path / "calib.npy"), "--thresholds", "0.01,0.3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(tmp_path / "m.sweep.csv")))
+    meta = json.loads((tmp_path / "m.sweep.json").read_text())
+    assert [int(r["kept_channels"]) for r in rows[:2]] == [24, 18] and int(rows[2]["kept_channels"]) < 18
+    assert all(r["accuracy"] == "" for r in rows)
+    assert float(rows[1]["max_abs_error"]) < 1e-4 < float(rows[2]["max_abs_error"])  # dead channels only, then live
+    if head:
+        assert meta["measure"] == "agreement" and "agree" in res.output
+        assert [float(r["agreement"]) for r in rows[:2]] == [1.0, 1.0] and float(rows[2]["agreement"]) < 1.0
+    else:
+        assert meta["measure"] == "max_abs_error" and "max err" in res.output
+        assert all(r["agreement"] == "" for r in rows)
+    assert (tmp_path / "m.sweep.png").read_bytes().startswith(b"\x89PNG")
+    res = CliRunner().invoke(main, ["sweep", str(model), "--csv", str(tmp_path / "x.csv")])
+    assert "--calib FILE.npy" in one_line_error(res) and not (tmp_path / "x.csv").exists()

@@ -58,6 +58,7 @@ class BenchConfig:
     seconds: float | None = None  # time each model for about this long per batch instead of `runs`
     providers: tuple[str, ...] = ("cpu",)  # short names from PROVIDERS, or full ORT provider names
     seed: int = 0  # seed of the random input
+    dims: tuple[tuple[str, int], ...] = ()  # sizes of symbolic non-batch input dims, by name (a sequence length)
 
 
 @dataclass(frozen=True)
@@ -176,12 +177,16 @@ def resolve_provider(name: str) -> tuple[str, str]:
     raise ValueError(f"unknown provider {name!r}; use one of {', '.join(sorted(PROVIDERS))}")
 
 
-def input_shape(model: onnx.ModelProto, batch: int, path: str = "the model") -> tuple[str, tuple[int, ...], np.dtype]:
-    """(input name, concrete shape for `batch`, numpy dtype) of a one-input float model.
+def input_shape(
+    model: onnx.ModelProto, batch: int, path: str = "the model", dims: dict[str, int] | None = None
+) -> tuple[str, tuple[int, ...], np.dtype]:
+    """(input name, concrete shape for `batch`, numpy dtype) of a one-input float model, symbolic
+    non-batch dimensions sized by `dims` (name -> size).
 
-    Raises ModelError for several inputs, a non-float input, symbolic non-batch dimensions, or a
-    fixed batch dimension that differs from `batch`.
+    Raises ModelError for several inputs, a non-float input, symbolic non-batch dimensions `dims`
+    does not size, or a fixed batch dimension that differs from `batch`.
     """
+    dims_given = dims or {}
     try:
         name, dims, elem = input_spec(model)
     except ModelError as e:
@@ -192,15 +197,43 @@ def input_shape(model: onnx.ModelProto, batch: int, path: str = "the model") -> 
         raise ModelError(f"{path}: input {name!r} is {kind}; bench feeds random floats and needs a float input")
     if not dims:
         raise ModelError(f"{path}: input {name!r} is a scalar; bench needs a batched tensor input")
+    shape = [batch]
     for i, d in enumerate(dims[1:], start=1):
-        if not isinstance(d, int) or d <= 0:
-            raise ModelError(f"{path}: dimension {i} of input {name!r} is symbolic ({d}); fix it before benchmarking")
+        if isinstance(d, int) and d > 0:
+            shape.append(d)
+        elif d in dims_given:
+            shape.append(dims_given[d])
+        elif d == "?":
+            raise ModelError(f"{path}: dimension {i} of input {name!r} is unknown; export it with a fixed size")
+        else:
+            raise ModelError(f"{path}: dimension {i} of input {name!r} is symbolic ({d}); pass --dims {d}=SIZE")
     if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
         raise ModelError(
             f"{path} has a fixed batch of {dims[0]} but --batch asks for {batch}; "
             f"pass --batch {dims[0]} or re-export the model with a dynamic batch"
         )
-    return name, (batch, *dims[1:]), onnx.helper.tensor_dtype_to_np_dtype(elem)
+    return name, tuple(shape), onnx.helper.tensor_dtype_to_np_dtype(elem)
+
+
+def symbolic_dims(model: onnx.ModelProto) -> set[str]:
+    """Names of the symbolic non-batch dimensions of the model's input."""
+    return {d for d in input_spec(model)[1][1:] if isinstance(d, str) and d != "?"}
+
+
+def _sized(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
+    """A copy whose input has its named symbolic dimensions fixed (for counting FLOPs)."""
+    if not sizes:
+        return model
+    sized = onnx.ModelProto()
+    sized.CopyFrom(model)
+    inits = {t.name for t in sized.graph.initializer}
+    for inp in sized.graph.input:
+        if inp.name in inits:
+            continue
+        for d in inp.type.tensor_type.shape.dim[1:]:
+            if d.HasField("dim_param") and d.dim_param in sizes:
+                d.dim_value = sizes[d.dim_param]
+    return sized
 
 
 def random_input(shape: tuple[int, ...], dtype: np.dtype, seed: int = 0) -> np.ndarray:
@@ -348,14 +381,20 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
 
     # Load and validate everything before the first timed run, so a bad model fails fast.
     models = [load_model(p) for p in paths]
+    sizes = dict(cfg.dims)
+    unknown = set(sizes) - set().union(*(symbolic_dims(m) for m in models))
+    if unknown:
+        raise ValueError(
+            f"--dims names {', '.join(sorted(unknown))}, which no model's input has as a symbolic dimension"
+        )
     infos, inputs = [], []
     for path, model in zip(names, models, strict=True):
-        specs = {b: input_shape(model, b, path) for b in cfg.batches}
+        specs = {b: input_shape(model, b, path, sizes) for b in cfg.batches}
         inputs.append({b: {n: random_input(shape, dt, cfg.seed)} for b, (n, shape, dt) in specs.items()})
         name, dims, _ = input_spec(model)
         fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
         try:
-            flops = count_flops(model, batch=1) // fixed
+            flops = count_flops(_sized(model, sizes), batch=1) // fixed
         except Exception:  # shape inference can fail on exotic graphs; FLOPs are then unknown
             flops = None
         infos.append(ModelInfo(path, name, tuple(dims), count_parameters(model), flops, Path(path).stat().st_size))

@@ -90,6 +90,21 @@ def _ints(text: str | None, option: str, unique: bool = False) -> tuple[int, ...
     return values
 
 
+def _sizes(text: str | None, option: str) -> tuple[tuple[str, int], ...]:
+    """NAME=SIZE,... as (name, positive size) pairs, each name once."""
+    if text is None:
+        return ()
+    pairs = []
+    for item in _items(text, "NAME=SIZE pairs", option):
+        name, eq, size = item.partition("=")
+        if not eq or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise click.BadParameter(f"{item!r} is not NAME=SIZE with a positive integer SIZE", param_hint=option)
+        pairs.append((name.strip(), int(size)))
+    if len({n for n, _ in pairs}) < len(pairs):
+        raise click.BadParameter(f"{text!r} names a dimension twice", param_hint=option)
+    return tuple(pairs)
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in _items(text, "numbers", option))
@@ -745,9 +760,14 @@ def _quantize_ops(text: str) -> tuple[str, ...] | str | None:
     help="Comma-separated: cpu, cuda, tensorrt, openvino, xnnpack, coreml, nnapi, directml, qnn, ...",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option(
+    "--dims",
+    default=None,
+    help="Sizes of symbolic input dimensions other than the batch, as NAME=SIZE,... (a sequence length).",
+)
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write every figure to this JSON file.")
 @friendly
-def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, json_path):
+def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dims, json_path):
     """Latency and throughput of MODELS with ONNX Runtime; the first model is the baseline."""
     from hwtool.bench import BenchConfig, bench, placement_lines, table, write_json
     from hwtool.report import progress_bar
@@ -762,6 +782,7 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, jso
         seconds=seconds,
         providers=_names(provider, "--provider"),
         seed=seed,
+        dims=_sizes(dims, "--dims"),
     )
     with progress_bar(console, "bench") as bar:
         res = bench(list(models), cfg, on_run=bar, on_stage=bar.stage)

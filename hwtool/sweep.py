@@ -17,7 +17,7 @@ from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune
-from hwtool.runtime import atomic_write_model, json_file_bytes, load_model
+from hwtool.runtime import atomic_write_model, input_spec, json_file_bytes, load_model
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,10 @@ def sweep(
         )
         models.append(pruned)
     if latency:
-        rows = _with_latency(rows, models, latency_runs)
+        # symbolic input dims (a sequence length) are timed at the calibration inputs' sizes
+        dims = input_spec(given)[1]
+        sizes = {d: calib.shape[i] for i, d in enumerate(dims) if i and isinstance(d, str) and d != "?"}
+        rows = _with_latency(rows, models, latency_runs, tuple(sizes.items()))
     return rows
 
 
@@ -130,7 +133,7 @@ def quality(rows: list[SweepRow]) -> str:
     return "agreement" if rows[0].agreement is not None else "max_abs_error"
 
 
-def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRow]:
+def _with_latency(rows: list[SweepRow], models: list, runs: int, dims: tuple = ()) -> list[SweepRow]:
     """Median ORT CPU latency at batch 1 and 64, all models interleaved in one benchmark."""
     from hwtool.bench import BenchConfig, bench
 
@@ -140,7 +143,7 @@ def _with_latency(rows: list[SweepRow], models: list, runs: int) -> list[SweepRo
             p = Path(tmp) / f"m{i}.onnx"
             atomic_write_model(m, p)
             paths.append(str(p))
-        res = bench(paths, BenchConfig(batches=(1, 64), warmup=3, runs=runs))
+        res = bench(paths, BenchConfig(batches=(1, 64), warmup=3, runs=runs, dims=dims))
         return [
             replace(
                 r,

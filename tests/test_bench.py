@@ -172,6 +172,35 @@ def test_fixed_batch_model_runs_at_its_own_batch(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_symbolic_dimensions_are_sized_by_dims(tmp_path):
+    """A sequence model's dynamic length is benchmarked at the size --dims gives it (its FLOPs
+    counted there); without it, or with a name no input has, or not NAME=SIZE: one-line errors."""
+    seq = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, frames, 8] x) => (float[N, frames, 4] y) '
+        "<float[8, 4] w = {1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,"
+        "1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0}> { y = MatMul(x, w) }"
+    )
+    onnx.checker.check_model(seq)
+    p = tmp_path / "seq.onnx"
+    onnx.save(seq, p)
+    out = tmp_path / "b.json"
+    args = ["bench", str(p), "--batch", "1,3", "--runs", "2", "--warmup", "0", "--json", str(out)]
+    res = CliRunner().invoke(main, [*args, "--dims", "frames=50"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert result["models"][0]["flops_per_image"] == 2 * 50 * 8 * 4 and result["config"]["dims"] == [["frames", 50]]
+    out.unlink()
+    for extra, needle in (
+        ([], "pass --dims frames=SIZE"),
+        (["--dims", "frames=50,time=3"], "--dims names time, which no model's input has"),
+        (["--dims", "frames:50"], "is not NAME=SIZE"),
+        (["--dims", "frames=0"], "is not NAME=SIZE"),
+    ):
+        res = CliRunner().invoke(main, [*args, *extra])
+        assert needle in _error(res), extra
+        assert not out.exists()
+
+
 class _FakeSession:
     def __init__(self, name, log):
         self.name, self.log = name, log

@@ -80,13 +80,14 @@ def _network(kind: str, c: int = 12) -> tuple[nn.Module, tuple[int, ...]]:
     return nn.Sequential(stem, *blocks, Head(c, axis)).eval(), shape
 
 
-def _export(net: nn.Module, shape: tuple[int, ...], exporter: str, path) -> onnx.ModelProto:
+def _export(net: nn.Module, shape: tuple[int, ...], exporter: str, path, frames: bool = False) -> onnx.ModelProto:
+    """The network exported with a dynamic batch (and with `frames`, a dynamic dimension 1 named so)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kw = (
             {"dynamo": True, "dynamic_shapes": {"input": {0: torch.export.Dim("N")}}}
             if exporter == "dynamo"
-            else {"dynamo": False, "dynamic_axes": {"input": {0: "N"}}}
+            else {"dynamo": False, "dynamic_axes": {"input": {0: "N", **({1: "frames"} if frames else {})}}}
         )
         torch.onnx.export(net, (torch.rand(2, *shape),), str(path), input_names=["input"], opset_version=18, **kw)
     return onnx.load(str(path))
@@ -196,7 +197,8 @@ def test_a_fully_connected_highway_net_is_pruned_and_quantized_from_the_command_
 @pytest.mark.parametrize("head", [True, False], ids=["class scores", "sequence output"])
 def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_path):
     """Without --data, sweep compares each threshold with the original on --calib: top-1 agreement
-    for class scores, the max abs error for other outputs; in the table, CSV, JSON and plot."""
+    for class scores, the max abs error for other outputs; in the table, CSV, JSON and plot. A
+    dynamic sequence length is timed (--latency) at the calibration inputs' length."""
     import csv
     import json
 
@@ -212,9 +214,9 @@ def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_pa
     if not head:
         net = net[:3]
     model = tmp_path / "m.onnx"
-    _export(net, shape, "torchscript", model)
+    _export(net, shape, "torchscript", model, frames=not head)  # a dynamic length: timed at --calib's
     np.save(tmp_path / "calib.npy", _inputs(shape, 64))
-    args = ["sweep", str(model), "--calib", str(tmp_path / "calib.npy"), "--thresholds", "0.01,0.3"]
+    args = ["sweep", str(model), "--calib", str(tmp_path / "calib.npy"), "--thresholds", "0.01,0.3", "--latency"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     rows = list(csv.DictReader(open(tmp_path / "m.sweep.csv")))
@@ -228,6 +230,7 @@ def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_pa
     else:
         assert meta["measure"] == "max_abs_error" and "max err" in res.output
         assert all(r["agreement"] == "" for r in rows)
+    assert all(float(r["p50_ms_batch1"]) > 0 and float(r["p50_ms_batch64"]) > 0 for r in rows)
     assert (tmp_path / "m.sweep.png").read_bytes().startswith(b"\x89PNG")
     res = CliRunner().invoke(main, ["sweep", str(model), "--csv", str(tmp_path / "x.csv")])
     assert "--calib FILE.npy" in one_line_error(res) and not (tmp_path / "x.csv").exists()

@@ -183,7 +183,7 @@ def input_shape(
     """(input name, concrete shape for `batch`, numpy dtype) of a one-input float model, symbolic
     non-batch dimensions sized by `dims` (name -> size).
 
-    Raises ModelError for several inputs, a non-float input, symbolic non-batch dimensions `dims`
+    Raises ModelError for several inputs, an input neither float nor integer, symbolic non-batch dimensions `dims`
     does not size, or a fixed batch dimension that differs from `batch`.
     """
     dims_given = dims or {}
@@ -191,10 +191,9 @@ def input_shape(
         name, dims, elem = input_spec(model)
     except ModelError as e:
         raise ModelError(f"{path}: {e}; bench feeds one random float tensor") from None
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    if elem not in floats:
+    if onnx.helper.tensor_dtype_to_np_dtype(elem).kind not in "fiu":
         kind = onnx.TensorProto.DataType.Name(elem).lower()
-        raise ModelError(f"{path}: input {name!r} is {kind}; bench feeds random floats and needs a float input")
+        raise ModelError(f"{path}: input {name!r} is {kind}; bench feeds random floats (or integer zeros, token ids)")
     if not dims:
         raise ModelError(f"{path}: input {name!r} is a scalar; bench needs a batched tensor input")
     shape = [batch]
@@ -237,7 +236,11 @@ def _sized(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
 
 
 def random_input(shape: tuple[int, ...], dtype: np.dtype, seed: int = 0) -> np.ndarray:
-    """Uniform [0, 1) values, like the images hwtool models take; the same for the same seed and shape."""
+    """Uniform [0, 1) values, like the images hwtool models take; the same for the same seed and
+    shape. An integer input (token ids) gets zeros, a valid id for any vocabulary: a lookup costs
+    the same whatever the id."""
+    if np.dtype(dtype).kind in "iu":
+        return np.zeros(shape, dtype=dtype)
     return np.random.default_rng(seed).random(shape, dtype=np.float32).astype(dtype)
 
 

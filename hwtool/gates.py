@@ -36,36 +36,44 @@ def _layout(dims: list) -> str:
 
 
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
-    """A calibration array from .npy (float32, or float16 widened to it), checked against the model's input layout."""
+    """A calibration array from .npy checked against the model's input layout: float32 (or float16
+    widened to it), or for an integer input (token ids) integers of its type."""
     p = Path(path)
-    name, dims, _ = input_spec(model)
-    expected = _layout(dims)
+    name, dims, elem = input_spec(model)
+    takes = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    integers = takes.kind in "iu"  # token ids, say
+    expected = f"{takes if integers else 'float32'} [{_layout(dims)}]"
     if p.is_dir():
         raise ValueError(f"calibration {p} is a folder; pass a .npy file")
     if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist; expected a float32 .npy of shape [{expected}]")
+        raise FileNotFoundError(f"calibration file {p} does not exist; expected a .npy array, {expected}")
     try:
         x = np.load(p, allow_pickle=False)
     except Exception as e:
-        raise ValueError(
-            f"{p} is not a readable .npy array ({type(e).__name__}); expected float32 [{expected}]"
-        ) from None
+        raise ValueError(f"{p} is not a readable .npy array ({type(e).__name__}); expected {expected}") from None
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"{p} is an .npz archive; save the one calibration array with np.save as float32 [{expected}]")
+        raise ValueError(f"{p} is an .npz archive; save the one calibration array with np.save as {expected}")
+    if integers:
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"calibration array {p} is {x.dtype}; input {name!r} takes integers, {expected}")
+        return _checked_shape(p, np.ascontiguousarray(x, dtype=takes), name, dims, expected)
     if x.dtype not in (np.float32, np.float16):
-        raise ValueError(
-            f"calibration array {p} is {x.dtype}; expected float32 (or float16) [{expected}] for input {name!r}"
-        )
-    want = [d if isinstance(d, int) and d > 0 else None for d in dims]
-    if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
-        raise ValueError(
-            f"calibration array {p} has shape {list(x.shape)}; expected float32 [{expected}] for input {name!r}"
-        )
-    if len(x) == 0:
-        raise ValueError(f"calibration array {p} holds no images")
+        raise ValueError(f"calibration array {p} is {x.dtype}; expected {expected} (or float16) for input {name!r}")
+    x = _checked_shape(p, x, name, dims, expected)
     if not np.isfinite(x).all():
         raise ValueError(f"calibration array {p} holds NaN or infinite values; pass real images in [0, 1]")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _checked_shape(p: Path, x: np.ndarray, name: str, dims: list, expected: str) -> np.ndarray:
+    """x, if its shape fits the input's dims (symbolic ones take any size) and it is not empty;
+    `expected` names the type and layout for the message."""
+    want = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
+        raise ValueError(f"calibration array {p} has shape {list(x.shape)}; expected {expected} for input {name!r}")
+    if len(x) == 0:
+        raise ValueError(f"calibration array {p} holds no images")
+    return x
 
 
 def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, split: str = "train") -> np.ndarray:

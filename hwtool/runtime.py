@@ -98,14 +98,15 @@ ORT_DTYPES = {
 }
 
 
-def input_dtype(sess: ort.InferenceSession) -> type[np.floating]:
-    """The numpy dtype the session's first input takes (float32 unless it is float16 or double)."""
+def input_dtype(sess: ort.InferenceSession) -> type[np.generic]:
+    """The numpy dtype the session's first input takes (float32 unless it is another float or an
+    integer type, token ids, say)."""
     dtype = ORT_DTYPES.get(sess.get_inputs()[0].type, np.float32)
-    return dtype if np.issubdtype(dtype, np.floating) else np.float32
+    return dtype if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) else np.float32
 
 
 def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: list[str] | None = None, on_batch=None):
-    """Run x through the session in batches, cast to the input's float type; yields (start, outputs).
+    """Run x through the session in batches, cast to the input's type; yields (start, outputs).
 
     on_batch(n, total) is called after each batch of n images.
     """

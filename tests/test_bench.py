@@ -136,18 +136,18 @@ def test_bad_inputs_give_one_line_errors(models, tmp_path):
     two = onnx.parser.parse_model(
         '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 3] a, float[N, 3] b) => (float[N, 3] c) { c = Add(a, b) }'
     )
-    ints = onnx.parser.parse_model(
-        '<ir_version: 8, opset_import: ["" : 17]> g (int64[N, 4] a) => (int64[N, 4] c) { c = Identity(a) }'
+    bools = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (bool[N, 4] a) => (bool[N, 4] c) { c = Identity(a) }'
     )
-    for m in (two, ints):
+    for m in (two, bools):
         onnx.checker.check_model(m)
     onnx.save(two, d / "two.onnx")
-    onnx.save(ints, d / "ints.onnx")
+    onnx.save(bools, d / "bools.onnx")
     (d / "junk.onnx").write_bytes(b"not a model")
     cases = {
         "fixed1.onnx": "fixed batch of 1",
         "two.onnx": "2 inputs",
-        "ints.onnx": "int64",
+        "bools.onnx": "input 'a' is bool",
         "junk.onnx": "not a readable ONNX model",
         "missing.onnx": "does not exist",
     }

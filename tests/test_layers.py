@@ -234,3 +234,45 @@ def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_pa
     assert (tmp_path / "m.sweep.png").read_bytes().startswith(b"\x89PNG")
     res = CliRunner().invoke(main, ["sweep", str(model), "--csv", str(tmp_path / "x.csv")])
     assert "--calib FILE.npy" in one_line_error(res) and not (tmp_path / "x.csv").exists()
+
+
+def test_a_text_model_of_token_ids_is_calibrated_pruned_swept_and_benchmarked(tmp_path):
+    """Embedding, then fully connected highway layers over [N, L, C], from int64 token ids: the
+    calibration array is integers (a float one is refused in one line), the prune is exact on
+    dead channels, sweep and bench run on token ids."""
+    from click.testing import CliRunner
+
+    from hwtool.cli import main
+
+    torch.manual_seed(0)
+    net, shape = _network("sequence")
+    for block in net[1:3]:
+        block.kill(DEAD)
+    net = nn.Sequential(nn.Embedding(50, 20), *net).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokens = torch.randint(0, 50, (2, 7))
+        torch.onnx.export(
+            net,
+            (tokens,),
+            str(tmp_path / "m.onnx"),
+            input_names=["tokens"],
+            dynamo=False,
+            dynamic_axes={"tokens": {0: "N", 1: "length"}},
+        )
+    ids = np.random.default_rng(0).integers(0, 50, (64, 7))
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "floats.npy", ids.astype(np.float32))
+    model = str(tmp_path / "m.onnx")
+    res = CliRunner().invoke(main, ["prune", model, "--threshold", "0.01", "--calib", str(tmp_path / "floats.npy")])
+    assert "takes integers, int64 [NxN]" in one_line_error(res) and not (tmp_path / "m.pruned.onnx").exists()
+    res = CliRunner().invoke(main, ["prune", model, "--threshold", "0.01", "--calib", str(tmp_path / "ids.npy")])
+    assert res.exit_code == 0, res.output
+    pruned = onnx.load(tmp_path / "m.pruned.onnx")
+    np.testing.assert_allclose(_run(pruned, ids), _run(onnx.load(model), ids), atol=1e-4)
+    assert sum(n.op_type in ("MatMul", "Gemm") for n in pruned.graph.node) >= 5
+    res = CliRunner().invoke(main, ["sweep", model, "--calib", str(tmp_path / "ids.npy"), "--thresholds", "0.01"])
+    assert res.exit_code == 0 and "agree" in res.output, res.output
+    bench = ["bench", model, str(tmp_path / "m.pruned.onnx"), "--batch", "1", "--runs", "2", "--dims", "length=7"]
+    res = CliRunner().invoke(main, bench)
+    assert res.exit_code == 0, res.output

@@ -200,47 +200,25 @@ def affine(g: Graph, name: str) -> Affine | None:
     node = g.op(name)
     if node is None:
         return None
+    has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and bool(node.input[2])
+    b = g.const(node.input[2]) if has_bias else None
+    bias_at = {"bias_node": name, "bias_index": 2} if has_bias else {"bias_node": None, "bias_index": None}
     if node.op_type == "Conv":
         w = g.const(node.input[1])
-        if w is None or w.ndim < 3 or g.const(node.input[0]) is not None:
+        if w is None or w.ndim < 3 or g.const(node.input[0]) is not None or (has_bias and b is None):
             return None
-        b = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and b is None:
-            return None
-        return Affine(
-            "conv",
-            node.input[0],
-            name,
-            name,
-            w,
-            False,
-            b,
-            name if b is not None else None,
-            2 if b is not None else None,
-            int(attr(node, "group", 1)),
-        )
+        group = int(attr(node, "group", 1))
+        return Affine("conv", node.input[0], name, name, w, transposed=False, bias=b, group=group, **bias_at)
     if node.op_type == "Gemm":
         w = g.const(node.input[1])
         if w is None or w.ndim != 2 or attr(node, "transA", 0) or float(attr(node, "alpha", 1.0)) != 1.0:
             return None
         trans = not attr(node, "transB", 0)
         out = w.shape[1] if trans else w.shape[0]
-        b = None
-        if len(node.input) > 2 and node.input[2]:
-            b = g.const(node.input[2])
-            if b is None or b.size != out or float(attr(node, "beta", 1.0)) != 1.0:
-                return None
-        return Affine(
-            "linear",
-            node.input[0],
-            name,
-            name,
-            w.T if trans else w,
-            trans,
-            None if b is None else b.reshape(out),
-            name if b is not None else None,
-            2 if b is not None else None,
-        )
+        if has_bias and (b is None or b.size != out or float(attr(node, "beta", 1.0)) != 1.0):
+            return None
+        bias = None if b is None else b.reshape(out)
+        return Affine("linear", node.input[0], name, name, w.T if trans else w, transposed=trans, bias=bias, **bias_at)
     if node.op_type == "MatMul":
         return _matmul(g, node, name, None, None)
     if node.op_type == "Add" and len(node.input) == 2:
@@ -263,7 +241,17 @@ def _matmul(g: Graph, node: onnx.NodeProto, name: str, bias: str | None, bias_in
             return None
         b = b.reshape(w.shape[1])
     bias_node = name if bias is not None else None
-    return Affine("linear", node.input[0], name, node.output[0], w.T, True, b, bias_node, bias_index)
+    return Affine(
+        "linear",
+        node.input[0],
+        name,
+        node.output[0],
+        w.T,
+        transposed=True,
+        bias=b,
+        bias_node=bias_node,
+        bias_index=bias_index,
+    )
 
 
 def logistic(z: np.ndarray) -> np.ndarray:

@@ -394,9 +394,13 @@ def _set_layer(ed: _Editor, layer: Affine, weight: np.ndarray, bias: np.ndarray 
     bias is None."""
     node = ed.node(layer.node)
     ed.set_input(node, 1, f"{tag}_w", np.ascontiguousarray(weight.T) if layer.transposed else weight)
-    if bias is None:
-        pass
-    elif layer.bias_node is not None:
+    if bias is not None:
+        _set_bias(ed, layer, node, bias, tag)
+    ed.refresh()
+
+
+def _set_bias(ed: _Editor, layer: Affine, node: onnx.NodeProto, bias: np.ndarray, tag: str) -> None:
+    if layer.bias_node is not None:
         ed.set_input(ed.node(layer.bias_node), layer.bias_index, f"{tag}_b", bias)
     elif node.op_type == "MatMul":
         node.output[0] = f"{tag}_matmul"
@@ -411,7 +415,6 @@ def _set_layer(ed: _Editor, layer: Affine, weight: np.ndarray, bias: np.ndarray 
             keep = [a for a in node.attribute if a.name != "beta"]
             del node.attribute[:]
             node.attribute.extend(keep)
-    ed.refresh()
 
 
 def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray, kind: str):

@@ -514,13 +514,15 @@ def prune(
     gate_stats: GateStats | None = None,
     on_progress=None,
     reference: np.ndarray | None = None,
+    blocks: list[Block] | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune every highway block's low-gate channels; returns (pruned model, report).
 
     calib: float32 calibration inputs in the model's input layout. They give the gate means
     (unless gate_stats is passed or only metadata is available), the refit, and the verification.
     on_progress(stage: str, n: int, total: int) reports calibration progress. reference: the
-    original's first output on calib, if already known (saves one pass).
+    original's first output on calib, if already known (saves one pass). blocks: the model's
+    blocks as `highway_model` found them in it, if already known (saves the search).
     """
     cfg = config or PruneConfig(threshold=threshold)
     if config is not None and threshold != cfg.threshold:
@@ -533,7 +535,7 @@ def prune(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     given = original  # reported and verified against; blocks may be found only in its simplification
-    original, blocks = highway_model(given)
+    original, blocks = (given, blocks) if blocks is not None else highway_model(given)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         if len(calib) < fixed:

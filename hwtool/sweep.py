@@ -102,6 +102,7 @@ def sweep(
             gate_stats=stats,
             reference=ref,
             on_progress=on_progress,
+            blocks=blocks,
         )
         rows.append(
             SweepRow(

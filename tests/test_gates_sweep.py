@@ -149,3 +149,21 @@ def test_sweep_table_fits_80_columns_without_cutting_numbers():
     text = render(sweep_table(rows, "models/reference.onnx"))
     for cell in ("original", "2688/2688", "8,954,641", "36.10", "650.0", "88.45%", "8.02", "252.1", "589/2688"):
         assert cell in text
+
+
+def test_sweep_searches_for_blocks_once(monkeypatch):
+    """A sigmoid outside any block (class probabilities here) makes the block search try onnxsim;
+    sweep does that search once, not again for each threshold: onnxsim runs once for the search
+    and once per threshold on the pruned result."""
+    import hwtool.prune
+    from hwtool.sweep import sweep
+
+    model = build(Spec(removable=REMOVABLE_DEFAULT))
+    out = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Sigmoid", [out], ["probs"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 10]))
+    calls = []
+    simplify = hwtool.prune._simplify
+    monkeypatch.setattr(hwtool.prune, "_simplify", lambda m: calls.append(1) or simplify(m))
+    rows = sweep(model, None, (0.01, 0.02, 0.05), calib=images(16))
+    assert [r.kept_channels for r in rows] == [28, 12, 12, 12] and len(calls) == 1 + 3

@@ -276,3 +276,27 @@ def test_a_text_model_of_token_ids_is_calibrated_pruned_swept_and_benchmarked(tm
     bench = ["bench", model, str(tmp_path / "m.pruned.onnx"), "--batch", "1", "--runs", "2", "--dims", "length=7"]
     res = CliRunner().invoke(main, bench)
     assert res.exit_code == 0, res.output
+
+
+def test_gemm_weights_stored_in_by_out_are_read_and_written_that_way(tmp_path):
+    """A Gemm without transB keeps its matrix in x out (as onnxsim's MatMul + Add fusion leaves it):
+    the same network so stored prunes exactly on dead channels and refits on live ones."""
+    torch.manual_seed(1)
+    net, shape = _network("linear")
+    net[1].kill(DEAD)
+    _close_half(net[1])
+    model = _export(net, shape, "torchscript", tmp_path / "m.onnx")
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gemm":
+            w = onnx.numpy_helper.to_array(inits[node.input[1]])
+            inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(w.T), node.input[1]))
+            next(a for a in node.attribute if a.name == "transB").i = 0
+    x = _inputs(shape, 64)
+    assert find_blocks(model)[0].width == 12
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert report.blocks[0].kept == 9 and report.blocks[0].gate_error_naive < 1e-6
+    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    _, report = prune(model, 0.3, calib=x)
+    block = report.blocks[0]
+    assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive

@@ -69,7 +69,7 @@ class ModelInfo:
     input_name: str
     input_shape: tuple[int | str, ...]  # as declared; strings are symbolic (dynamic) dims
     parameters: int
-    flops_per_image: int | None  # None when shape inference could not size every conv
+    flops_per_image: int | None  # None when shape inference could not size every weighted layer
     file_bytes: int
 
 
@@ -217,22 +217,6 @@ def input_shape(
 def symbolic_dims(model: onnx.ModelProto) -> set[str]:
     """Names of the symbolic non-batch dimensions of the model's input."""
     return {d for d in input_spec(model)[1][1:] if isinstance(d, str) and d != "?"}
-
-
-def _sized(model: onnx.ModelProto, sizes: dict[str, int]) -> onnx.ModelProto:
-    """A copy whose input has its named symbolic dimensions fixed (for counting FLOPs)."""
-    if not sizes:
-        return model
-    sized = onnx.ModelProto()
-    sized.CopyFrom(model)
-    inits = {t.name for t in sized.graph.initializer}
-    for inp in sized.graph.input:
-        if inp.name in inits:
-            continue
-        for d in inp.type.tensor_type.shape.dim[1:]:
-            if d.HasField("dim_param") and d.dim_param in sizes:
-                d.dim_value = sizes[d.dim_param]
-    return sized
 
 
 def random_input(shape: tuple[int, ...], dtype: np.dtype, seed: int = 0) -> np.ndarray:
@@ -397,7 +381,8 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
         name, dims, _ = input_spec(model)
         fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
         try:
-            flops = count_flops(_sized(model, sizes), batch=1) // fixed
+            flops = count_flops(model, batch=1, sizes=sizes)
+            flops = None if flops is None else flops // fixed
         except Exception:  # shape inference can fail on exotic graphs; FLOPs are then unknown
             flops = None
         infos.append(ModelInfo(path, name, tuple(dims), count_parameters(model), flops, Path(path).stat().st_size))

@@ -86,8 +86,9 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return n
 
 
-def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
-    """Static shapes of every tensor with the batch dimension fixed to `batch`."""
+def _shapes(model: onnx.ModelProto, batch: int, sizes: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Static shapes of every tensor with the batch dimension fixed to `batch` and other symbolic
+    input dimensions to `sizes` (by name)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     # Large initializers (weights) become typed inputs: shape inference needs only their shapes,
@@ -109,6 +110,9 @@ def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
         if dims and not dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_value = batch
+        for d in dims[1:]:
+            if d.HasField("dim_param") and d.dim_param in (sizes or {}):
+                d.dim_value = sizes[d.dim_param]
     del m.graph.value_info[:]
     m = onnx.shape_inference.infer_shapes(m, data_prop=True)
     shapes = {}
@@ -121,12 +125,14 @@ def _shapes(model: onnx.ModelProto, batch: int) -> dict[str, list[int]]:
     return shapes
 
 
-def count_flops(model: onnx.ModelProto, batch: int = 1) -> int:
-    """Multiply-accumulates ×2 of Conv, ConvInteger, Gemm and MatMul for one batch of `batch`.
+def count_flops(model: onnx.ModelProto, batch: int = 1, sizes: dict[str, int] | None = None) -> int | None:
+    """Multiply-accumulates ×2 of Conv, ConvInteger, Gemm and MatMul for one batch of `batch`, other
+    symbolic input dimensions (a sequence length) sized by `sizes`; None when some of those layers
+    cannot be sized (a symbolic dimension left unsized).
 
     Elementwise work (the gate mix, BN, activations) is left out; it is a few percent here.
     """
-    shapes = _shapes(model, batch)
+    shapes = _shapes(model, batch, sizes)
     g = Graph(model)
     total = 0
     for node in model.graph.node:
@@ -138,13 +144,15 @@ def count_flops(model: onnx.ModelProto, batch: int = 1) -> int:
                 src = g.op(w_name)  # a DequantizeLinear in QDQ models
                 if src is not None and src.input[0] in shapes:
                     w = shapes[src.input[0]]
-            if y and w:
-                total += 2 * int(np.prod(y)) * int(np.prod(w[1:]))
+            if not (y and w):
+                return None
+            total += 2 * int(np.prod(y)) * int(np.prod(w[1:]))
         elif node.op_type in ("Gemm", "MatMul"):
             a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
-            if a and y:
-                k = a[0] if (node.op_type == "Gemm" and attr(node, "transA", 0)) else a[-1]
-                total += 2 * int(np.prod(y)) * k
+            if not (a and y):
+                return None
+            k = a[0] if (node.op_type == "Gemm" and attr(node, "transA", 0)) else a[-1]
+            total += 2 * int(np.prod(y)) * k
     return total
 
 

@@ -35,7 +35,7 @@ from hwtool.patterns import (
     gate_response,
     logistic,
 )
-from hwtool.runtime import fixed_batch, load_model, make_session, run_batched
+from hwtool.runtime import fixed_batch, load_model, make_session, run_batched, symbolic_sizes
 
 WRITE_BACKS = ("gather", "scatter", "conv")
 
@@ -84,8 +84,8 @@ class PruneReport:
     blocks: list[BlockReport]
     params_before: int
     params_after: int
-    flops_before: int
-    flops_after: int
+    flops_before: int | None  # at the calibration inputs' sequence length, if the input has one; None: unknown
+    flops_after: int | None
     bytes_before: int
     bytes_after: int
     max_abs_error: float | None
@@ -652,8 +652,8 @@ def prune(
         blocks=reports,
         params_before=count_parameters(given),
         params_after=count_parameters(model),
-        flops_before=count_flops(given),
-        flops_after=count_flops(model),
+        flops_before=count_flops(given, sizes=symbolic_sizes(given, calib)),
+        flops_after=count_flops(model, sizes=symbolic_sizes(given, calib)),
         bytes_before=given.ByteSize(),
         bytes_after=model.ByteSize(),
         max_abs_error=max_abs,

@@ -53,8 +53,12 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.3f}x" if b else "-"
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.3f}x" if a is not None and b else "-"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
 
 
 def prune_tables(report: PruneReport) -> list[Table]:
@@ -91,8 +95,8 @@ def prune_tables(report: PruneReport) -> list[Table]:
     )
     totals.add_row(
         "FLOPs (batch 1)",
-        f"{report.flops_before:,}",
-        f"{report.flops_after:,}",
+        _count(report.flops_before),
+        _count(report.flops_after),
         _ratio(report.flops_after, report.flops_before),
     )
     totals.add_row(
@@ -141,7 +145,7 @@ def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
             f"{r.kept_channels}/{r.channels}",
             f"{r.parameters:,}",
             f"{r.bytes / 1e6:.2f}",
-            f"{r.flops / 1e6:.1f}",
+            "-" if r.flops is None else f"{r.flops / 1e6:.1f}",
             "-" if value is None else f"{value:.3g}" if measure == "max_abs_error" else f"{value:.2%}",
             "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
             "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",

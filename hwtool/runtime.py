@@ -79,6 +79,14 @@ def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | str], int]:
     return inputs[0].name, dims, t.elem_type
 
 
+def symbolic_sizes(model: onnx.ModelProto, x: np.ndarray | None) -> dict[str, int]:
+    """The sizes the input's symbolic non-batch dimensions (a sequence length) have in inputs x."""
+    if x is None:
+        return {}
+    _, dims, _ = input_spec(model)
+    return {d: int(x.shape[i]) for i, d in enumerate(dims) if 0 < i < x.ndim and isinstance(d, str) and d != "?"}
+
+
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The model's fixed batch size, or None when the batch dimension is dynamic."""
     _, dims, _ = input_spec(model)

@@ -17,7 +17,7 @@ from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune
-from hwtool.runtime import atomic_write_model, input_spec, json_file_bytes, load_model
+from hwtool.runtime import atomic_write_model, json_file_bytes, load_model, symbolic_sizes
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class SweepRow:
     channels: int
     parameters: int
     bytes: int
-    flops: int
+    flops: int | None  # at the calibration inputs' sequence length, if the input has one; None: unknown
     accuracy: float | None  # top-1 on the test images; None without labelled data
     max_abs_error: float | None  # of the first output, against the original's, on the calibration inputs
     p50_ms_batch1: float | None = None
@@ -86,7 +86,7 @@ def sweep(
             channels,
             count_parameters(given),
             given.ByteSize(),
-            count_flops(given),
+            count_flops(given, sizes=symbolic_sizes(given, calib)),
             accuracy(given, "accuracy original"),
             0.0,
             agreement=1.0 if ref.ndim == 2 else None,
@@ -120,9 +120,7 @@ def sweep(
         models.append(pruned)
     if latency:
         # symbolic input dims (a sequence length) are timed at the calibration inputs' sizes
-        dims = input_spec(given)[1]
-        sizes = {d: calib.shape[i] for i, d in enumerate(dims) if i and isinstance(d, str) and d != "?"}
-        rows = _with_latency(rows, models, latency_runs, tuple(sizes.items()))
+        rows = _with_latency(rows, models, latency_runs, tuple(symbolic_sizes(given, calib).items()))
     return rows
 
 

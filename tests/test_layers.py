@@ -230,6 +230,7 @@ def test_a_model_of_other_inputs_is_swept_on_its_calibration_inputs(head, tmp_pa
     else:
         assert meta["measure"] == "max_abs_error" and "max err" in res.output
         assert all(r["agreement"] == "" for r in rows)
+        assert int(rows[0]["flops"]) == 2 * 7 * (20 * 12 + 4 * 12 * 12)  # at the calibration length, 7 frames
     assert all(float(r["p50_ms_batch1"]) > 0 and float(r["p50_ms_batch64"]) > 0 for r in rows)
     assert (tmp_path / "m.sweep.png").read_bytes().startswith(b"\x89PNG")
     res = CliRunner().invoke(main, ["sweep", str(model), "--csv", str(tmp_path / "x.csv")])

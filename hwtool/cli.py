@@ -535,10 +535,11 @@ def _calib_options(fn):
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--write-back",
-    type=click.Choice(["gather", "scatter", "conv"]),
-    default="gather",
+    type=click.Choice(["auto", "gather", "scatter", "conv"]),
+    default="auto",
     show_default=True,
-    help="How the kept channels' mix returns into the full-width carry.",
+    help="How the kept channels' mix returns into the full-width carry: Concat+Gather, ScatterElements, "
+    "one-hot weights (1x1 conv or MatMul); auto: gather for convs, one-hot for fully connected layers.",
 )
 @click.option(
     "--round-to",

@@ -37,7 +37,7 @@ from hwtool.patterns import (
 )
 from hwtool.runtime import fixed_batch, load_model, make_session, run_batched, symbolic_sizes
 
-WRITE_BACKS = ("gather", "scatter", "conv")
+WRITE_BACKS = ("auto", "gather", "scatter", "conv")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,12 @@ class PruneConfig:
     ridge: float = 1e-3  # regularisation toward the original weights, relative to mean feature energy
     max_rows: int = 32768  # sampled positions per block for the least-squares fit
     refit_images: int = 256  # calibration images whose activations the refit uses (the first ones)
-    write_back: str = "gather"  # how the kept channels' mix returns into the full-width carry
+    # How the kept channels' mix returns into the full-width carry: "gather" (Concat + Gather),
+    # "scatter" (ScatterElements) or "conv" (one-hot weights: a 1x1 conv, or for fully connected
+    # blocks a MatMul, which then also selects the kept carry channels); "auto": gather for convs,
+    # one-hot for fully connected blocks, whose last-axis Gather made them slower than unpruned
+    # (benchmarks/results/fc_highway.json).
+    write_back: str = "auto"
     round_to: int = 1  # keep a multiple of this many channels per block (next-highest gates fill up)
     simplify: bool = True  # run onnxsim on the result
     batch: int = 64  # calibration batch
@@ -439,10 +444,21 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     if block.gate_depthwise:
         next(a for a in ed.node(gate.node).attribute if a.name == "group").i = len(kept)
     ed.remove_nodes(mix)
-    axis = block.channel_axis
-    kept_idx = numpy_helper.from_array(kept.astype(np.int64), f"{tag}_kept")
+    linear = block.channel_axis == -1
+    if kind == "auto":
+        kind = "conv" if linear else "gather"
+    if linear and kind == "conv":  # carry (..., C) @ one-hot (C, k): faster than a Gather on the last axis
+        select = np.zeros((block.width, len(kept)), dtype=gate_w.dtype)
+        select[kept, np.arange(len(kept))] = 1.0
+        kept_idx = numpy_helper.from_array(select, f"{tag}_kept")
+        carry = helper.make_node("MatMul", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], name=f"{tag}_carry")
+    else:
+        kept_idx = numpy_helper.from_array(kept.astype(np.int64), f"{tag}_kept")
+        carry = helper.make_node(
+            "Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=block.channel_axis, name=f"{tag}_carry"
+        )
     nodes = [
-        helper.make_node("Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=axis, name=f"{tag}_carry"),
+        carry,
         helper.make_node("Sub", [block.transform, f"{tag}_carry_kept"], [f"{tag}_diff"], name=f"{tag}_diff"),
         helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_delta"], name=f"{tag}_delta"),
     ]

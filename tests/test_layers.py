@@ -120,6 +120,8 @@ def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporte
     pruned, report = prune(model, threshold=1e-6, calib=x)
     onnx.checker.check_model(pruned, full_check=True)
     assert [b.kept for b in report.blocks] == [9, 9]
+    carry = {n.op_type for n in pruned.graph.node if n.name == "hw0_carry"}  # auto: one-hot MatMul, not a Gather
+    assert carry == ({"MatMul"} if kind in ("linear", "sequence") else {"Gather"})
     if kind != "conv3d":  # the removed H is zero: the kept gates, read back, are the original ones
         assert report.blocks[0].gate_error_naive < 1e-6 and report.blocks[0].gate_error_refit < 1e-6
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)

@@ -28,9 +28,9 @@ from hwtool.bench import BenchConfig, bench  # noqa: E402
 from hwtool.gates import GateStats, load_calibration, measure_gates  # noqa: E402
 from hwtool.patterns import find_blocks  # noqa: E402
 from hwtool.prune import PruneConfig, prune  # noqa: E402
+from hwtool.runtime import atomic_write_bytes, atomic_write_model, json_file_bytes  # noqa: E402
 
 WRITE_BACKS = ("gather", "scatter", "conv")  # "auto" is gather for these conv blocks
-from hwtool.runtime import atomic_write_bytes, atomic_write_model, json_file_bytes  # noqa: E402
 
 
 def synthetic_gates(model: onnx.ModelProto, keep: float, seed: int = 0) -> GateStats:

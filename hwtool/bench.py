@@ -178,15 +178,15 @@ def resolve_provider(name: str) -> tuple[str, str]:
 
 
 def input_shape(
-    model: onnx.ModelProto, batch: int, path: str = "the model", dims: dict[str, int] | None = None
+    model: onnx.ModelProto, batch: int, path: str = "the model", sizes: dict[str, int] | None = None
 ) -> tuple[str, tuple[int, ...], np.dtype]:
-    """(input name, concrete shape for `batch`, numpy dtype) of a one-input float model, symbolic
-    non-batch dimensions sized by `dims` (name -> size).
+    """(input name, concrete shape for `batch`, numpy dtype) of a one-input model (float, or integer
+    token ids), symbolic non-batch dimensions sized by `sizes` (name -> size).
 
-    Raises ModelError for several inputs, an input neither float nor integer, symbolic non-batch dimensions `dims`
-    does not size, or a fixed batch dimension that differs from `batch`.
+    Raises ModelError for several inputs, an input neither float nor integer, a symbolic non-batch
+    dimension `sizes` does not size, or a fixed batch dimension that differs from `batch`.
     """
-    dims_given = dims or {}
+    sizes = sizes or {}
     try:
         name, dims, elem = input_spec(model)
     except ModelError as e:
@@ -200,8 +200,8 @@ def input_shape(
     for i, d in enumerate(dims[1:], start=1):
         if isinstance(d, int) and d > 0:
             shape.append(d)
-        elif d in dims_given:
-            shape.append(dims_given[d])
+        elif d in sizes:
+            shape.append(sizes[d])
         elif d == "?":
             raise ModelError(f"{path}: dimension {i} of input {name!r} is unknown; export it with a fixed size")
         else:

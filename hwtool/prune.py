@@ -11,6 +11,7 @@ original highway design) loses only the removed channels' rows, and needs no ref
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import types
@@ -643,6 +644,7 @@ def prune(
     t2 = time.perf_counter()
     if cfg.simplify:
         model = _simplify(model)
+    model = _one_hots_as_nodes(model)
     timings["simplify"] = time.perf_counter() - t2
     onnx.checker.check_model(model, full_check=True)
 
@@ -685,6 +687,53 @@ def _run_first(model: onnx.ModelProto, x: np.ndarray, cfg: PruneConfig, on_batch
     first = sess.get_outputs()[0].name
     outs = [r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)]
     return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+ONE_HOT_NAME = re.compile(r"hw\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes
+
+
+def _one_hot_axis(m: np.ndarray) -> int | None:
+    """0 when every column of m is one 1 among 0s (C x k), 1 when every row is (k x C), else None."""
+    if not np.isin(m, (0, 1)).all():
+        return None
+    return next((axis for axis in (0, 1) if (m.sum(axis) == 1).all()), None)
+
+
+def _one_hots_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The surgery's one-hot selection matrices (C x k or k x C, or C x k x 1 x 1 for a conv
+    write-back), stored as OneHot nodes on their k indices instead of as dense weights: the file
+    keeps k integers per block, and ONNX Runtime folds each node back into its matrix when a
+    session loads, so the speed is the same."""
+    g = model.graph
+    nodes, inits = [], []
+    for t in g.initializer:
+        v = numpy_helper.to_array(t) if ONE_HOT_NAME.match(t.name) and t.data_type != onnx.TensorProto.INT64 else None
+        axis = None
+        if v is not None and v.ndim >= 2 and all(d == 1 for d in v.shape[2:]):
+            axis = _one_hot_axis(v.reshape(v.shape[:2]))
+        if axis is None:
+            inits.append(t)
+            continue
+        m = v.reshape(v.shape[:2])
+        args = [f"{t.name}_index", f"{t.name}_depth", f"{t.name}_values"]
+        inits += [
+            numpy_helper.from_array(m.argmax(axis).astype(np.int64), args[0]),
+            numpy_helper.from_array(np.array(m.shape[axis], dtype=np.int64), args[1]),
+            numpy_helper.from_array(np.array([0, 1], dtype=v.dtype), args[2]),
+        ]
+        if v.ndim == 2:
+            nodes.append(helper.make_node("OneHot", args, [t.name], axis=axis))
+        else:
+            inits.append(numpy_helper.from_array(np.array(v.shape, dtype=np.int64), f"{t.name}_shape"))
+            nodes.append(helper.make_node("OneHot", args, [f"{t.name}_matrix"], axis=axis))
+            nodes.append(helper.make_node("Reshape", [f"{t.name}_matrix", f"{t.name}_shape"], [t.name]))
+    if nodes:
+        del g.initializer[:]
+        g.initializer.extend(inits)
+        rest = list(g.node)
+        del g.node[:]
+        g.node.extend(nodes + rest)
+    return model
 
 
 def _import_onnxsim() -> types.ModuleType:

@@ -15,6 +15,7 @@ from cli_errors import one_line_error
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from hwtool.graph import count_parameters  # noqa: E402
 from hwtool.patterns import find_blocks  # noqa: E402
 from hwtool.prune import PruneConfig, prune  # noqa: E402
 
@@ -122,6 +123,12 @@ def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporte
     assert [b.kept for b in report.blocks] == [9, 9]
     carry = {n.op_type for n in pruned.graph.node if n.name == "hw0_carry"}  # auto: one-hot MatMul, not a Gather
     assert carry == ({"MatMul"} if kind in ("linear", "sequence") else {"Gather"})
+    # whose one-hot matrices are OneHot nodes on the kept indices (both blocks keep the same channels,
+    # so onnxsim shares them): no float weights beyond the layers' own but each node's values (0, 1)
+    one_hots = sum(n.op_type == "OneHot" for n in pruned.graph.node)
+    assert one_hots == (2 if kind in ("linear", "sequence") else 0)
+    removed = sum(b.params_before - b.params_after for b in report.blocks)
+    assert count_parameters(pruned) - (count_parameters(model) - removed) <= 2 * one_hots
     if kind != "conv3d":  # the removed H is zero: the kept gates, read back, are the original ones
         assert report.blocks[0].gate_error_naive < 1e-6 and report.blocks[0].gate_error_refit < 1e-6
     np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)

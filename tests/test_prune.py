@@ -42,6 +42,12 @@ def test_exactly_removable_channels_match(spelling, write_back):
     assert report.top1_agreement == 1.0
     # A block with nothing kept is its carry alone: no Sigmoid left for it.
     assert sum(n.op_type == "Sigmoid" for n in pruned.graph.node) == 2
+    # The conv write-back's one-hot weights are stored as OneHot nodes on the kept indices: the
+    # file holds no more floats than the gather write-back's but for each node's two values (0, 1).
+    one_hots = sum(n.op_type == "OneHot" for n in pruned.graph.node)
+    assert one_hots == (2 if write_back == "conv" else 0)
+    gathered, _ = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back="gather"))
+    assert count_parameters(pruned) == count_parameters(gathered) + 2 * one_hots
 
 
 @pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])

@@ -31,8 +31,11 @@ class GateStats:
 
 
 def _layout(dims: list) -> str:
-    """An input's dims as '1x3x32x32', symbolic or unknown ones as N."""
-    return "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in dims)
+    """An input's dims as '1x3x32x32': a symbolic or unknown batch as N, other symbolic dims by name."""
+    return "x".join(
+        str(d) if isinstance(d, int) and d > 0 else "N" if i == 0 or d in ("?", "") else str(d)
+        for i, d in enumerate(dims)
+    )
 
 
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:

@@ -123,7 +123,7 @@ def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporte
     assert [b.kept for b in report.blocks] == [9, 9]
     carry = {n.op_type for n in pruned.graph.node if n.name == "hw0_carry"}  # auto: one-hot MatMul, not a Gather
     assert carry == ({"MatMul"} if kind in ("linear", "sequence") else {"Gather"})
-    # whose one-hot matrices are OneHot nodes on the kept indices (both blocks keep the same channels,
+    # The one-hot matrices are OneHot nodes on the kept indices (both blocks keep the same channels,
     # so onnxsim shares them): no float weights beyond the layers' own but each node's values (0, 1)
     one_hots = sum(n.op_type == "OneHot" for n in pruned.graph.node)
     assert one_hots == (2 if kind in ("linear", "sequence") else 0)
@@ -142,7 +142,7 @@ def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporte
 def test_the_gate_refit_works_on_other_layers(kind, write_back, tmp_path):
     """Random weights, live channels removed at 0.3: the refit reduces the kept gates' error and the
     logits' against the plain drop (the sequence net's gate has no bias, so pruning adds one), in
-    every write-back. A 3-D conv's gate is not refitted, and the report says so."""
+    every write-back."""
     torch.manual_seed(1)
     net, shape = _network(kind)
     if kind == "sequence":
@@ -161,6 +161,7 @@ def test_the_gate_refit_works_on_other_layers(kind, write_back, tmp_path):
 
 
 def test_a_3d_conv_gate_is_pruned_without_refit(tmp_path):
+    """A 3-D conv's gate is not refitted (the refit solves 1-D and 2-D convs), and the report says so."""
     torch.manual_seed(1)
     net, shape = _network("conv3d")
     _close_half(net[1])

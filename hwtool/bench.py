@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from hwtool.graph import count_flops, count_parameters
-from hwtool.runtime import ModelError, atomic_write_bytes, input_spec, json_file_bytes, load_model
+from hwtool.runtime import ModelError, atomic_write_bytes, input_spec, json_file_bytes, load_model, symbolic_dims
 
 # Short names -> (ONNX Runtime provider, where to get a build that has it).
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -214,11 +214,6 @@ def input_shape(
     return name, tuple(shape), onnx.helper.tensor_dtype_to_np_dtype(elem)
 
 
-def symbolic_dims(model: onnx.ModelProto) -> set[str]:
-    """Names of the symbolic non-batch dimensions of the model's input."""
-    return {d for d in input_spec(model)[1][1:] if isinstance(d, str) and d != "?"}
-
-
 def random_input(shape: tuple[int, ...], dtype: np.dtype, seed: int = 0) -> np.ndarray:
     """Uniform [0, 1) values, like the images hwtool models take; the same for the same seed and
     shape. An integer input (token ids) gets zeros, a valid id for any vocabulary: a lookup costs
@@ -369,7 +364,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
     # Load and validate everything before the first timed run, so a bad model fails fast.
     models = [load_model(p) for p in paths]
     sizes = dict(cfg.dims)
-    unknown = set(sizes) - set().union(*(symbolic_dims(m) for m in models))
+    unknown = set(sizes) - {d for m in models for d in symbolic_dims(m).values()}
     if unknown:
         raise ValueError(
             f"--dims names {', '.join(sorted(unknown))}, which no model's input has as a symbolic dimension"

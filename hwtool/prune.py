@@ -329,6 +329,13 @@ def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int,
             ed.set_input(node, 1, f"{tag}_slope", slope.reshape(width, *slope.shape[1:])[kept] if slope.ndim else slope)
 
 
+def _one_hot(kept: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
+    """The (width, k) selection matrix of the kept channels: column j is 1 at channel kept[j]."""
+    m = np.zeros((width, len(kept)), dtype=dtype)
+    m[kept, np.arange(len(kept))] = 1.0
+    return m
+
+
 def _write_back(
     kind: str,
     tag: str,
@@ -339,12 +346,12 @@ def _write_back(
     width: int,
     out: str,
     dtype: np.dtype,
-    layer: Affine,
+    axis: int,
+    spatial: int,
 ):
     """Nodes and initializers writing the kept-channel mix into the full-width carry as `out`
-    (`dtype`: the network's float type, for the conv write-back's one-hot weights; `layer`: the
-    block's transform layer, whose kind and rank place the channel axis)."""
-    axis = -1 if layer.kind == "linear" else 1
+    (`dtype`: the network's float type, for the conv write-back's one-hot weights; `axis`: the
+    channel axis, 1 for convs over `spatial` dims, -1 for fully connected blocks)."""
     nodes, inits = [], []
     if kind == "gather":
         perm = np.arange(width, dtype=np.int64)
@@ -356,8 +363,7 @@ def _write_back(
         )
     elif kind == "scatter":
         # broadcast over the other axes by Expand: channels last need no trailing ones
-        spatial = () if layer.kind == "linear" else (1,) * (layer.weight.ndim - 2)
-        index = kept.astype(np.int64).reshape(*((1,) if axis == 1 else ()), -1, *spatial)
+        index = kept.astype(np.int64).reshape(*((1,) if axis == 1 else ()), -1, *(1,) * spatial)
         inits.append(numpy_helper.from_array(index, f"{tag}_idx4"))
         nodes.append(helper.make_node("Shape", [mix], [f"{tag}_shape"], name=f"{tag}_shape"))
         nodes.append(helper.make_node("Expand", [f"{tag}_idx4", f"{tag}_shape"], [f"{tag}_idx"], name=f"{tag}_expand"))
@@ -365,13 +371,12 @@ def _write_back(
             helper.make_node("ScatterElements", [carry, f"{tag}_idx", mix], [out], axis=axis, name=f"{tag}_writeback")
         )
     elif kind == "conv":
-        onehot = np.zeros((width, len(kept)), dtype=dtype)
-        onehot[kept, np.arange(len(kept))] = 1.0
-        if layer.kind == "linear":  # delta (..., k) @ (k, width)
+        onehot = _one_hot(kept, width, dtype)
+        if axis == -1:  # delta (..., k) @ (k, width)
             inits.append(numpy_helper.from_array(np.ascontiguousarray(onehot.T), f"{tag}_onehot"))
             nodes.append(helper.make_node("MatMul", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
         else:
-            onehot = onehot.reshape(width, len(kept), *(1,) * (layer.weight.ndim - 2))
+            onehot = onehot.reshape(width, len(kept), *(1,) * spatial)
             inits.append(numpy_helper.from_array(onehot, f"{tag}_onehot"))
             nodes.append(helper.make_node("Conv", [delta, f"{tag}_onehot"], [f"{tag}_spread"], name=f"{tag}_spread"))
         nodes.append(helper.make_node("Add", [carry, f"{tag}_spread"], [out], name=f"{tag}_writeback"))
@@ -449,9 +454,7 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     if kind == "auto":
         kind = "conv" if linear else "gather"
     if linear and kind == "conv":  # carry (..., C) @ one-hot (C, k): faster than a Gather on the last axis
-        select = np.zeros((block.width, len(kept)), dtype=gate_w.dtype)
-        select[kept, np.arange(len(kept))] = 1.0
-        kept_idx = numpy_helper.from_array(select, f"{tag}_kept")
+        kept_idx = numpy_helper.from_array(_one_hot(kept, block.width, gate_w.dtype), f"{tag}_kept")
         carry = helper.make_node("MatMul", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], name=f"{tag}_carry")
     else:
         kept_idx = numpy_helper.from_array(kept.astype(np.int64), f"{tag}_kept")
@@ -466,7 +469,17 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     if kind != "conv":
         nodes.append(helper.make_node("Add", [f"{tag}_carry_kept", f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
     wb_nodes, wb_inits = _write_back(
-        kind, tag, block.carry, f"{tag}_mix", f"{tag}_delta", kept, block.width, block.output, gate_w.dtype, transform
+        kind,
+        tag,
+        block.carry,
+        f"{tag}_mix",
+        f"{tag}_delta",
+        kept,
+        block.width,
+        block.output,
+        gate_w.dtype,
+        block.channel_axis,
+        0 if linear else transform.weight.ndim - 2,
     )
     ed.model.graph.node.extend(nodes + wb_nodes)
     ed.model.graph.initializer.extend([kept_idx, *wb_inits])
@@ -491,10 +504,9 @@ def kept_channels(means: np.ndarray, threshold: float, round_to: int = 1) -> np.
     return kept
 
 
-def _gate_conv_geometry(g: Graph, block: Block) -> list[int] | None:
-    """Pads of the gate layer seen as a 2-D conv (`_as_2d`), if the refit supports it: a fully
+def _gate_conv_geometry(g: Graph, layer: Affine) -> list[int] | None:
+    """Pads of a gate layer seen as a 2-D conv (`_as_2d`), if the refit supports it: a fully
     connected layer, or a 1-D or 2-D conv with stride 1, no dilation and no groups."""
-    layer = affine(g, block.gate_conv)
     if layer.kind == "linear":
         return [0, 0, 0, 0]
     conv = g.producer[layer.node]
@@ -611,7 +623,7 @@ def prune(
         elif len(kept) and not block.gate_reads_transform:
             note = "gate reads the block input: kept gates unchanged, no refit needed"
         elif len(kept) and runner is not None:
-            pads = _gate_conv_geometry(ed.graph, block)
+            pads = _gate_conv_geometry(ed.graph, gate)
             if pads is None:
                 note = "gate conv is 3-D or has strides, dilations or groups; refit skipped"
             else:
@@ -661,6 +673,7 @@ def prune(
             agree = float((new_logits.argmax(1) == ref_logits.argmax(1)).mean())
     timings["verify"] = time.perf_counter() - t3
 
+    sizes = symbolic_sizes(given, calib)  # FLOPs at the calibration inputs' sequence length
     report = PruneReport(
         threshold=cfg.threshold,
         refit=cfg.refit,
@@ -670,8 +683,8 @@ def prune(
         blocks=reports,
         params_before=count_parameters(given),
         params_after=count_parameters(model),
-        flops_before=count_flops(given, sizes=symbolic_sizes(given, calib)),
-        flops_after=count_flops(model, sizes=symbolic_sizes(given, calib)),
+        flops_before=count_flops(given, sizes=sizes),
+        flops_after=count_flops(model, sizes=sizes),
         bytes_before=given.ByteSize(),
         bytes_after=model.ByteSize(),
         max_abs_error=max_abs,

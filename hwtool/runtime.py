@@ -79,12 +79,17 @@ def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | str], int]:
     return inputs[0].name, dims, t.elem_type
 
 
+def symbolic_dims(model: onnx.ModelProto) -> dict[int, str]:
+    """Axis -> name of the input's named symbolic dimensions other than the batch (a sequence length)."""
+    _, dims, _ = input_spec(model)
+    return {i: d for i, d in enumerate(dims) if i > 0 and isinstance(d, str) and d != "?"}
+
+
 def symbolic_sizes(model: onnx.ModelProto, x: np.ndarray | None) -> dict[str, int]:
-    """The sizes the input's symbolic non-batch dimensions (a sequence length) have in inputs x."""
+    """The sizes the input's symbolic non-batch dimensions have in inputs x."""
     if x is None:
         return {}
-    _, dims, _ = input_spec(model)
-    return {d: int(x.shape[i]) for i, d in enumerate(dims) if 0 < i < x.ndim and isinstance(d, str) and d != "?"}
+    return {d: int(x.shape[i]) for i, d in symbolic_dims(model).items() if i < x.ndim}
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

@@ -535,8 +535,6 @@ def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
     """Patches taken with the gate conv's geometry (explicit pads or SAME padding of an even kernel,
     whose odd pad goes at the end or the start; a 1-D conv as height-1 images) times its weights
     give ORT's conv output."""
-    from types import SimpleNamespace
-
     from hwtool.prune import _as_2d, _gate_conv_geometry, _patches
 
     rng = np.random.default_rng(0)
@@ -557,7 +555,7 @@ def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
     from hwtool.patterns import affine
 
     layer = affine(Graph(model), "z")
-    geometry = _gate_conv_geometry(Graph(model), SimpleNamespace(gate_conv="z"))
+    geometry = _gate_conv_geometry(Graph(model), layer)
     h2, z2, w2 = _as_2d(layer, h, z, w)
     rows = np.stack(np.unravel_index(np.arange(z2[:, 0].size), z2[:, 0].shape), axis=1)
     x = _patches(h2, rows, w2.shape[2:], geometry)

@@ -684,8 +684,6 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
     from hwtool.sweep import csv_bytes, json_bytes, quality, sweep
 
-    if data is None and calib is None:
-        raise click.UsageError("pass --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy (inputs of the model)")
     ths = _floats(thresholds, "--thresholds")
     proto = load_model(model)
     stem = Path(model).with_suffix("")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -205,3 +206,9 @@ def to_float16(model: onnx.ModelProto, keep_io: bool = False) -> onnx.ModelProto
             v.type.tensor_type.elem_type = TensorProto.FLOAT16
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The model's first output on x, from an ONNX Runtime CPU session."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]

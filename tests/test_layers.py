@@ -8,9 +8,9 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from cli_errors import one_line_error
+from highway_onnx import run
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -20,11 +20,6 @@ from hwtool.patterns import find_blocks  # noqa: E402
 from hwtool.prune import PruneConfig, prune  # noqa: E402
 
 DEAD = [0, 2, 3]  # channels whose H and T are made exactly zero in each block
-
-
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
 class Highway(nn.Module):
@@ -131,7 +126,7 @@ def test_dead_channels_of_other_highway_layers_are_removed_exactly(kind, exporte
     assert count_parameters(pruned) - (count_parameters(model) - removed) <= 2 * one_hots
     if kind != "conv3d":  # the removed H is zero: the kept gates, read back, are the original ones
         assert report.blocks[0].gate_error_naive < 1e-6 and report.blocks[0].gate_error_refit < 1e-6
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     kernel = 1 if kind in ("linear", "sequence") else 3 ** (1 if kind == "conv1d" else 3)
     reads_h, reads_x = ((9 * 12 + 9 * 9) * kernel + 18, (9 * 12 + 9 * 12) * kernel + 18)
     assert [b.params_after for b in report.blocks] == [reads_h, reads_x]
@@ -155,8 +150,8 @@ def test_the_gate_refit_works_on_other_layers(kind, write_back, tmp_path):
     block = refit.blocks[0]
     assert 0 < block.kept < block.width
     assert block.gate_error_refit < 0.8 * block.gate_error_naive
-    logits = _run(model, x)
-    rms = [np.sqrt(np.mean((_run(m, x) - logits) ** 2)) for m in (pruned, dropped)]
+    logits = run(model, x)
+    rms = [np.sqrt(np.mean((run(m, x) - logits) ** 2)) for m in (pruned, dropped)]
     assert rms[0] < rms[1]
 
 
@@ -169,7 +164,7 @@ def test_a_3d_conv_gate_is_pruned_without_refit(tmp_path):
     pruned, report = prune(model, 0.3, calib=_inputs(shape, 8))
     block = report.blocks[0]
     assert 0 < block.kept < block.width and "refit skipped" in block.note and block.gate_error_refit is None
-    assert _run(pruned, _inputs(shape, 8)).shape == (8, 10)
+    assert run(pruned, _inputs(shape, 8)).shape == (8, 10)
 
 
 @pytest.mark.parametrize("kind", ["linear", "sequence"])
@@ -201,7 +196,7 @@ def test_a_fully_connected_highway_net_is_pruned_and_quantized_from_the_command_
     assert len(layers) >= 5 and all(made_by.get(n.input[1]) == "DequantizeLinear" for n in layers)
     assert json.loads({p.key: p.value for p in q.metadata_props}["hwtool.quantize"])["ops"] == ["Gemm", "MatMul"]
     x = _inputs(shape, 64)
-    assert (_run(q, x).argmax(1) == _run(onnx.load(model), x).argmax(1)).mean() > 0.9
+    assert (run(q, x).argmax(1) == run(onnx.load(model), x).argmax(1)).mean() > 0.9
 
 
 @pytest.mark.parametrize("head", [True, False], ids=["class scores", "sequence output"])
@@ -280,7 +275,7 @@ def test_a_text_model_of_token_ids_is_calibrated_pruned_swept_and_benchmarked(tm
     res = CliRunner().invoke(main, ["prune", model, "--threshold", "0.01", "--calib", str(tmp_path / "ids.npy")])
     assert res.exit_code == 0, res.output
     pruned = onnx.load(tmp_path / "m.pruned.onnx")
-    np.testing.assert_allclose(_run(pruned, ids), _run(onnx.load(model), ids), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, ids), run(onnx.load(model), ids), atol=1e-4)
     assert sum(n.op_type in ("MatMul", "Gemm") for n in pruned.graph.node) >= 5
     res = CliRunner().invoke(main, ["sweep", model, "--calib", str(tmp_path / "ids.npy"), "--thresholds", "0.01"])
     assert res.exit_code == 0 and "agree" in res.output, res.output
@@ -307,7 +302,7 @@ def test_gemm_weights_stored_in_by_out_are_read_and_written_that_way(tmp_path):
     assert find_blocks(model)[0].width == 12
     pruned, report = prune(model, 1e-6, calib=x)
     assert report.blocks[0].kept == 9 and report.blocks[0].gate_error_naive < 1e-6
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     _, report = prune(model, 0.3, calib=x)
     block = report.blocks[0]
     assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive

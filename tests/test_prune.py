@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from cli_errors import one_line_error
 from click.testing import CliRunner
-from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images, to_float16
+from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images, run, to_float16
 from rendering import render
 
 from hwtool.cli import main
@@ -24,11 +23,6 @@ from hwtool.prune import PruneConfig, prune
 REMOVABLE = REMOVABLE_DEFAULT
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
 @pytest.mark.parametrize("spelling", SPELLINGS)
 @pytest.mark.parametrize("write_back", ["gather", "scatter", "conv"])
 def test_exactly_removable_channels_match(spelling, write_back):
@@ -37,7 +31,7 @@ def test_exactly_removable_channels_match(spelling, write_back):
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
     onnx.checker.check_model(pruned, full_check=True)
     assert [b.kept for b in report.blocks] == [5, 0, 7]
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     assert report.max_abs_error < 1e-4
     assert report.top1_agreement == 1.0
     # A block with nothing kept is its carry alone: no Sigmoid left for it.
@@ -65,7 +59,7 @@ def test_a_float16_model_prunes_to_a_float16_model(write_back, keep_io):
     assert {t.data_type for t in pruned.graph.initializer} & floats == {f16}
     xin = x if keep_io else x.astype(np.float16)
     # The refitted gates are rounded to float16 again: equal to float16 precision, not bit for bit.
-    np.testing.assert_allclose(_run(pruned, xin), _run(model, xin), atol=2e-2)
+    np.testing.assert_allclose(run(pruned, xin), run(model, xin), atol=2e-2)
     assert report.max_abs_error < 2e-2 and report.top1_agreement == 1.0
 
 
@@ -80,7 +74,7 @@ def test_a_gate_that_reads_the_input_loses_only_its_rows_and_is_not_refitted(spe
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(simplify=False))
     onnx.checker.check_model(pruned, full_check=True)
     assert [b.kept for b in report.blocks] == [5, 0, 7]
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     assert report.top1_agreement == 1.0
     assert [b.gate_error_refit for b in report.blocks] == [None] * 3
     assert "no refit" in report.blocks[0].note and "no refit" in report.blocks[2].note
@@ -132,7 +126,7 @@ def test_a_gate_that_reads_h_through_another_node_is_left_whole():
     x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)
     pruned, report = prune(model, threshold=0.01, calib=x)
     assert report.blocks[0].kept == 4 and "left whole" in report.blocks[0].note
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-6)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-6)
 
 
 @pytest.mark.parametrize("bn_before,bn_after", [(True, False), (False, True)])
@@ -167,7 +161,7 @@ def test_io_contract_is_kept(opset):
     assert dim0.dim_param == "batch"
     assert pruned.opset_import[0].version == opset
     # dynamic batch still works
-    assert _run(pruned, images(3)).shape == (3, 10)
+    assert run(pruned, images(3)).shape == (3, 10)
 
 
 def test_fixed_batch_model():
@@ -176,7 +170,7 @@ def test_fixed_batch_model():
     assert pruned.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 8
     assert report.calibration_images == 16  # whole batches of 8 only
     assert report.max_abs_error < 1e-4
-    np.testing.assert_allclose(_run(pruned, images(8)), _run(model, images(8)), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, images(8)), run(model, images(8)), atol=1e-4)
 
 
 def test_deterministic_bytes():
@@ -212,7 +206,7 @@ def test_other_gate_and_transform_activations_prune_exactly(variant, write_back)
     x = images(24)
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
     assert [b.kept for b in report.blocks] == [5, 0, 7]
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     if variant.get("gate_activation") == "HardSigmoid":
         assert sum(n.op_type == "HardSigmoid" for n in pruned.graph.node) == 2
         assert not any(n.op_type == "Sigmoid" for n in pruned.graph.node)
@@ -285,7 +279,7 @@ def test_a_users_torch_network_prunes_exactly(exporter, folded, tmp_path):
     pruned, report = prune(model, threshold=1e-6, calib=x)
     assert [(b.width, b.kept) for b in report.blocks] == [(8, 5), (16, 13)]
     assert report.params_before == count_parameters(model)  # the model as given, gate BatchNorm and all
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     assert report.max_abs_error < 1e-4
 
 
@@ -299,7 +293,7 @@ def test_a_depthwise_gate_loses_its_rows_and_needs_no_refit(write_back):
     pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back=write_back))
     onnx.checker.check_model(pruned, full_check=True)
     assert [b.kept for b in report.blocks] == [5, 0, 7]
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
     kept_blocks = [b for b in report.blocks if b.kept]
     assert all("no refit needed" in b.note and b.gate_error_refit is None for b in kept_blocks)
     # At a threshold that removes live channels: one group per kept channel in each gate conv.
@@ -307,7 +301,7 @@ def test_a_depthwise_gate_loses_its_rows_and_needs_no_refit(write_back):
     assert any(0 < b.kept < b.width for b in report.blocks)
     groups = sorted(a.i for n in pruned.graph.node for a in n.attribute if a.name == "group")
     assert groups == sorted(b.kept for b in report.blocks if b.kept)
-    assert _run(pruned, x).shape == (24, 10)  # and ORT runs it
+    assert run(pruned, x).shape == (24, 10)  # and ORT runs it
 
 
 def test_highway_model_simplifies_only_when_that_finds_more_blocks():
@@ -337,7 +331,7 @@ def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, 
         # threshold 0 removes nothing: the model must come back equivalent
         same, rep0 = prune(model, 0.0, calib=x)
         assert rep0.params_after <= rep0.params_before
-        np.testing.assert_allclose(_run(same, x), _run(model, x), atol=1e-4)
+        np.testing.assert_allclose(run(same, x), run(model, x), atol=1e-4)
         # make block 1's channels 0..3 exactly removable and prune them
         blocks = find_blocks(model)
         g = {n.output[0]: n for n in model.graph.node}
@@ -356,14 +350,14 @@ def test_exported_models_prune_exactly(tiny_onnx_dynamo, tiny_onnx_torchscript, 
         meta = [p for p in model.metadata_props if p.key != "hwtool.gate_means"]
         del model.metadata_props[:]
         model.metadata_props.extend(meta)
-        ref = _run(model, x)
+        ref = run(model, x)
         means = [np.ones(bl.width) for bl in blocks]
         means[1][[0, 1, 2, 3]] = 0.0
         from hwtool.gates import GateStats
 
         pruned, rep = prune(model, 0.5, calib=x, gate_stats=GateStats(tuple(means), "test", 0))
         assert [bl.kept for bl in rep.blocks] == [8, 12, 32]
-        np.testing.assert_allclose(_run(pruned, x), ref, atol=1e-4)
+        np.testing.assert_allclose(run(pruned, x), ref, atol=1e-4)
 
 
 def test_metadata_gates_without_calibration(tiny_onnx_dynamo):
@@ -374,7 +368,7 @@ def test_metadata_gates_without_calibration(tiny_onnx_dynamo):
     assert rep.gate_source.startswith("model metadata")
     assert rep.max_abs_error is None  # nothing to verify against
     assert rep.params_after < rep.params_before
-    assert _run(pruned, images(2)).shape == (2, 10)
+    assert run(pruned, images(2)).shape == (2, 10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +415,7 @@ def test_cli_prunes_a_model_with_external_data_into_one_self_contained_file(tmp_
     pruned = onnx.load(str(out), load_external_data=False)
     assert not [t.name for t in pruned.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     x = images(8)
-    np.testing.assert_allclose(_run(pruned, x), _run(model, x), atol=1e-4)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
 
 
 def test_cli_data_for_a_model_of_another_input_size_says_to_pass_calib(tmp_path, cifar_path):
@@ -550,7 +544,7 @@ def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
         [onnx.numpy_helper.from_array(w, "w")],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    z = _run(model, h)
+    z = run(model, h)
     from hwtool.graph import Graph
     from hwtool.patterns import affine
 

@@ -1,6 +1,7 @@
 """hwtool: an ONNX-centric compression toolchain for highway networks.
 
-Python API: `hwtool.prune(model_or_path, threshold, calib=...)` returns (onnx.ModelProto, PruneReport).
+Python API: `hwtool.prune(model_or_path, threshold, calib=...)` returns (onnx.ModelProto, PruneReport);
+calib is one array, or `hwtool.Inputs({name: array, ...})` for a model of several inputs.
 Submodules are imported on first use so that the command line starts fast.
 """
 
@@ -12,4 +13,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("hwtool.prune")
+    if name == "Inputs":
+        from hwtool.runtime import Inputs
+
+        return Inputs
     raise AttributeError(f"module 'hwtool' has no attribute {name!r}")

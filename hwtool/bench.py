@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from hwtool.graph import count_flops, count_parameters
-from hwtool.runtime import ModelError, atomic_write_bytes, input_spec, json_file_bytes, load_model, symbolic_dims
+from hwtool.runtime import ModelError, atomic_write_bytes, input_specs, json_file_bytes, load_model, symbolic_dims
 
 # Short names -> (ONNX Runtime provider, where to get a build that has it).
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -66,8 +66,7 @@ class ModelInfo:
     """Static facts about one benchmarked model."""
 
     path: str
-    input_name: str
-    input_shape: tuple[int | str, ...]  # as declared; strings are symbolic (dynamic) dims
+    inputs: tuple[tuple[str, tuple[int | str, ...]], ...]  # (name, dims as declared: strings are symbolic)
     parameters: int
     flops_per_image: int | None  # None when shape inference could not size every weighted layer
     file_bytes: int
@@ -177,49 +176,55 @@ def resolve_provider(name: str) -> tuple[str, str]:
     raise ValueError(f"unknown provider {name!r}; use one of {', '.join(sorted(PROVIDERS))}")
 
 
-def input_shape(
+def input_shapes(
     model: onnx.ModelProto, batch: int, path: str = "the model", sizes: dict[str, int] | None = None
-) -> tuple[str, tuple[int, ...], np.dtype]:
-    """(input name, concrete shape for `batch`, numpy dtype) of a one-input model (float, or integer
-    token ids), symbolic non-batch dimensions sized by `sizes` (name -> size).
+) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """(name, concrete shape for `batch`, numpy dtype) of each of the model's inputs (float, integer
+    token ids or boolean masks), symbolic non-batch dimensions sized by `sizes` (name -> size).
 
-    Raises ModelError for several inputs, an input neither float nor integer, a symbolic non-batch
-    dimension `sizes` does not size, or a fixed batch dimension that differs from `batch`.
+    Raises ModelError for an input of another type or a scalar one, a symbolic non-batch dimension
+    `sizes` does not size, or a fixed batch dimension that differs from `batch`.
     """
     sizes = sizes or {}
-    try:
-        name, dims, elem = input_spec(model)
-    except ModelError as e:
-        raise ModelError(f"{path}: {e}; bench feeds one random float tensor") from None
-    if onnx.helper.tensor_dtype_to_np_dtype(elem).kind not in "fiu":
-        kind = onnx.TensorProto.DataType.Name(elem).lower()
-        raise ModelError(f"{path}: input {name!r} is {kind}; bench feeds random floats (or integer zeros, token ids)")
-    if not dims:
-        raise ModelError(f"{path}: input {name!r} is a scalar; bench needs a batched tensor input")
-    shape = [batch]
-    for i, d in enumerate(dims[1:], start=1):
-        if isinstance(d, int) and d > 0:
-            shape.append(d)
-        elif d in sizes:
-            shape.append(sizes[d])
-        elif d == "?":
-            raise ModelError(f"{path}: dimension {i} of input {name!r} is unknown; export it with a fixed size")
-        else:
-            raise ModelError(f"{path}: dimension {i} of input {name!r} is symbolic ({d}); pass --dims {d}=SIZE")
-    if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
-        raise ModelError(
-            f"{path} has a fixed batch of {dims[0]} but --batch asks for {batch}; "
-            f"pass --batch {dims[0]} or re-export the model with a dynamic batch"
-        )
-    return name, tuple(shape), onnx.helper.tensor_dtype_to_np_dtype(elem)
+    shapes = []
+    for spec in input_specs(model):
+        name, dims = spec.name, spec.dims
+        if spec.dtype.kind not in "fiub":
+            kind = onnx.TensorProto.DataType.Name(spec.elem_type).lower()
+            raise ModelError(
+                f"{path}: input {name!r} is {kind}; bench feeds random floats, integer zeros (token ids) "
+                "or true booleans (masks)"
+            )
+        if not dims:
+            raise ModelError(f"{path}: input {name!r} is a scalar; bench needs batched tensor inputs")
+        shape = [batch]
+        for i, d in enumerate(dims[1:], start=1):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif d in sizes:
+                shape.append(sizes[d])
+            elif d == "?":
+                raise ModelError(f"{path}: dimension {i} of input {name!r} is unknown; export it with a fixed size")
+            else:
+                raise ModelError(f"{path}: dimension {i} of input {name!r} is symbolic ({d}); pass --dims {d}=SIZE")
+        if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
+            raise ModelError(
+                f"{path} has a fixed batch of {dims[0]} but --batch asks for {batch}; "
+                f"pass --batch {dims[0]} or re-export the model with a dynamic batch"
+            )
+        shapes.append((name, tuple(shape), spec.dtype))
+    return shapes
 
 
 def random_input(shape: tuple[int, ...], dtype: np.dtype, seed: int = 0) -> np.ndarray:
     """Uniform [0, 1) values, like the images hwtool models take; the same for the same seed and
-    shape. An integer input (token ids) gets zeros, a valid id for any vocabulary: a lookup costs
-    the same whatever the id."""
-    if np.dtype(dtype).kind in "iu":
+    shape. An integer input (token ids) gets zeros, a valid id for any vocabulary (a lookup costs
+    the same whatever the id), a boolean one (a mask) true everywhere."""
+    kind = np.dtype(dtype).kind
+    if kind in "iu":
         return np.zeros(shape, dtype=dtype)
+    if kind == "b":
+        return np.ones(shape, dtype=dtype)
     return np.random.default_rng(seed).random(shape, dtype=np.float32).astype(dtype)
 
 
@@ -371,16 +376,23 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
         )
     infos, inputs = [], []
     for path, model in zip(names, models, strict=True):
-        specs = {b: input_shape(model, b, path, sizes) for b in cfg.batches}
-        inputs.append({b: {n: random_input(shape, dt, cfg.seed)} for b, (n, shape, dt) in specs.items()})
-        name, dims, _ = input_spec(model)
-        fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+        specs = {b: input_shapes(model, b, path, sizes) for b in cfg.batches}
+        inputs.append(
+            {
+                b: {n: random_input(shape, dt, cfg.seed + k) for k, (n, shape, dt) in enumerate(s)}
+                for b, s in specs.items()
+            }
+        )
+        declared = input_specs(model)
+        dims = declared[0].dims
+        fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
         try:
             flops = count_flops(model, batch=1, sizes=sizes)
             flops = None if flops is None else flops // fixed
         except Exception:  # shape inference can fail on exotic graphs; FLOPs are then unknown
             flops = None
-        infos.append(ModelInfo(path, name, tuple(dims), count_parameters(model), flops, Path(path).stat().st_size))
+        ins = tuple((d.name, d.dims) for d in declared)
+        infos.append(ModelInfo(path, ins, count_parameters(model), flops, Path(path).stat().st_size))
 
     available = ort.get_available_providers()
     wanted, skipped = [], []

@@ -495,6 +495,12 @@ def eval_(model, data, limit, batch, as_json):
 # prune, gates, sweep
 
 
+CALIB_HELP = (
+    "Calibration inputs in the model's input layout: a .npy array (float32; integers for token ids), "
+    "or for a model of several inputs an .npz of one array per input name."
+)
+
+
 def _calibration(model_proto, calib, data, count, split):
     """Calibration inputs from --calib or --data (None when neither is given)."""
     from hwtool.gates import calibration_from_data, load_calibration
@@ -520,9 +526,7 @@ def _calib_options(fn):
         "--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images taken from --data."
     )(fn)
     fn = click.option("--data", type=click.Path(), default=None, help="CIFAR-10 folder or .tar.gz.")(fn)
-    fn = click.option(
-        "--calib", type=click.Path(), default=None, help="float32 .npy array in the model's input layout."
-    )(fn)
+    fn = click.option("--calib", type=click.Path(), default=None, help=CALIB_HELP)(fn)
     return fn
 
 
@@ -661,7 +665,7 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 )
 @click.option("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True)
 @click.option(
-    "--calib", type=click.Path(), default=None, help="Calibration .npy (default with --data: --count train images)."
+    "--calib", type=click.Path(), default=None, help=CALIB_HELP + " Default with --data: --count train images."
 )
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
@@ -801,9 +805,7 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dim
 @main.command("quantize")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="int8 ONNX file to write.")
-@click.option(
-    "--calib", type=click.Path(), default=None, help="float32 .npy calibration array in the model's input layout."
-)
+@click.option("--calib", type=click.Path(), default=None, help=CALIB_HELP)
 @click.option("--data", type=click.Path(), default=None, help="CIFAR-10: calibration from train, accuracy on test.")
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images from --data.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Measure accuracy on the first N test images.")

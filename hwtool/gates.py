@@ -11,7 +11,16 @@ import numpy as np
 import onnx
 
 from hwtool.patterns import Block
-from hwtool.runtime import ModelError, fixed_batch, input_spec, make_session, run_batched
+from hwtool.runtime import (
+    Inputs,
+    InputSpec,
+    ModelError,
+    Samples,
+    fixed_batch,
+    input_specs,
+    make_session,
+    run_batched,
+)
 
 GATE_METADATA = "hwtool.gate_means"
 
@@ -38,44 +47,103 @@ def _layout(dims: list) -> str:
     )
 
 
-def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> np.ndarray:
-    """A calibration array from .npy checked against the model's input layout: float32 (or float16
-    widened to it), or for an integer input (token ids) integers of its type."""
+def _expected(spec: InputSpec) -> str:
+    """What a calibration array for this input must be, as '<type> [<layout>]'."""
+    exact = spec.dtype.kind in "iub"  # token ids, masks
+    return f"{spec.dtype if exact else 'float32'} [{_layout(list(spec.dims))}]"
+
+
+def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples:
+    """Calibration inputs checked against the model's inputs: for a one-input model one array from
+    .npy (or an .npz holding one), for a model of several inputs an .npz with one array per input
+    name (`Inputs`). Each is float32 (or float16 widened to it), or for an integer input (token ids)
+    integers of its type, or for a boolean input (a mask) booleans."""
     p = Path(path)
-    name, dims, elem = input_spec(model)
-    takes = onnx.helper.tensor_dtype_to_np_dtype(elem)
-    integers = takes.kind in "iu"  # token ids, say
-    expected = f"{takes if integers else 'float32'} [{_layout(dims)}]"
+    specs = input_specs(model)
+    expected = ", ".join(f"{s.name} {_expected(s)}" for s in specs)
+    savez = (
+        "np.savez(FILE, "
+        + ", ".join(f"{s.name}=..." if s.name.isidentifier() else f"**{{{s.name!r}: ...}}" for s in specs)
+        + ")"
+    )
     if p.is_dir():
-        raise ValueError(f"calibration {p} is a folder; pass a .npy file")
+        raise ValueError(
+            f"calibration {p} is a folder; pass a .npy file" + (" or .npz" if len(specs) == 1 else f" ({savez})")
+        )
     if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist; expected a .npy array, {expected}")
+        want = (
+            f"a .npy array, {_expected(specs[0])}" if len(specs) == 1 else f"an .npz of one array per input: {expected}"
+        )
+        raise FileNotFoundError(f"calibration file {p} does not exist; expected {want}")
     try:
-        x = np.load(p, allow_pickle=False)
+        loaded = np.load(p, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            arrays = None
+        else:
+            with loaded:
+                arrays = {k: loaded[k] for k in loaded.files}
     except Exception as e:
-        raise ValueError(f"{p} is not a readable .npy array ({type(e).__name__}); expected {expected}") from None
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{p} is an .npz archive; save the one calibration array with np.save as {expected}")
-    if integers:
+        want = _expected(specs[0]) if len(specs) == 1 else f"an .npz of {expected}"
+        raise ValueError(f"{p} is not a readable .npy or .npz array ({type(e).__name__}); expected {want}") from None
+    if arrays is None:
+        if len(specs) != 1:
+            names = ", ".join(s.name for s in specs)
+            raise ValueError(
+                f"the model has {len(specs)} inputs ({names}) and {p} is one array; save one array per input "
+                f"with {savez}: {expected}"
+            )
+        return _checked_array(str(p), loaded, specs[0])
+    if len(specs) == 1 and len(arrays) == 1:
+        return _checked_array(f"{p}[{next(iter(arrays))}]", next(iter(arrays.values())), specs[0])
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    extra = sorted(set(arrays) - set(names))
+    if missing or extra:
+        what = f"lacks input {missing[0]!r}" if missing else f"holds {extra[0]!r}, not an input of the model"
+        raise ValueError(f"calibration {p} {what}; save one array per input ({', '.join(names)}) with {savez}")
+    checked = {s.name: _checked_array(f"{p}[{s.name}]", arrays[s.name], s) for s in specs}
+    lengths = {n: len(a) for n, a in checked.items()}
+    if len(set(lengths.values())) != 1:
+        counts = ", ".join(f"{n} {k}" for n, k in lengths.items())
+        raise ValueError(
+            f"the arrays of calibration {p} hold different numbers of samples ({counts}); give each the same"
+        )
+    return Inputs(checked)
+
+
+def _checked_array(where: str, x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """x as the calibration array of input `spec`, if its type and shape fit (symbolic dims take any
+    size) and it is not empty; `where` names it in messages."""
+    expected = _expected(spec)
+    takes = spec.dtype
+    if takes.kind == "b":
+        if x.dtype.kind != "b":
+            raise ValueError(f"calibration array {where} is {x.dtype}; input {spec.name!r} takes booleans, {expected}")
+        return _checked_shape(where, x, spec, expected)
+    if takes.kind in "iu":
         if x.dtype.kind not in "iu":
-            raise ValueError(f"calibration array {p} is {x.dtype}; input {name!r} takes integers, {expected}")
-        return _checked_shape(p, np.ascontiguousarray(x, dtype=takes), name, dims, expected)
+            raise ValueError(f"calibration array {where} is {x.dtype}; input {spec.name!r} takes integers, {expected}")
+        return _checked_shape(where, np.ascontiguousarray(x, dtype=takes), spec, expected)
     if x.dtype not in (np.float32, np.float16):
-        raise ValueError(f"calibration array {p} is {x.dtype}; expected {expected} (or float16) for input {name!r}")
-    x = _checked_shape(p, x, name, dims, expected)
+        raise ValueError(
+            f"calibration array {where} is {x.dtype}; expected {expected} (or float16) for input {spec.name!r}"
+        )
+    x = _checked_shape(where, x, spec, expected)
     if not np.isfinite(x).all():
-        raise ValueError(f"calibration array {p} holds NaN or infinite values; pass real images in [0, 1]")
+        raise ValueError(f"calibration array {where} holds NaN or infinite values; pass real inputs")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _checked_shape(p: Path, x: np.ndarray, name: str, dims: list, expected: str) -> np.ndarray:
+def _checked_shape(where: str, x: np.ndarray, spec: InputSpec, expected: str) -> np.ndarray:
     """x, if its shape fits the input's dims (symbolic ones take any size) and it is not empty;
     `expected` names the type and layout for the message."""
-    want = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    want = [d if isinstance(d, int) and d > 0 else None for d in spec.dims]
     if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
-        raise ValueError(f"calibration array {p} has shape {list(x.shape)}; expected {expected} for input {name!r}")
+        raise ValueError(
+            f"calibration array {where} has shape {list(x.shape)}; expected {expected} for input {spec.name!r}"
+        )
     if len(x) == 0:
-        raise ValueError(f"calibration array {p} holds no images")
+        raise ValueError(f"calibration array {where} is empty; give at least one sample")
     return x
 
 
@@ -84,10 +152,17 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
     from hwtool.data import load_cifar10
     from hwtool.evaluate import check_image_input
 
+    specs = input_specs(model)
+    if len(specs) > 1:
+        names = ", ".join(s.name for s in specs)
+        raise ModelError(
+            f"--data gives CIFAR-10 images for a one-input model, but this one has {len(specs)} inputs ({names}); "
+            "pass --calib FILE.npz with one array per input"
+        )
     try:
         check_image_input(model)
     except ModelError:
-        name, dims, _ = input_spec(model)
+        name, dims = specs[0].name, list(specs[0].dims)
         raise ModelError(
             f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{_layout(dims)}]; "
             "pass --calib FILE.npy with calibration inputs in the model's own layout"
@@ -115,7 +190,7 @@ def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStat
 def measure_gates(
     model: onnx.ModelProto,
     blocks: list[Block],
-    x: np.ndarray,
+    x: Samples,
     batch: int = 64,
     threads: int | None = None,
     on_batch=None,
@@ -137,5 +212,6 @@ def measure_gates(
         for block, s, t in zip(blocks, sums, res[1:]):
             t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
             s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
-    stats = GateStats(tuple(s / len(x) for s in sums), f"calibration ({len(x)} images)", len(x))
+    unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
+    stats = GateStats(tuple(s / len(x) for s in sums), f"calibration ({len(x)} {unit})", len(x))
     return stats, (np.concatenate(outs) if keep_outputs else None)

@@ -36,7 +36,16 @@ from hwtool.patterns import (
     gate_response,
     logistic,
 )
-from hwtool.runtime import fixed_batch, load_model, make_session, run_batched, symbolic_sizes
+from hwtool.runtime import (
+    Samples,
+    as_feed,
+    fixed_batch,
+    input_specs,
+    load_model,
+    make_session,
+    run_batched,
+    symbolic_sizes,
+)
 
 WRITE_BACKS = ("auto", "gather", "scatter", "conv")
 
@@ -178,12 +187,12 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
 class _Runner:
     """Computes tensors of an evolving model on calibration inputs, reusing known activations."""
 
-    def __init__(self, model: onnx.ModelProto, x: np.ndarray, batch: int, threads: int | None):
+    def __init__(self, model: onnx.ModelProto, x: Samples, batch: int, threads: int | None):
         self.model = model
-        inp = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
-        self.input = inp.name
-        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)  # float16 for a float16 model
-        self.values: dict[str, np.ndarray] = {inp.name: x.astype(dtype, copy=False) if dtype.kind == "f" else x}
+        specs = input_specs(model)
+        # floats cast to the input's type: float16 for a float16 model
+        self.inputs = as_feed(x, [(s.name, s.dtype) for s in specs])
+        self.values: dict[str, np.ndarray] = dict(self.inputs)
         self.batch = batch
         self.threads = threads
 
@@ -192,8 +201,8 @@ class _Runner:
         self.values.update(values)
 
     def keep_only(self, values: dict[str, np.ndarray]) -> None:
-        """Forget every known activation but the network's input and `values` (bounds memory)."""
-        self.values = {self.input: self.values[self.input], **values}
+        """Forget every known activation but the network's inputs and `values` (bounds memory)."""
+        self.values = {**self.inputs, **values}
 
     def compute(self, targets: list[str]) -> list[np.ndarray]:
         """The targets' values; known ones are taken as they are, nothing new is remembered."""
@@ -538,7 +547,7 @@ def _as_2d(layer: Affine, *arrays: np.ndarray) -> list[np.ndarray]:
 def prune(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     threshold: float = 0.05,
-    calib: np.ndarray | None = None,
+    calib: Samples | None = None,
     config: PruneConfig | None = None,
     gate_stats: GateStats | None = None,
     on_progress=None,
@@ -547,7 +556,8 @@ def prune(
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune every highway block's low-gate channels; returns (pruned model, report).
 
-    calib: float32 calibration inputs in the model's input layout. They give the gate means
+    calib: calibration inputs in the model's input layout: one array (float32, or integers for an
+    integer input), or for a model of several inputs `Inputs` by name. They give the gate means
     (unless gate_stats is passed or only metadata is available), the refit, and the verification.
     on_progress(stage: str, n: int, total: int) reports calibration progress. reference: the
     original's first output on calib, if already known (saves one pass). blocks: the model's
@@ -695,7 +705,7 @@ def prune(
     return model, report
 
 
-def _run_first(model: onnx.ModelProto, x: np.ndarray, cfg: PruneConfig, on_batch=None) -> np.ndarray:
+def _run_first(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=None) -> np.ndarray:
     sess = make_session(model, threads=cfg.threads)
     first = sess.get_outputs()[0].name
     outs = [r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)]

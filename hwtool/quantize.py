@@ -27,10 +27,12 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from hwtool.graph import is_quantized
 from hwtool.runtime import (
     ModelError,
+    Samples,
+    as_feed,
     atomic_write_bytes,
     check_outputs,
     fixed_batch,
-    input_spec,
+    input_specs,
     load_model,
     make_session,
 )
@@ -88,10 +90,10 @@ class QuantizeResult:
 
 
 class ArrayReader(CalibrationDataReader):
-    """Feeds calibration images to ORT's calibrator in batches (only full batches when `fixed`)."""
+    """Feeds calibration inputs to ORT's calibrator in batches (only full batches when `fixed`)."""
 
-    def __init__(self, input_name: str, x: np.ndarray, batch: int, fixed: bool = False, on_batch=None):
-        self.input_name, self.x, self.batch, self.fixed, self.on_batch = input_name, x, batch, fixed, on_batch
+    def __init__(self, inputs: list[tuple[str, np.dtype]], x: Samples, batch: int, fixed: bool = False, on_batch=None):
+        self.inputs, self.x, self.batch, self.fixed, self.on_batch = inputs, x, batch, fixed, on_batch
         self.i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -102,18 +104,18 @@ class ArrayReader(CalibrationDataReader):
         self.i = end
         if self.on_batch:
             self.on_batch(len(chunk), len(self.x))
-        return {self.input_name: chunk}
+        return as_feed(chunk, self.inputs)
 
     def rewind(self) -> None:
         self.i = 0
 
 
-def _reader(model: onnx.ModelProto, x: np.ndarray, batch: int, on_batch=None) -> ArrayReader:
-    name, _, _ = input_spec(model)
+def _reader(model: onnx.ModelProto, x: Samples, batch: int, on_batch=None) -> ArrayReader:
     fixed = fixed_batch(model)
     if fixed and len(x) < fixed:
-        raise ValueError(f"the model has a fixed batch of {fixed}; give at least {fixed} calibration images")
-    return ArrayReader(name, x, fixed or batch, fixed=bool(fixed), on_batch=on_batch)
+        raise ValueError(f"the model has a fixed batch of {fixed}; give at least {fixed} calibration samples")
+    inputs = [(s.name, s.dtype) for s in input_specs(model)]
+    return ArrayReader(inputs, x, fixed or batch, fixed=bool(fixed), on_batch=on_batch)
 
 
 def _method(name: str) -> CalibrationMethod:
@@ -149,7 +151,7 @@ def layer_ops(model: onnx.ModelProto) -> tuple[str, ...]:
 
 
 def quantize_model(
-    model: onnx.ModelProto, calib: np.ndarray, config: QuantizeConfig = QuantizeConfig(), on_batch=None
+    model: onnx.ModelProto, calib: Samples, config: QuantizeConfig = QuantizeConfig(), on_batch=None
 ) -> tuple[onnx.ModelProto, bool]:
     """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs."""
     if is_quantized(model):
@@ -221,7 +223,9 @@ def quantize(
     if is_quantized(model):
         raise ModelError(f"{src} already holds quantization ops; quantize the float model instead")
     half = onnx.TensorProto.FLOAT16
-    if input_spec(model)[2] == half or any(t.data_type == half for t in model.graph.initializer):
+    if any(s.elem_type == half for s in input_specs(model)) or any(
+        t.data_type == half for t in model.graph.initializer
+    ):
         raise ModelError(f"{src} is a float16 model; int8 quantization starts from float32: quantize the float32 model")
     make_session(model)  # a model ORT cannot run fails here, in one line, not inside the quantizer
     if config.ops == "auto":

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,33 +69,113 @@ def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return m
 
 
-def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | str], int]:
-    """(name, shape with symbolic dims as strings, elem_type) of the model's only real input."""
+@dataclass(frozen=True)
+class InputSpec:
+    """One real (non-initializer) input of a model: name, dims as declared (symbolic ones as their
+    names, unknown ones as "?") and ONNX element type."""
+
+    name: str
+    dims: tuple[int | str, ...]
+    elem_type: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The numpy type of this input."""
+        return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type)
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs, in graph order."""
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
+    specs = []
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+        specs.append(InputSpec(inp.name, dims, t.elem_type))
+    if not specs:
+        raise ModelError("the model has no input; hwtool needs a model that takes a batch of inputs")
+    return specs
+
+
+def input_spec(model: onnx.ModelProto) -> tuple[str, list[int | str], int]:
+    """(name, shape with symbolic dims as strings, elem_type) of the model's only real input, for
+    what feeds images (CIFAR-10 evaluation and calibration)."""
+    specs = input_specs(model)
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise ModelError(f"the model has {len(specs)} inputs ({names}); CIFAR-10 images feed a one-input model")
+    return specs[0].name, list(specs[0].dims), specs[0].elem_type
+
+
+class Inputs:
+    """Calibration inputs of a model with several inputs: one array per input name, the samples along
+    axis 0 of each. Measured and sliced like one array: len() is the number of samples and
+    inputs[a:b] takes the same samples of every array."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lengths = {len(a) for a in arrays.values()}
+        if not arrays or len(lengths) != 1:
+            raise ValueError("calibration inputs need one array per input, all with the same number of samples")
+        self.arrays = dict(arrays)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, s: slice) -> Inputs:
+        return Inputs({name: a[s] for name, a in self.arrays.items()})
+
+
+# Calibration inputs: one array for a one-input model, or Inputs by name.
+Samples = np.ndarray | Inputs
+
+
+def as_feed(x: Samples, inputs: Sequence[tuple[str, np.dtype]]) -> dict[str, np.ndarray]:
+    """A session feed for the (name, numpy type) inputs: one array goes to the first, Inputs by
+    name; each cast to its input's numeric type (float16 for a float16 model)."""
+
+    def cast(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return a.astype(dtype, copy=False) if np.dtype(dtype).kind in "fiu" else a
+
+    if isinstance(x, Inputs):
+        missing = [n for n, _ in inputs if n not in x.arrays]
+        if missing:
+            raise ModelError(f"no calibration array for input {missing[0]!r}; give one per input")
+        return {n: cast(x.arrays[n], t) for n, t in inputs}
     if len(inputs) != 1:
-        raise ModelError(f"the model has {len(inputs)} inputs; hwtool needs exactly one image input")
-    t = inputs[0].type.tensor_type
-    dims: list[int | str] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-    return inputs[0].name, dims, t.elem_type
+        names = ", ".join(n for n, _ in inputs)
+        raise ModelError(f"the model has {len(inputs)} inputs ({names}); give one calibration array per input")
+    ((name, dtype),) = inputs
+    return {name: cast(x, dtype)}
 
 
-def symbolic_dims(model: onnx.ModelProto) -> dict[int, str]:
-    """Axis -> name of the input's named symbolic dimensions other than the batch (a sequence length)."""
-    _, dims, _ = input_spec(model)
-    return {i: d for i, d in enumerate(dims) if i > 0 and isinstance(d, str) and d != "?"}
+def symbolic_dims(model: onnx.ModelProto) -> dict[tuple[str, int], str]:
+    """(input, axis) -> name of the inputs' named symbolic dimensions other than the batch (a
+    sequence length)."""
+    return {
+        (s.name, i): d
+        for s in input_specs(model)
+        for i, d in enumerate(s.dims)
+        if i > 0 and isinstance(d, str) and d != "?"
+    }
 
 
-def symbolic_sizes(model: onnx.ModelProto, x: np.ndarray | None) -> dict[str, int]:
-    """The sizes the input's symbolic non-batch dimensions have in inputs x."""
+def symbolic_sizes(model: onnx.ModelProto, x: Samples | None) -> dict[str, int]:
+    """The sizes the inputs' symbolic non-batch dimensions have in inputs x."""
     if x is None:
         return {}
-    return {d: int(x.shape[i]) for i, d in symbolic_dims(model).items() if i < x.ndim}
+    arrays = x.arrays if isinstance(x, Inputs) else {input_specs(model)[0].name: x}
+    return {
+        d: int(arrays[name].shape[i])
+        for (name, i), d in symbolic_dims(model).items()
+        if name in arrays and i < arrays[name].ndim
+    }
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
     """The model's fixed batch size, or None when the batch dimension is dynamic."""
-    _, dims, _ = input_spec(model)
+    dims = input_specs(model)[0].dims
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
@@ -111,21 +192,19 @@ ORT_DTYPES = {
 }
 
 
-def input_dtype(sess: ort.InferenceSession) -> type[np.generic]:
-    """The numpy dtype the session's first input takes (float32 unless it is another float or an
-    integer type, token ids, say)."""
-    dtype = ORT_DTYPES.get(sess.get_inputs()[0].type, np.float32)
-    return dtype if np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer) else np.float32
+def session_inputs(sess: ort.InferenceSession) -> list[tuple[str, np.dtype]]:
+    """(name, numpy type) of each of the session's inputs (float32 for a type numpy lacks)."""
+    return [(i.name, np.dtype(ORT_DTYPES.get(i.type, np.float32))) for i in sess.get_inputs()]
 
 
-def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int, outputs: list[str] | None = None, on_batch=None):
-    """Run x through the session in batches, cast to the input's type; yields (start, outputs).
+def run_batched(sess: ort.InferenceSession, x: Samples, batch: int, outputs: list[str] | None = None, on_batch=None):
+    """Run inputs x through the session in batches, each cast to its input's type; yields (start, outputs).
 
-    on_batch(n, total) is called after each batch of n images.
+    on_batch(n, total) is called after each batch of n samples.
     """
-    name, dtype = sess.get_inputs()[0].name, input_dtype(sess)
+    inputs = session_inputs(sess)
     for i in range(0, len(x), batch):
-        res = sess.run(outputs, {name: x[i : i + batch].astype(dtype, copy=False)})
+        res = sess.run(outputs, as_feed(x[i : i + batch], inputs))
         if on_batch:
             on_batch(min(batch, len(x) - i), len(x))
         yield i, res

@@ -9,7 +9,6 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from hwtool.data import load_cifar10
@@ -17,7 +16,7 @@ from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune
-from hwtool.runtime import atomic_write_model, json_file_bytes, load_model, symbolic_sizes
+from hwtool.runtime import Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def sweep(
     model: str | os.PathLike | onnx.ModelProto,
     data: str | None,
     thresholds: tuple[float, ...],
-    calib: np.ndarray | None = None,
+    calib: Samples | None = None,
     calib_count: int = 512,
     limit: int | None = None,
     config: PruneConfig = PruneConfig(),
@@ -58,7 +57,7 @@ def sweep(
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
     if data is None and calib is None:
         raise ValueError(
-            "sweep needs --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy (inputs in the model's "
+            "sweep needs --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy/.npz (inputs in the model's "
             "own layout: agreement with the original on them)"
         )
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)

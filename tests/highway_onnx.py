@@ -208,7 +208,8 @@ def to_float16(model: onnx.ModelProto, keep_io: bool = False) -> onnx.ModelProto
     return m
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    """The model's first output on x, from an ONNX Runtime CPU session."""
+def run(model: onnx.ModelProto, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    """The model's first output on x (its one input, or a feed of several by name), from an ONNX
+    Runtime CPU session."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return sess.run(None, x if isinstance(x, dict) else {sess.get_inputs()[0].name: x})[0]

@@ -130,24 +130,36 @@ def _error(res) -> str:
     return lines[-1]
 
 
+def test_models_of_several_inputs_and_boolean_masks_are_benchmarked(tmp_path):
+    """Every input is fed (floats random, a boolean mask true, a sequence length from --dims) and
+    the JSON lists each input with its declared dims."""
+    two = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, L, 3] a, bool[N, L] m) => (float[N, L, 3] c) '
+        "{ axes = Constant<value: tensor = int64[1] {2}>() e = Unsqueeze(m, axes) c = Where(e, a, a) }"
+    )
+    onnx.checker.check_model(two)
+    onnx.save(two, tmp_path / "two.onnx")
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(main, ["bench", str(tmp_path / "two.onnx"), *QUICK, "--dims", "L=5", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    (info,) = json.loads(out.read_text())["models"]
+    assert info["inputs"] == [["a", ["N", "L", 3]], ["m", ["N", "L"]]]
+    res = CliRunner().invoke(main, ["bench", str(tmp_path / "two.onnx"), *QUICK])
+    assert "pass --dims L=SIZE" in _error(res)
+
+
 def test_bad_inputs_give_one_line_errors(models, tmp_path):
     d = tmp_path
     onnx.save(build(Spec(widths=(8,), batch=1)), d / "fixed1.onnx")
-    two = onnx.parser.parse_model(
-        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 3] a, float[N, 3] b) => (float[N, 3] c) { c = Add(a, b) }'
+    strings = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (string[N, 4] a) => (string[N, 4] c) { c = Identity(a) }'
     )
-    bools = onnx.parser.parse_model(
-        '<ir_version: 8, opset_import: ["" : 17]> g (bool[N, 4] a) => (bool[N, 4] c) { c = Identity(a) }'
-    )
-    for m in (two, bools):
-        onnx.checker.check_model(m)
-    onnx.save(two, d / "two.onnx")
-    onnx.save(bools, d / "bools.onnx")
+    onnx.checker.check_model(strings)
+    onnx.save(strings, d / "strings.onnx")
     (d / "junk.onnx").write_bytes(b"not a model")
     cases = {
         "fixed1.onnx": "fixed batch of 1",
-        "two.onnx": "2 inputs",
-        "bools.onnx": "input 'a' is bool",
+        "strings.onnx": "input 'a' is string",
         "junk.onnx": "not a readable ONNX model",
         "missing.onnx": "does not exist",
     }

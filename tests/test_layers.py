@@ -306,3 +306,125 @@ def test_gemm_weights_stored_in_by_out_are_read_and_written_that_way(tmp_path):
     _, report = prune(model, 0.3, calib=x)
     block = report.blocks[0]
     assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive
+
+
+class MaskedText(nn.Module):
+    """Token ids and an attention mask (int64, 1 = real token, as tokenizers give it): embedding,
+    the sequence network's highway blocks on the masked embeddings, mean over real tokens, classes."""
+
+    def __init__(self):
+        super().__init__()
+        net, _ = _network("sequence")
+        self.embed, self.stem, self.blocks, self.fc = nn.Embedding(50, 20), net[0], net[1:3], net[3].fc
+        for block in self.blocks:
+            block.kill(DEAD)
+
+    def forward(self, ids, mask):
+        m = mask.unsqueeze(-1).float()
+        x = self.blocks(self.stem(self.embed(ids) * m))
+        return self.fc((x * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def _text_inputs(n: int, length: int = 7, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(length)[None] < rng.integers(2, length + 1, (n, 1))).astype(np.int64)  # ragged lengths
+    return {"ids": rng.integers(0, 50, (n, length)) * mask, "mask": mask}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_model_of_two_inputs_is_calibrated_from_an_npz_pruned_swept_quantized_and_benchmarked(exporter, tmp_path):
+    """Token ids and a mask: calibration is an .npz of one array per input (a lone .npy, a missing
+    input, unequal sample counts or float ids are one-line errors that write nothing); gates, prune
+    (exact on dead channels), sweep, quantize and bench all run on both inputs."""
+    from click.testing import CliRunner
+
+    from hwtool.cli import main
+
+    torch.manual_seed(0)
+    net = MaskedText().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.int64)
+    model = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            n, length = torch.export.Dim("N"), torch.export.Dim("length")
+            shapes = {"ids": {0: n, 1: length}, "mask": {0: n, 1: length}}
+            kw = {"dynamo": True, "dynamic_shapes": shapes}
+        else:
+            axes = {"ids": {0: "N", 1: "length"}, "mask": {0: "N", 1: "length"}}
+            kw = {"dynamo": False, "dynamic_axes": axes}
+        torch.onnx.export(net, (ids, mask), str(model), input_names=["ids", "mask"], opset_version=18, **kw)
+    x = _text_inputs(64)
+    np.savez(tmp_path / "calib.npz", **x)
+    np.save(tmp_path / "ids.npy", x["ids"])
+    np.savez(tmp_path / "no_mask.npz", ids=x["ids"])
+    np.savez(tmp_path / "short_mask.npz", ids=x["ids"], mask=x["mask"][:10])
+    np.savez(tmp_path / "float_ids.npz", ids=x["ids"].astype(np.float32), mask=x["mask"])
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    bad = {
+        "ids.npy": "the model has 2 inputs (ids, mask)",
+        "no_mask.npz": "lacks input 'mask'",
+        "short_mask.npz": "different numbers of samples (ids 64, mask 10)",
+        "float_ids.npz": "input 'ids' takes integers, int64",
+    }
+    for name, needle in bad.items():
+        assert needle in one_line_error(cli("prune", model, "--threshold", "0.01", "--calib", tmp_path / name)), name
+    assert not (tmp_path / "m.pruned.onnx").exists()
+    res = cli("prune", model, "--threshold", "0.01", "--data", "whatever")
+    assert "pass --calib FILE.npz with one array per input" in one_line_error(res)
+
+    res = cli("gates", model, "--calib", tmp_path / "calib.npz")
+    assert res.exit_code == 0 and "calibration (64 samples)" in res.output, res.output
+    assert res.output.count("25%") == 15  # both blocks and all: their 3 dead channels of 12 at every threshold
+    res = cli("prune", model, "--threshold", "0.01", "--calib", tmp_path / "calib.npz")
+    assert res.exit_code == 0, res.output
+    pruned = onnx.load(tmp_path / "m.pruned.onnx")
+    assert [i.name for i in pruned.graph.input] == ["ids", "mask"]
+    onnx.checker.check_model(pruned, full_check=True)
+    fresh = _text_inputs(16, length=9, seed=5)  # other samples and another length than calibration's
+    np.testing.assert_allclose(run(pruned, fresh), run(onnx.load(model), fresh), atol=1e-4)
+    with torch.no_grad():
+        want = net(torch.from_numpy(fresh["ids"]), torch.from_numpy(fresh["mask"])).numpy()
+    np.testing.assert_allclose(run(pruned, fresh), want, atol=1e-4)
+    assert count_parameters(pruned) < count_parameters(onnx.load(model))
+
+    res = cli("sweep", model, "--calib", tmp_path / "calib.npz", "--thresholds", "0.01,0.5", "--latency")
+    assert res.exit_code == 0 and "agree" in res.output, res.output
+    res = cli("quantize", tmp_path / "m.pruned.onnx", "-o", tmp_path / "q.onnx", "--calib", tmp_path / "calib.npz")
+    assert res.exit_code == 0, res.output
+    q = onnx.load(tmp_path / "q.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    assert (run(q, fresh).argmax(1) == want.argmax(1)).mean() > 0.8
+    res = cli("bench", model, tmp_path / "m.pruned.onnx", "--batch", "1", "--runs", "2", "--dims", "length=7")
+    assert res.exit_code == 0, res.output
+
+
+def test_the_python_api_takes_inputs_by_name_and_refits_on_them(tmp_path):
+    """`hwtool.prune(model, t, calib=hwtool.Inputs({...}))` on the two-input model: exact on dead
+    channels; on live ones the refit lowers the gate error computed from both inputs."""
+    import hwtool
+
+    torch.manual_seed(2)
+    net = MaskedText()
+    _close_half(net.blocks[0])
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = (torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.int64))
+        axes = {"ids": {0: "N", 1: "length"}, "mask": {0: "N", 1: "length"}}
+        torch.onnx.export(
+            net, args, str(tmp_path / "m.onnx"), input_names=["ids", "mask"], dynamo=False, dynamic_axes=axes
+        )
+    model = onnx.load(tmp_path / "m.onnx")
+    x = _text_inputs(128)
+    pruned, report = hwtool.prune(model, 1e-6, calib=hwtool.Inputs(x))
+    assert [b.kept for b in report.blocks] == [9, 9] and report.top1_agreement == 1.0
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
+    _, report = hwtool.prune(model, 0.3, calib=hwtool.Inputs(x))
+    block = report.blocks[0]
+    assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive
+    with pytest.raises(ValueError, match="same number of samples"):
+        hwtool.Inputs({"ids": x["ids"], "mask": x["mask"][:3]})

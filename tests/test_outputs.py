@@ -117,7 +117,7 @@ def test_convert_refuses_when_its_config_path_is_a_folder(work, monkeypatch):
     [
         (["prune", "m.onnx", "--calib", "nan.npy", "-o", "p.onnx"], "NaN or infinite"),
         (["gates", "m.onnx", "--calib", "nan.npy"], "NaN or infinite"),
-        (["prune", "m.onnx", "--calib", "c.npz", "-o", "p.onnx"], "is an .npz archive"),
+        (["prune", "m.onnx", "--calib", "c.npz", "-o", "p.onnx"], "lacks input"),
         (["prune", "m.onnx", "--calib", "folder", "-o", "p.onnx"], "is a folder; pass a .npy file"),
         (["prune", "folder", "-o", "p.onnx"], "is a folder; pass the .onnx model file"),
         (["prune", "m.onnx", "--calib", "c.npy", "--max-error", "nan", "-o", "p.onnx"], "not a finite number"),
@@ -137,7 +137,7 @@ def test_bad_values_get_one_line(work, monkeypatch, args, message):
     x = images(8)
     x[3, 1, 2, 3] = np.nan
     np.save(work / "nan.npy", x)
-    np.savez(work / "c.npz", images(8))
+    np.savez(work / "c.npz", images(8), images(8))  # two arrays for a one-input model
     monkeypatch.chdir(work)
     before = _snapshot(work)
     assert message in one_line_error(_cli(*args))

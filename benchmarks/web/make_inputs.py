@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from hwtool.bench import BenchConfig, bench, cpu_name, input_shape, random_input
+from hwtool.bench import BenchConfig, bench, cpu_name, input_shapes, random_input
 from hwtool.runtime import load_model
 
 HERE = Path(__file__).resolve().parent
@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     protos = [load_model(p) for p in args.models]
-    shapes = [input_shape(m, args.batch, p) for m, p in zip(protos, args.models, strict=True)]
+    shapes = [input_shapes(m, args.batch, p) for m, p in zip(protos, args.models, strict=True)]
+    if any(len(s) != 1 for s in shapes):
+        sys.exit("error: the browser benchmark feeds one image input; every model must take exactly one")
+    shapes = [s[0] for s in shapes]
     if len({s[1] for s in shapes}) != 1:
         sys.exit(f"error: the models take different input shapes {[s[1] for s in shapes]}; compare like with like")
     _, shape, _ = shapes[0]

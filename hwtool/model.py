@@ -200,6 +200,23 @@ def gate_masks(model: HighwayNet, x: torch.Tensor, threshold: float) -> list[tor
 
 
 @torch.no_grad()
+def baked_masks(model: HighwayNet) -> list[torch.Tensor] | None:
+    """Per block, a float 0/1 mask of the channels not baked off by `bake_masks` (zero H filter,
+    zero T filter and T input, gate bias OFF_GATE_BIAS or lower), or None when no channel is: a
+    network that fine-tuning pruned runs its kept channels only with these masks and drop_transforms,
+    computing what it computes at full width."""
+    masks = []
+    for block in model.blocks:
+        h, g = block.transform.weight, block.gate.weight
+        off = (h.flatten(1) == 0).all(1) & (g.flatten(1) == 0).all(1) & (block.gate.bias <= OFF_GATE_BIAS)
+        if block.transform.bias is not None:
+            off &= block.transform.bias == 0
+        off &= (g.transpose(0, 1).flatten(1) == 0).all(1)  # no kept gate reads it
+        masks.append((~off).float())
+    return masks if any(bool((m == 0).any()) for m in masks) else None
+
+
+@torch.no_grad()
 def bake_masks(model: HighwayNet, masks: list[torch.Tensor]) -> None:
     """Write masks into the weights: a removed channel's H filter, T filter and T input are zeroed
     and its gate bias set to OFF_GATE_BIAS, so the plain network computes (to 1e-13) what the

@@ -22,6 +22,7 @@ from hwtool.model import (
     HighwayConfig,
     HighwayNet,
     bake_masks,
+    baked_masks,
     block_channel_costs,
     block_inputs,
     block_parameters,
@@ -326,9 +327,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, str]:
-    """The frozen eval-mode teacher network of cfg.teacher (any width and depth, the same classes)
-    and the SHA-256 of its file, which a resumed run checks."""
+def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, list[torch.Tensor] | None, str]:
+    """The frozen eval-mode teacher network of cfg.teacher (any width and depth, the same classes),
+    the masks of the channels fine-tuning baked off in it (None if none: a pruned teacher then runs
+    its kept channels only) and the SHA-256 of its file, which a resumed run checks."""
     path = Path(cfg.teacher)
     if not path.is_file():
         raise FileNotFoundError(
@@ -346,7 +348,9 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, st
     if cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     teacher.requires_grad_(False)
-    return teacher, file_sha256(path)
+    masks = baked_masks(teacher)
+    masks = None if masks is None else [m.to(device) for m in masks]
+    return teacher, masks, file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,9 +487,9 @@ def train(
     if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
         raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
 
-    teacher, teacher_sha = None, None
+    teacher, teacher_masks, teacher_sha = None, None, None
     if cfg.teacher is not None:
-        teacher, teacher_sha = load_teacher(cfg, device)
+        teacher, teacher_masks, teacher_sha = load_teacher(cfg, device)
         if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher_sha):
             raise ValueError(
                 f"teacher {cfg.teacher} changed since this run started (its SHA-256 differs); "
@@ -602,7 +606,7 @@ def train(
                     task_loss, kd = ce, ce.new_zeros(())
                     if teacher is not None:
                         with torch.no_grad():
-                            soft = teacher(x)
+                            soft = teacher(x, masks=teacher_masks, drop_transforms=teacher_masks is not None)
                         kd = distillation_loss(logits, soft, cfg.distill_temperature)
                         task_loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
                 gate_term, silence_term = incentive(gates, silences, weights, cfg.gate_shape)

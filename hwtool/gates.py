@@ -195,23 +195,24 @@ def measure_gates(
     threads: int | None = None,
     on_batch=None,
     keep_outputs: bool = False,
-) -> tuple[GateStats, np.ndarray | None]:
+) -> tuple[GateStats, list[np.ndarray] | None]:
     """Mean T per block and channel over x, from one session with the gates as extra outputs.
 
-    With keep_outputs, also returns the model's first output for all of x (for verification).
+    With keep_outputs, also returns each of the model's outputs for all of x (for verification).
     """
     batch = fixed_batch(model) or batch
     gate_names = [b.gate for b in blocks]
+    own = [o.name for o in model.graph.output]
     sess = make_session(model, threads=threads, extra_outputs=gate_names)
-    first = sess.get_outputs()[0].name
     sums = [np.zeros(b.width, dtype=np.float64) for b in blocks]
-    outs = []
-    for _, res in run_batched(sess, x, batch, outputs=[first, *gate_names], on_batch=on_batch):
+    outs: list[list[np.ndarray]] = [[] for _ in own]
+    for _, res in run_batched(sess, x, batch, outputs=[*own, *gate_names], on_batch=on_batch):
         if keep_outputs:
-            outs.append(res[0])
-        for block, s, t in zip(blocks, sums, res[1:]):
+            for o, r in zip(outs, res):
+                o.append(r)
+        for block, s, t in zip(blocks, sums, res[len(own) :]):
             t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
             s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
     stats = GateStats(tuple(s / len(x) for s in sums), f"calibration ({len(x)} {unit})", len(x))
-    return stats, (np.concatenate(outs) if keep_outputs else None)
+    return stats, ([np.concatenate(o) for o in outs] if keep_outputs else None)

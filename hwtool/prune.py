@@ -551,7 +551,7 @@ def prune(
     config: PruneConfig | None = None,
     gate_stats: GateStats | None = None,
     on_progress=None,
-    reference: np.ndarray | None = None,
+    reference: list[np.ndarray] | None = None,
     blocks: list[Block] | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune every highway block's low-gate channels; returns (pruned model, report).
@@ -560,7 +560,7 @@ def prune(
     integer input), or for a model of several inputs `Inputs` by name. They give the gate means
     (unless gate_stats is passed or only metadata is available), the refit, and the verification.
     on_progress(stage: str, n: int, total: int) reports calibration progress. reference: the
-    original's first output on calib, if already known (saves one pass). blocks: the model's
+    original's outputs on calib (each, in graph order), if already known (saves one pass). blocks: the model's
     blocks as `highway_model` found them in it, if already known (saves the search).
     """
     cfg = config or PruneConfig(threshold=threshold)
@@ -581,13 +581,13 @@ def prune(
             raise ValueError(f"the model has a fixed batch of {fixed}; pass at least {fixed} calibration images")
         calib = calib[: len(calib) - len(calib) % fixed]
         cfg = replace(cfg, batch=fixed)
-    ref_logits = reference if reference is None or calib is None else reference[: len(calib)]
+    ref_outputs = reference if reference is None or calib is None else [r[: len(calib)] for r in reference]
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
 
     if gate_stats is None and calib is not None:
-        gate_stats, ref_logits = measure_gates(
+        gate_stats, ref_outputs = measure_gates(
             original, blocks, calib, batch=cfg.batch, threads=cfg.threads, on_batch=bar("gates"), keep_outputs=True
         )
     if gate_stats is None:
@@ -673,14 +673,10 @@ def prune(
     t3 = time.perf_counter()
     max_abs = max_rel = agree = None
     if calib is not None:
-        if ref_logits is None or original is not given:
-            ref_logits = _run_first(given, calib, cfg)
-        new_logits = _run_first(model, calib, cfg, on_batch=bar("verify"))
-        diff = np.abs(new_logits - ref_logits)
-        max_abs = float(diff.max())
-        max_rel = float(diff.max() / max(np.abs(ref_logits).max(), 1e-12))
-        if ref_logits.ndim == 2:
-            agree = float((new_logits.argmax(1) == ref_logits.argmax(1)).mean())
+        if ref_outputs is None or original is not given:
+            ref_outputs = _run_outputs(given, calib, cfg)
+        new_outputs = _run_outputs(model, calib, cfg, on_batch=bar("verify"))
+        max_abs, max_rel, agree = output_errors(ref_outputs, new_outputs)
     timings["verify"] = time.perf_counter() - t3
 
     sizes = symbolic_sizes(given, calib)  # FLOPs at the calibration inputs' sequence length
@@ -705,11 +701,34 @@ def prune(
     return model, report
 
 
-def _run_first(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=None) -> np.ndarray:
+def _run_outputs(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=None) -> list[np.ndarray]:
+    """Each of the model's outputs on all of x."""
     sess = make_session(model, threads=cfg.threads)
-    first = sess.get_outputs()[0].name
-    outs = [r[0] for _, r in run_batched(sess, x, cfg.batch, outputs=[first], on_batch=on_batch)]
-    return np.concatenate(outs).astype(np.float32, copy=False)
+    names = [o.name for o in sess.get_outputs()]
+    outs: list[list[np.ndarray]] = [[] for _ in names]
+    for _, res in run_batched(sess, x, cfg.batch, outputs=names, on_batch=on_batch):
+        for o, r in zip(outs, res):
+            o.append(r)
+    return [np.concatenate(o) for o in outs]
+
+
+def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float, float, float | None]:
+    """(max abs error, max relative error, top-1 agreement) of a pruned model's outputs against the
+    original's: the errors over every floating-point output (the relative one against each output's
+    largest magnitude); the agreement of the first output, its argmax when it is class scores
+    [N, classes], itself when it is class ids [N] (integers), else None."""
+    max_abs = max_rel = 0.0
+    for a, b in zip(ref, new, strict=True):
+        if a.dtype.kind == "f":
+            diff = float(np.abs(b.astype(np.float64) - a.astype(np.float64)).max(initial=0.0))
+            max_abs = max(max_abs, diff)
+            max_rel = max(max_rel, diff / max(float(np.abs(a).max(initial=0.0)), 1e-12))
+    first, agree = ref[0], None
+    if first.ndim == 2 and first.dtype.kind == "f":
+        agree = float((new[0].argmax(1) == first.argmax(1)).mean())
+    elif first.ndim == 1 and first.dtype.kind in "iu":
+        agree = float((new[0] == first).mean())
+    return max_abs, max_rel, agree
 
 
 ONE_HOT_NAME = re.compile(r"hw\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes

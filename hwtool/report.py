@@ -132,7 +132,7 @@ def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     caption = {
         "accuracy": None,
         "agreement": "agree: top-1 agreement with the original on the calibration inputs",
-        "max_abs_error": "max err: max abs difference from the original's output on the calibration inputs",
+        "max_abs_error": "max err: max abs difference from the original's outputs on the calibration inputs",
     }[measure]
     table = plain_table(f"hwtool sweep {model}", caption)
     name = {"accuracy": "top-1", "agreement": "agree", "max_abs_error": "max err"}[measure]

@@ -37,7 +37,7 @@ def test_measured_gate_means_match_a_direct_computation(model_files):
     model = onnx.load(str(a))
     blocks = find_blocks(model)
     x = load_calibration(model, calib)
-    stats, logits = measure_gates(model, blocks, x, batch=5, keep_outputs=True)  # 5 does not divide 16
+    stats, (logits,) = measure_gates(model, blocks, x, batch=5, keep_outputs=True)  # 5 does not divide 16
     import onnxruntime as ort
 
     from hwtool.runtime import with_outputs

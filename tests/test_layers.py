@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from cli_errors import one_line_error
 from highway_onnx import run
@@ -428,3 +429,45 @@ def test_the_python_api_takes_inputs_by_name_and_refits_on_them(tmp_path):
     assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive
     with pytest.raises(ValueError, match="same number of samples"):
         hwtool.Inputs({"ids": x["ids"], "mask": x["mask"][:3]})
+
+
+class TwoHeads(nn.Module):
+    """Predicted class ids (int64 [N]) first, then the features before the classifier, scaled up
+    so that their error dominates: a model whose first output is not the only one that matters."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.body, self.fc = net[:3], net[3].fc
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.fc(features).argmax(1), 100 * features
+
+
+def test_verification_covers_every_output_and_class_id_outputs(tmp_path):
+    """The report's max abs error is the largest over all float outputs (here the second), and the
+    top-1 agreement is read from a first output of class ids."""
+    torch.manual_seed(3)
+    net, shape = _network("linear")
+    _close_half(net[1])
+    model = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            TwoHeads(net).eval(),
+            (torch.rand(2, *shape),),
+            str(model),
+            input_names=["input"],
+            dynamo=False,
+            dynamic_axes={"input": {0: "N"}},
+        )
+    model = onnx.load(model)
+    x = _inputs(shape, 64)
+    pruned, report = prune(model, 0.3, calib=x)
+    assert report.blocks[0].kept < 12
+    sess = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, pruned)]
+    (ids0, f0), (ids1, f1) = (s.run(None, {"input": x}) for s in sess)
+    assert ids0.dtype == np.int64 and ids0.shape == (64,)
+    err = float(np.abs(f1.astype(np.float64) - f0).max())
+    assert err > 0 and report.max_abs_error == pytest.approx(err, rel=1e-6)
+    assert report.top1_agreement == pytest.approx(float((ids0 == ids1).mean()))

@@ -22,7 +22,15 @@ import onnx
 import onnxruntime as ort
 
 from hwtool.graph import count_flops, count_parameters
-from hwtool.runtime import ModelError, atomic_write_bytes, input_specs, json_file_bytes, load_model, symbolic_dims
+from hwtool.runtime import (
+    ModelError,
+    atomic_write_bytes,
+    input_specs,
+    json_file_bytes,
+    load_model,
+    model_bytes,
+    symbolic_dims,
+)
 
 # Short names -> (ONNX Runtime provider, where to get a build that has it).
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -392,7 +400,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
         except Exception:  # shape inference can fail on exotic graphs; FLOPs are then unknown
             flops = None
         ins = tuple((d.name, d.dims) for d in declared)
-        infos.append(ModelInfo(path, ins, count_parameters(model), flops, Path(path).stat().st_size))
+        infos.append(ModelInfo(path, ins, count_parameters(model), flops, model_bytes(path)))
 
     available = ort.get_available_providers()
     wanted, skipped = [], []

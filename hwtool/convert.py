@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 import onnxruntime as ort
 
-from hwtool.runtime import ORT_DTYPES, ModelError, atomic_write_files, check_outputs, load_model
+from hwtool.runtime import ORT_DTYPES, ModelError, atomic_write_files, check_outputs, load_model, model_bytes
 
 TARGETS = ("portable", "arm", "amd64")
 
@@ -139,7 +139,7 @@ def convert_to_ort(
         output=str(dst),
         config=str(config),
         target=target,
-        onnx_bytes=src.stat().st_size,
+        onnx_bytes=model_bytes(src),
         ort_bytes=dst.stat().st_size,
         operators=_read_config(config),
         nodes=nodes,

@@ -35,6 +35,7 @@ from hwtool.runtime import (
     input_specs,
     load_model,
     make_session,
+    model_bytes,
 )
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -278,7 +279,7 @@ def quantize(
     return QuantizeResult(
         input=str(src),
         output=str(dst),
-        bytes_before=src.stat().st_size,
+        bytes_before=model_bytes(src),
         bytes_after=len(blob),
         calib_images=len(x) - len(x) % (fixed_batch(model) or 1),  # a fixed batch takes full batches only
         calib_source=source,

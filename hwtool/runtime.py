@@ -28,6 +28,11 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p))
     except Exception as e:
+        missing = [f for f in external_files(p) if not f.is_file()]
+        if missing:
+            raise ModelError(
+                f"{p} keeps its weights in {missing[0]}, which does not exist; put that file beside the model"
+            ) from None
         raise ModelError(f"{p} is not a readable ONNX model ({type(e).__name__}); re-export it") from None
     if not model.graph.node:
         raise ModelError(f"{p} holds no ONNX graph (empty or not an ONNX file)")
@@ -56,6 +61,31 @@ def make_session(
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"ONNX Runtime cannot load the model: {first}") from None
+
+
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files an ONNX file's weights point to (a model saved with
+    `save_as_external_data`), whether they exist or not; none for a self-contained file or one that
+    is not ONNX."""
+    p = Path(path)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return []
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
+    locations = {
+        e.value
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return [p.parent / loc for loc in sorted(locations)]
+
+
+def model_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of an ONNX file together with the external data files its weights are kept in."""
+    return Path(path).stat().st_size + sum(f.stat().st_size for f in external_files(path) if f.is_file())
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -235,8 +265,14 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
         if p.exists() and not p.is_file():
             raise OutputError(f"output {p} is not a regular file; name a file to write")
         for src in inputs:
-            if src is not None and str(src).strip() and p.exists() and os.path.samefile(p, src):
+            if src is None or not str(src).strip() or not p.exists():
+                continue
+            if Path(src).exists() and os.path.samefile(p, src):
                 raise OutputError(f"output {p} is the input {src}; choose another path")
+            if str(src).endswith(".onnx"):
+                for data in external_files(src):
+                    if data.exists() and os.path.samefile(p, data):
+                        raise OutputError(f"output {p} holds the weights of the input {src}; choose another path")
         folder = p.parent
         while not folder.exists():
             folder = folder.parent

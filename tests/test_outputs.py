@@ -73,6 +73,46 @@ def test_a_bad_output_path_is_refused_before_any_work(work, monkeypatch, command
     assert Path(work / "fifo").exists() and not Path(work / "fifo").is_file()
 
 
+def _keep_weights_outside(work: Path) -> None:
+    """Re-save m.onnx with its weights in m.data beside it (`save_as_external_data`)."""
+    model = onnx.load(str(work / "m.onnx"))
+    onnx.save(model, str(work / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=256)
+    assert (work / "m.data").stat().st_size > 3 * (work / "m.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_the_weights_file_of_a_model_with_external_data_is_never_written(work, monkeypatch, command):
+    _keep_weights_outside(work)
+    args, option = COMMANDS[command]
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    assert "holds the weights of the input m.onnx" in one_line_error(_cli(*args, option, "m.data"))
+    assert _snapshot(work) == before
+
+
+def test_a_model_with_external_data_is_pruned_measured_and_its_size_counted(work, monkeypatch):
+    """Its weights are read from the data file; prune writes one self-contained file; bench and
+    quantize count the data file in the model's size; without the data file, one line names it."""
+    whole = (work / "m.onnx").stat().st_size
+    _keep_weights_outside(work)
+    monkeypatch.chdir(work)
+    assert _cli("prune", "m.onnx", "--calib", "c.npy", "-o", "p.onnx").exit_code == 0
+    assert not onnx.external_data_helper.uses_external_data(
+        onnx.load("p.onnx", load_external_data=False).graph.initializer[0]
+    )
+    res = _cli("bench", "m.onnx", "--runs", "1", "--warmup", "0", "--batch", "1", "--json", "b.json")
+    assert res.exit_code == 0, res.output
+    (info,) = json.loads((work / "b.json").read_text())["models"]
+    on_disk = (work / "m.onnx").stat().st_size + (work / "m.data").stat().st_size
+    assert info["file_bytes"] == on_disk and abs(on_disk - whole) < 0.1 * whole
+    res = _cli("quantize", "m.onnx", "--calib", "c.npy", "-o", "q.onnx", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["bytes_before"] == on_disk
+    (work / "m.data").rename(work / "elsewhere.data")
+    line = one_line_error(_cli("prune", "m.onnx", "--calib", "c.npy", "-o", "p2.onnx"))
+    assert "keeps its weights in m.data, which does not exist" in line and not (work / "p2.onnx").exists()
+
+
 def test_gates_writes_neither_output_when_one_is_bad(work, monkeypatch):
     monkeypatch.chdir(work)
     one_line_error(_cli("gates", "m.onnx", "--calib", "c.npy", "--png", "g.png", "--json", "folder"))

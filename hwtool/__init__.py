@@ -1,7 +1,8 @@
 """hwtool: an ONNX-centric compression toolchain for highway networks.
 
 Python API: `hwtool.prune(model_or_path, threshold, calib=...)` returns (onnx.ModelProto, PruneReport);
-calib is one array, or `hwtool.Inputs({name: array, ...})` for a model of several inputs.
+calib is one array, or for a model of several inputs one per input name: `{name: array, ...}`
+(or `hwtool.Inputs`).
 Submodules are imported on first use so that the command line starts fast.
 """
 

@@ -37,6 +37,7 @@ from hwtool.patterns import (
     logistic,
 )
 from hwtool.runtime import (
+    Inputs,
     Samples,
     as_feed,
     fixed_batch,
@@ -547,7 +548,7 @@ def _as_2d(layer: Affine, *arrays: np.ndarray) -> list[np.ndarray]:
 def prune(
     model_or_path: onnx.ModelProto | str | os.PathLike,
     threshold: float = 0.05,
-    calib: Samples | None = None,
+    calib: Samples | dict[str, np.ndarray] | None = None,
     config: PruneConfig | None = None,
     gate_stats: GateStats | None = None,
     on_progress=None,
@@ -557,13 +558,15 @@ def prune(
     """Prune every highway block's low-gate channels; returns (pruned model, report).
 
     calib: calibration inputs in the model's input layout: one array (float32, or integers for an
-    integer input), or for a model of several inputs `Inputs` by name. They give the gate means
+    integer input), or for a model of several inputs one per input name (a dict or `Inputs`). They give the gate means
     (unless gate_stats is passed or only metadata is available), the refit, and the verification.
     on_progress(stage: str, n: int, total: int) reports calibration progress. reference: the
     original's outputs on calib (each, in graph order), if already known (saves one pass). blocks: the model's
     blocks as `highway_model` found them in it, if already known (saves the search).
     """
     cfg = config or PruneConfig(threshold=threshold)
+    if isinstance(calib, dict):
+        calib = Inputs(calib)
     if config is not None and threshold != cfg.threshold:
         cfg = replace(cfg, threshold=threshold)
     if not 0.0 <= cfg.threshold <= 1.0:

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from hwtool.data import load_cifar10
@@ -16,7 +17,7 @@ from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, output_errors, prune
-from hwtool.runtime import Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
+from hwtool.runtime import Inputs, Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def sweep(
     model: str | os.PathLike | onnx.ModelProto,
     data: str | None,
     thresholds: tuple[float, ...],
-    calib: Samples | None = None,
+    calib: Samples | dict[str, np.ndarray] | None = None,
     calib_count: int = 512,
     limit: int | None = None,
     config: PruneConfig = PruneConfig(),
@@ -61,6 +62,8 @@ def sweep(
             "own layout: agreement with the original on them)"
         )
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if isinstance(calib, dict):
+        calib = Inputs(calib)
     test = None
     if data is not None:
         check_image_input(given)

@@ -424,7 +424,7 @@ def test_the_python_api_takes_inputs_by_name_and_refits_on_them(tmp_path):
     pruned, report = hwtool.prune(model, 1e-6, calib=hwtool.Inputs(x))
     assert [b.kept for b in report.blocks] == [9, 9] and report.top1_agreement == 1.0
     np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
-    _, report = hwtool.prune(model, 0.3, calib=hwtool.Inputs(x))
+    _, report = hwtool.prune(model, 0.3, calib=x)  # a plain dict of arrays by input name does too
     block = report.blocks[0]
     assert block.kept < 9 and block.gate_error_refit < 0.8 * block.gate_error_naive
     with pytest.raises(ValueError, match="same number of samples"):

@@ -53,6 +53,12 @@ def _expected(spec: InputSpec) -> str:
     return f"{spec.dtype if exact else 'float32'} [{_layout(list(spec.dims))}]"
 
 
+def _savez_hint(specs: list[InputSpec]) -> str:
+    """How to write the .npz calibration of these inputs, as a call to np.savez."""
+    args = ", ".join(f"{s.name}=..." if s.name.isidentifier() else f"**{{{s.name!r}: ...}}" for s in specs)
+    return f"np.savez(FILE, {args})"
+
+
 def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples:
     """Calibration inputs checked against the model's inputs: for a one-input model one array from
     .npy (or an .npz holding one), for a model of several inputs an .npz with one array per input
@@ -61,19 +67,10 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples
     p = Path(path)
     specs = input_specs(model)
     expected = ", ".join(f"{s.name} {_expected(s)}" for s in specs)
-    savez = (
-        "np.savez(FILE, "
-        + ", ".join(f"{s.name}=..." if s.name.isidentifier() else f"**{{{s.name!r}: ...}}" for s in specs)
-        + ")"
-    )
+    want = _expected(specs[0]) if len(specs) == 1 else f"an .npz of one array per input: {expected}"
     if p.is_dir():
-        raise ValueError(
-            f"calibration {p} is a folder; pass a .npy file" + (" or .npz" if len(specs) == 1 else f" ({savez})")
-        )
+        raise ValueError(f"calibration {p} is a folder; pass a .npy or .npz file, {want}")
     if not p.is_file():
-        want = (
-            f"a .npy array, {_expected(specs[0])}" if len(specs) == 1 else f"an .npz of one array per input: {expected}"
-        )
         raise FileNotFoundError(f"calibration file {p} does not exist; expected {want}")
     try:
         loaded = np.load(p, allow_pickle=False)
@@ -83,24 +80,27 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples
             with loaded:
                 arrays = {k: loaded[k] for k in loaded.files}
     except Exception as e:
-        want = _expected(specs[0]) if len(specs) == 1 else f"an .npz of {expected}"
         raise ValueError(f"{p} is not a readable .npy or .npz array ({type(e).__name__}); expected {want}") from None
     if arrays is None:
         if len(specs) != 1:
-            names = ", ".join(s.name for s in specs)
             raise ValueError(
-                f"the model has {len(specs)} inputs ({names}) and {p} is one array; save one array per input "
-                f"with {savez}: {expected}"
+                f"{p} is one array but the model has {len(specs)} inputs; save {expected} with {_savez_hint(specs)}"
             )
         return _checked_array(str(p), loaded, specs[0])
     if len(specs) == 1 and len(arrays) == 1:
         return _checked_array(f"{p}[{next(iter(arrays))}]", next(iter(arrays.values())), specs[0])
+    return _by_input(p, arrays, specs)
+
+
+def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Inputs:
+    """The arrays of .npz `p` as Inputs, if they name exactly the model's inputs, each fits its input
+    and all hold the same number of samples."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in arrays]
     extra = sorted(set(arrays) - set(names))
     if missing or extra:
         what = f"lacks input {missing[0]!r}" if missing else f"holds {extra[0]!r}, not an input of the model"
-        raise ValueError(f"calibration {p} {what}; save one array per input ({', '.join(names)}) with {savez}")
+        raise ValueError(f"calibration {p} {what}; save one array per input with {_savez_hint(specs)}")
     checked = {s.name: _checked_array(f"{p}[{s.name}]", arrays[s.name], s) for s in specs}
     lengths = {n: len(a) for n, a in checked.items()}
     if len(set(lengths.values())) != 1:

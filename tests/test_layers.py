@@ -366,7 +366,7 @@ def test_a_model_of_two_inputs_is_calibrated_from_an_npz_pruned_swept_quantized_
         return CliRunner().invoke(main, [str(a) for a in args])
 
     bad = {
-        "ids.npy": "the model has 2 inputs (ids, mask)",
+        "ids.npy": "is one array but the model has 2 inputs; save ids int64 [Nxlength], mask int64",
         "no_mask.npz": "lacks input 'mask'",
         "short_mask.npz": "different numbers of samples (ids 64, mask 10)",
         "float_ids.npz": "input 'ids' takes integers, int64",

@@ -158,7 +158,7 @@ def test_convert_refuses_when_its_config_path_is_a_folder(work, monkeypatch):
         (["prune", "m.onnx", "--calib", "nan.npy", "-o", "p.onnx"], "NaN or infinite"),
         (["gates", "m.onnx", "--calib", "nan.npy"], "NaN or infinite"),
         (["prune", "m.onnx", "--calib", "c.npz", "-o", "p.onnx"], "lacks input"),
-        (["prune", "m.onnx", "--calib", "folder", "-o", "p.onnx"], "is a folder; pass a .npy file"),
+        (["prune", "m.onnx", "--calib", "folder", "-o", "p.onnx"], "is a folder; pass a .npy or .npz file"),
         (["prune", "folder", "-o", "p.onnx"], "is a folder; pass the .onnx model file"),
         (["prune", "m.onnx", "--calib", "c.npy", "--max-error", "nan", "-o", "p.onnx"], "not a finite number"),
         (["prune", "m.onnx", "--calib", "c.npy", "--threshold", "nan", "-o", "p.onnx"], "not a finite number"),

@@ -110,8 +110,11 @@ class InputSpec:
 
     @property
     def dtype(self) -> np.dtype:
-        """The numpy type of this input."""
-        return onnx.helper.tensor_dtype_to_np_dtype(self.elem_type)
+        """The numpy type of this input (object for one numpy lacks: strings, or a non-tensor input)."""
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+        except (KeyError, TypeError, ValueError):
+            return np.dtype(object)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:

@@ -207,9 +207,10 @@ def quantize(
 ) -> QuantizeResult:
     """Quantize an ONNX file to int8 and write it atomically; the input file is never touched.
 
-    Calibration images come from `calib` (a float32 .npy in the model's input layout) or else from
-    the first `count` CIFAR-10 *training* images under `data`. With `data`, top-1 accuracy before
-    and after is measured on the first `limit` *test* images (never the calibration images).
+    Calibration inputs come from `calib` (a .npy in the model's input layout, or an .npz of one array
+    per input for a model of several) or else from the first `count` CIFAR-10 *training* images
+    under `data`. With `data`, top-1 accuracy before and after is measured on the first `limit`
+    *test* images (never the calibration images).
     """
     from hwtool.gates import calibration_from_data, load_calibration
 

@@ -410,7 +410,8 @@ def finetune(
 
     The removed channels are baked into the weights (zero transform, gate bias -30), so exporting
     the result and pruning it at the same threshold removes exactly them, with no refit needed.
-    With --teacher CHECKPOINT (the same file) the pruned network learns from the unpruned one.
+    With --teacher CHECKPOINT (the same file) the pruned network learns from the unpruned one; a
+    teacher that finetune itself pruned runs its kept channels only.
     """
     from hwtool.train import finetune_config
     from hwtool.train import train as run

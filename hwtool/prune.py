@@ -726,12 +726,17 @@ def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float, 
             diff = float(np.abs(b.astype(np.float64) - a.astype(np.float64)).max(initial=0.0))
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(float(np.abs(a).max(initial=0.0)), 1e-12))
-    first, agree = ref[0], None
-    if first.ndim == 2 and first.dtype.kind == "f":
-        agree = float((new[0].argmax(1) == first.argmax(1)).mean())
-    elif first.ndim == 1 and first.dtype.kind in "iu":
-        agree = float((new[0] == first).mean())
-    return max_abs, max_rel, agree
+    return max_abs, max_rel, top1_agreement(ref[0], new[0])
+
+
+def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float | None:
+    """How often a model output names the same class as the original's: by argmax for class scores
+    [N, classes], directly for class ids [N] (integers); None for any other output."""
+    if ref.ndim == 2 and ref.dtype.kind == "f":
+        return float((new.argmax(1) == ref.argmax(1)).mean())
+    if ref.ndim == 1 and ref.dtype.kind in "iu":
+        return float((new == ref).mean())
+    return None
 
 
 ONE_HOT_NAME = re.compile(r"hw\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes

@@ -259,6 +259,7 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
     folder or device, one of the inputs, the same as another output, or in a folder that is a file
     or not writable. None (an output not asked for) is skipped."""
     given = [o for o in outputs if o is not None]
+    weights: dict[str, list[Path]] = {}  # an .onnx input's external data files, read once when needed
     for out in given:
         if not str(out).strip():
             raise OutputError("an output path is empty; name a file")
@@ -273,7 +274,9 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
             if Path(src).exists() and os.path.samefile(p, src):
                 raise OutputError(f"output {p} is the input {src}; choose another path")
             if str(src).endswith(".onnx"):
-                for data in external_files(src):
+                if str(src) not in weights:
+                    weights[str(src)] = external_files(src)
+                for data in weights[str(src)]:
                     if data.exists() and os.path.samefile(p, data):
                         raise OutputError(f"output {p} holds the weights of the input {src}; choose another path")
         folder = p.parent

@@ -16,7 +16,7 @@ from hwtool.data import load_cifar10
 from hwtool.evaluate import accuracy_onnx, check_image_input
 from hwtool.gates import measure_gates
 from hwtool.graph import count_flops, count_parameters
-from hwtool.prune import PruneConfig, highway_model, output_errors, prune
+from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
 from hwtool.runtime import Inputs, Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
 
 
@@ -91,7 +91,7 @@ def sweep(
             count_flops(given, sizes=symbolic_sizes(given, calib)),
             accuracy(given, "accuracy original"),
             0.0,
-            agreement=output_errors(ref, ref)[2],  # 1.0 where the first output gives classes
+            agreement=top1_agreement(ref[0], ref[0]),  # 1.0 where the first output gives classes
         )
     ]
     models = [given]

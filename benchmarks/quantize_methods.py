@@ -56,7 +56,7 @@ def main() -> None:
                     }
                 )
                 paths.append(dst)
-                counts = {"test_images": r.test_images, "calib_images": r.calib_images}
+                counts = {"test_images": r.test_samples, "calib_images": r.calib_samples}
                 print(json.dumps(rows[-1]), flush=True)
         if not args.no_bench:
             res = bench([args.model, *paths], BenchConfig(batches=(1, 64), runs=args.runs))

@@ -472,15 +472,28 @@ def export(checkpoint, output, exporter, opset, data, as_json):
 # deployment side (no torch)
 
 
+TEST_SET_HELP = (
+    "a test set of the model's own inputs: an .npz of one array per input name (as --calib) and "
+    "'labels', one integer class id per sample."
+)
+
+
 @main.command("eval")
 @click.argument("model", type=click.Path())
-@click.option("--data", required=True, type=click.Path(), help="CIFAR-10 folder or .tar.gz.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(),
+    help="CIFAR-10 (a folder or .tar.gz: its test split), or " + TEST_SET_HELP,
+)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test samples.")
 @click.option("--batch", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
 @friendly
 def eval_(model, data, limit, batch, as_json):
-    """Top-1 accuracy of MODEL on the CIFAR-10 test split with ONNX Runtime."""
+    """Top-1 accuracy of MODEL with ONNX Runtime, on the CIFAR-10 test split or a labelled test set.
+
+    The first output is read as class scores [N, classes] (argmax) or as class ids [N]."""
     from hwtool.evaluate import evaluate
     from hwtool.report import progress_bar
 
@@ -489,7 +502,7 @@ def eval_(model, data, limit, batch, as_json):
     if as_json:
         click.echo(json.dumps(res.__dict__))
     else:
-        out.print(f"{res.model}: top-1 {res.accuracy:.2%} ({res.correct}/{res.images}) in {res.seconds:.1f} s")
+        out.print(f"{res.model}: top-1 {res.accuracy:.2%} ({res.correct}/{res.samples}) in {res.seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,7 +675,8 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     "--data",
     type=click.Path(),
     default=None,
-    help="CIFAR-10 folder or .tar.gz (test accuracy). Without it, --calib: agreement with the original on it.",
+    help="Test accuracy on CIFAR-10 (a folder or .tar.gz) or on " + TEST_SET_HELP + " Without it, --calib: "
+    "agreement with the original on it.",
 )
 @click.option("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True)
 @click.option(
@@ -679,11 +693,13 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, csv_path, json_path, png):
     """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency).
 
-    A model of other inputs than CIFAR-10 images is swept on --calib alone: each threshold's top-1
-    agreement with the original on those inputs (or, for outputs that are not class scores, the max
-    abs difference) instead of accuracy.
+    A model of other inputs than CIFAR-10 images takes its own labelled test set (--data FILE.npz,
+    with --calib) for accuracy, or is swept on --calib alone: each threshold's top-1 agreement with
+    the original on those inputs (or, for outputs that are not class scores, the max abs
+    difference) instead of accuracy.
     """
-    from hwtool.gates import load_calibration
+    from hwtool.evaluate import is_test_npz, load_test_set
+    from hwtool.gates import calibration_from_data, load_calibration
     from hwtool.prune import PruneConfig
     from hwtool.report import progress_bar, sweep_plot, sweep_table
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
@@ -697,10 +713,13 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     png = png if png is not None else f"{stem}.sweep.png"
     check_outputs([csv_path, json_path, png], [model, calib, data])
     x = load_calibration(proto, calib) if calib else None
+    test = load_test_set(proto, data, limit) if data else None
+    if test is not None and x is None and not is_test_npz(data):
+        x = calibration_from_data(proto, data, count=count)
     with progress_bar(console, "sweep") as bar:
         rows = sweep(
             proto,
-            data,
+            test,
             ths,
             calib=x,
             calib_count=count,
@@ -714,7 +733,8 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     meta = {
         "model": str(model),
         "refit": not no_refit,
-        "test_images": None if data is None else limit or 10000,
+        "test": None if test is None else test.source,
+        "test_samples": None if test is None else len(test),
         "calibration": calib or f"{count} train images",
         "measure": measure,
     }
@@ -807,7 +827,12 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dim
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="int8 ONNX file to write.")
 @click.option("--calib", type=click.Path(), default=None, help=CALIB_HELP)
-@click.option("--data", type=click.Path(), default=None, help="CIFAR-10: calibration from train, accuracy on test.")
+@click.option(
+    "--data",
+    type=click.Path(),
+    default=None,
+    help="CIFAR-10: calibration from train, accuracy on test. Or accuracy (with --calib) on " + TEST_SET_HELP,
+)
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images from --data.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Measure accuracy on the first N test images.")
 @click.option(
@@ -866,11 +891,11 @@ def quantize_cmd(
         return
     out.print(
         f"wrote {res.output}: {res.bytes_before:,} -> {res.bytes_after:,} bytes ({res.size_ratio:.2f}x), "
-        f"{res.quantized_nodes} Q/DQ nodes, calibrated on {res.calib_images} images"
+        f"{res.quantized_nodes} Q/DQ nodes, calibrated on {res.calib_samples} samples"
     )
     if res.accuracy_before is not None:
         out.print(
-            f"top-1 on {res.test_images} test images: float {res.accuracy_before:.2%}, "
+            f"top-1 on {res.test_samples} test samples: float {res.accuracy_before:.2%}, "
             f"int8 {res.accuracy_after:.2%}; predictions agree on {res.agreement:.1%}"
         )
 

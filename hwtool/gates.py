@@ -53,9 +53,10 @@ def _expected(spec: InputSpec) -> str:
     return f"{spec.dtype if exact else 'float32'} [{_layout(list(spec.dims))}]"
 
 
-def _savez_hint(specs: list[InputSpec]) -> str:
-    """How to write the .npz calibration of these inputs, as a call to np.savez."""
-    args = ", ".join(f"{s.name}=..." if s.name.isidentifier() else f"**{{{s.name!r}: ...}}" for s in specs)
+def _savez_hint(specs: list[InputSpec], labels: str | None = None) -> str:
+    """How to write the .npz of these inputs (and class ids under `labels`), as a call to np.savez."""
+    names = [s.name for s in specs] + ([labels] if labels else [])
+    args = ", ".join(f"{n}=..." if n.isidentifier() else f"**{{{n!r}: ...}}" for n in names)
     return f"np.savez(FILE, {args})"
 
 
@@ -64,14 +65,26 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples
     .npy (or an .npz holding one), for a model of several inputs an .npz with one array per input
     name (`Inputs`). Each is float32 (or float16 widened to it), or for an integer input (token ids)
     integers of its type, or for a boolean input (a mask) booleans."""
+    return load_samples(model, path)[0]
+
+
+def load_samples(
+    model: onnx.ModelProto, path: str | os.PathLike, role: str = "calibration", labels: str | None = None
+) -> tuple[Samples, np.ndarray | None]:
+    """The model's inputs from a .npy or .npz file, as `load_calibration` reads them, and with
+    `labels` (a key) the array of that name the .npz must also hold (returned unchecked). `role`
+    names the file in messages ('calibration', 'test set')."""
     p = Path(path)
     specs = input_specs(model)
     expected = ", ".join(f"{s.name} {_expected(s)}" for s in specs)
-    want = _expected(specs[0]) if len(specs) == 1 else f"an .npz of one array per input: {expected}"
+    if labels is not None:
+        want = f"an .npz of the model's inputs ({expected}) and {labels!r}, one class id per sample"
+    else:
+        want = _expected(specs[0]) if len(specs) == 1 else f"an .npz of one array per input: {expected}"
     if p.is_dir():
-        raise ValueError(f"calibration {p} is a folder; pass a .npy or .npz file, {want}")
+        raise ValueError(f"{role} {p} is a folder; pass a .npy or .npz file, {want}")
     if not p.is_file():
-        raise FileNotFoundError(f"calibration file {p} does not exist; expected {want}")
+        raise FileNotFoundError(f"{role} file {p} does not exist; expected {want}")
     try:
         loaded = np.load(p, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
@@ -81,18 +94,25 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples
                 arrays = {k: loaded[k] for k in loaded.files}
     except Exception as e:
         raise ValueError(f"{p} is not a readable .npy or .npz array ({type(e).__name__}); expected {want}") from None
+    found = None
+    if labels is not None:
+        if arrays is None or labels not in arrays:
+            raise ValueError(f"{role} {p} holds no {labels!r} array; save {_savez_hint(specs, labels)}")
+        if labels in {s.name for s in specs}:
+            raise ValueError(f"the model has an input named {labels!r}, which a {role} keeps its class ids under")
+        found = arrays.pop(labels)
     if arrays is None:
         if len(specs) != 1:
             raise ValueError(
                 f"{p} is one array but the model has {len(specs)} inputs; save {expected} with {_savez_hint(specs)}"
             )
-        return _checked_array(str(p), loaded, specs[0])
+        return _checked_array(str(p), loaded, specs[0], role), found
     if len(specs) == 1 and len(arrays) == 1:
-        return _checked_array(f"{p}[{next(iter(arrays))}]", next(iter(arrays.values())), specs[0])
-    return _by_input(p, arrays, specs)
+        return _checked_array(f"{p}[{next(iter(arrays))}]", next(iter(arrays.values())), specs[0], role), found
+    return _by_input(p, arrays, specs, role, labels), found
 
 
-def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Inputs:
+def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec], role: str, labels: str | None) -> Inputs:
     """The arrays of .npz `p` as Inputs, if they name exactly the model's inputs, each fits its input
     and all hold the same number of samples."""
     names = [s.name for s in specs]
@@ -100,58 +120,56 @@ def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec]) ->
     extra = sorted(set(arrays) - set(names))
     if missing or extra:
         what = f"lacks input {missing[0]!r}" if missing else f"holds {extra[0]!r}, not an input of the model"
-        raise ValueError(f"calibration {p} {what}; save one array per input with {_savez_hint(specs)}")
-    checked = {s.name: _checked_array(f"{p}[{s.name}]", arrays[s.name], s) for s in specs}
+        raise ValueError(f"{role} {p} {what}; save one array per input with {_savez_hint(specs, labels)}")
+    checked = {s.name: _checked_array(f"{p}[{s.name}]", arrays[s.name], s, role) for s in specs}
     lengths = {n: len(a) for n, a in checked.items()}
     if len(set(lengths.values())) != 1:
         counts = ", ".join(f"{n} {k}" for n, k in lengths.items())
-        raise ValueError(
-            f"the arrays of calibration {p} hold different numbers of samples ({counts}); give each the same"
-        )
+        raise ValueError(f"the arrays of {role} {p} hold different numbers of samples ({counts}); give each the same")
     return Inputs(checked)
 
 
-def _checked_array(where: str, x: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """x as the calibration array of input `spec`, if its type and shape fit (symbolic dims take any
+def _checked_array(where: str, x: np.ndarray, spec: InputSpec, role: str = "calibration") -> np.ndarray:
+    """x as the `role` array of input `spec`, if its type and shape fit (symbolic dims take any
     size) and it is not empty; `where` names it in messages."""
     expected = _expected(spec)
     takes = spec.dtype
     if takes.kind == "b":
         if x.dtype.kind != "b":
-            raise ValueError(f"calibration array {where} is {x.dtype}; input {spec.name!r} takes booleans, {expected}")
-        return _checked_shape(where, x, spec, expected)
+            raise ValueError(f"{role} array {where} is {x.dtype}; input {spec.name!r} takes booleans, {expected}")
+        return _checked_shape(where, x, spec, expected, role)
     if takes.kind in "iu":
         if x.dtype.kind not in "iu":
-            raise ValueError(f"calibration array {where} is {x.dtype}; input {spec.name!r} takes integers, {expected}")
-        return _checked_shape(where, np.ascontiguousarray(x, dtype=takes), spec, expected)
+            raise ValueError(f"{role} array {where} is {x.dtype}; input {spec.name!r} takes integers, {expected}")
+        return _checked_shape(where, np.ascontiguousarray(x, dtype=takes), spec, expected, role)
     if x.dtype not in (np.float32, np.float16):
-        raise ValueError(
-            f"calibration array {where} is {x.dtype}; expected {expected} (or float16) for input {spec.name!r}"
-        )
-    x = _checked_shape(where, x, spec, expected)
+        raise ValueError(f"{role} array {where} is {x.dtype}; expected {expected} (or float16) for input {spec.name!r}")
+    x = _checked_shape(where, x, spec, expected, role)
     if not np.isfinite(x).all():
-        raise ValueError(f"calibration array {where} holds NaN or infinite values; pass real inputs")
+        raise ValueError(f"{role} array {where} holds NaN or infinite values; pass real inputs")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _checked_shape(where: str, x: np.ndarray, spec: InputSpec, expected: str) -> np.ndarray:
+def _checked_shape(where: str, x: np.ndarray, spec: InputSpec, expected: str, role: str) -> np.ndarray:
     """x, if its shape fits the input's dims (symbolic ones take any size) and it is not empty;
     `expected` names the type and layout for the message."""
     want = [d if isinstance(d, int) and d > 0 else None for d in spec.dims]
     if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
-        raise ValueError(
-            f"calibration array {where} has shape {list(x.shape)}; expected {expected} for input {spec.name!r}"
-        )
+        raise ValueError(f"{role} array {where} has shape {list(x.shape)}; expected {expected} for input {spec.name!r}")
     if len(x) == 0:
-        raise ValueError(f"calibration array {where} is empty; give at least one sample")
+        raise ValueError(f"{role} array {where} is empty; give at least one sample")
     return x
 
 
 def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, split: str = "train") -> np.ndarray:
     """The first `count` images of a CIFAR-10 split as float32 NCHW in [0, 1]."""
     from hwtool.data import load_cifar10
-    from hwtool.evaluate import check_image_input
+    from hwtool.evaluate import check_image_input, is_test_npz
 
+    if is_test_npz(data):
+        raise ValueError(
+            f"--data takes CIFAR-10 here and {data} is an .npz; pass calibration inputs of your own with --calib FILE"
+        )
     specs = input_specs(model)
     if len(specs) > 1:
         names = ", ".join(s.name for s in specs)

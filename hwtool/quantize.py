@@ -71,15 +71,15 @@ class QuantizeResult:
     output: str
     bytes_before: int
     bytes_after: int
-    calib_images: int
+    calib_samples: int
     calib_source: str
     preprocessed: bool  # False when quant_pre_process failed and the raw model was quantized
     quantized_nodes: int  # QuantizeLinear + DequantizeLinear nodes in the output
     config: QuantizeConfig
-    accuracy_before: float | None = None  # top-1 on the first test_images CIFAR-10 test images
+    accuracy_before: float | None = None  # top-1 on the first test_samples of the test set
     accuracy_after: float | None = None
-    agreement: float | None = None  # fraction of test images where float and int8 top-1 agree
-    test_images: int | None = None
+    agreement: float | None = None  # fraction of test samples where float and int8 top-1 agree
+    test_samples: int | None = None
     seconds: float = 0.0
 
     @property
@@ -210,8 +210,10 @@ def quantize(
     Calibration inputs come from `calib` (a .npy in the model's input layout, or an .npz of one array
     per input for a model of several) or else from the first `count` CIFAR-10 *training* images
     under `data`. With `data`, top-1 accuracy before and after is measured on the first `limit`
-    *test* images (never the calibration images).
+    *test* samples (never the calibration images): of CIFAR-10, or of a labelled test set .npz of
+    the model's own inputs (`evaluate.load_test_set`), which needs `calib`.
     """
+    from hwtool.evaluate import is_test_npz, load_test_set
     from hwtool.gates import calibration_from_data, load_calibration
 
     t0 = time.perf_counter()
@@ -242,15 +244,17 @@ def quantize(
     if calib is not None:
         x = load_calibration(model, calib)
         source = str(calib)
+    elif data is not None and is_test_npz(data):
+        raise ValueError(
+            f"{data} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
+            "(other samples than the test set's)"
+        )
     elif data is not None:
         x = calibration_from_data(model, data, count=count, split="train")
         source = f"{data} train[:{len(x)}]"
     else:
         raise ValueError("quantize needs calibration images: pass --calib FILE.npy or --data PATH")
-    if data is not None:
-        from hwtool.evaluate import check_image_input
-
-        check_image_input(model)  # fail before the slow part when accuracy cannot be measured
+    test = None if data is None else load_test_set(model, data, limit)  # fails before the slow part
 
     if on_stage:
         on_stage("calibrate")
@@ -258,11 +262,9 @@ def quantize(
     blob = qmodel.SerializeToString()
 
     acc = {}
-    if data is not None:
-        from hwtool.data import load_cifar10
+    if test is not None:
         from hwtool.evaluate import accuracy_onnx
 
-        test = load_cifar10(data)["test"].head(limit)
         if on_stage:
             on_stage("eval float")
         c0, p0 = accuracy_onnx(model, test, threads=config.threads, on_batch=on_batch)
@@ -273,7 +275,7 @@ def quantize(
             accuracy_before=c0 / len(p0),
             accuracy_after=c1 / len(p1),
             agreement=float((p0 == p1).mean()),
-            test_images=len(p0),
+            test_samples=len(p0),
         )
     atomic_write_bytes(blob, dst)  # last, so that a failure before it writes nothing
     nq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in qmodel.graph.node)
@@ -282,7 +284,7 @@ def quantize(
         output=str(dst),
         bytes_before=model_bytes(src),
         bytes_after=len(blob),
-        calib_images=len(x) - len(x) % (fixed_batch(model) or 1),  # a fixed batch takes full batches only
+        calib_samples=len(x) - len(x) % (fixed_batch(model) or 1),  # a fixed batch takes full batches only
         calib_source=source,
         preprocessed=preprocessed,
         quantized_nodes=nq,

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from hwtool.data import load_cifar10
-from hwtool.evaluate import accuracy_onnx, check_image_input
-from hwtool.gates import measure_gates
+from hwtool.evaluate import TestSet, accuracy_onnx, is_test_npz, load_test_set
+from hwtool.gates import calibration_from_data, measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
 from hwtool.runtime import Inputs, Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
@@ -30,7 +29,7 @@ class SweepRow:
     parameters: int
     bytes: int
     flops: int | None  # at the calibration inputs' sequence length, if the input has one; None: unknown
-    accuracy: float | None  # top-1 on the test images; None without labelled data
+    accuracy: float | None  # top-1 on the test set; None without labelled data
     max_abs_error: float | None  # over the float outputs, against the original's, on the calibration inputs
     p50_ms_batch1: float | None = None
     p50_ms_batch64: float | None = None
@@ -39,7 +38,7 @@ class SweepRow:
 
 def sweep(
     model: str | os.PathLike | onnx.ModelProto,
-    data: str | None,
+    data: str | os.PathLike | TestSet | None,
     thresholds: tuple[float, ...],
     calib: Samples | dict[str, np.ndarray] | None = None,
     calib_count: int = 512,
@@ -50,34 +49,47 @@ def sweep(
     on_progress=None,
 ) -> list[SweepRow]:
     """Prune at each threshold with one shared gate measurement; the first row is the original.
-    `model` is an ONNX file or one already loaded. With `data` (CIFAR-10) each row has its test
-    accuracy; without it (a model of other inputs, with `calib` in its own layout) the rows compare
-    with the original on the calibration inputs only: top-1 agreement and max abs error."""
+    `model` is an ONNX file or one already loaded. With `data` each row has its test accuracy:
+    CIFAR-10 (calibrated on `calib_count` training images unless `calib` is given), a labelled
+    test set .npz of the model's own inputs (`evaluate.load_test_set`), or a `TestSet` already
+    loaded; `calib` is required but for CIFAR-10, so that the gates are never measured on the test
+    samples. Without `data` (a model of other inputs, with
+    `calib` in its own layout) the rows compare with the original on the calibration inputs only:
+    top-1 agreement and max abs error."""
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
     if data is None and calib is None:
         raise ValueError(
-            "sweep needs --data PATH (CIFAR-10: test accuracy) or --calib FILE.npy/.npz (inputs in the model's "
-            "own layout: agreement with the original on them)"
+            "sweep needs --data PATH (CIFAR-10 or a labelled .npz: test accuracy) or --calib FILE.npy/.npz "
+            "(inputs in the model's own layout: agreement with the original on them)"
+        )
+    if data is not None and calib is None and (isinstance(data, TestSet) or is_test_npz(data)):
+        where = data.source if isinstance(data, TestSet) else data
+        raise ValueError(
+            f"{where} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
+            "(other samples than the test set's)"
         )
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)
     if isinstance(calib, dict):
         calib = Inputs(calib)
     test = None
-    if data is not None:
-        check_image_input(given)
-        splits = load_cifar10(data)
+    if isinstance(data, TestSet):
+        test = data.head(limit)
+    elif data is not None:
+        test = load_test_set(given, data, limit)
         if calib is None:
-            calib = splits["train"].as_float(calib_count)
-        test = splits["test"].head(limit)
+            calib = calibration_from_data(given, data, count=calib_count)
     original, blocks = highway_model(given)  # the row "original" describes the model as given
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
 
     def accuracy(m: onnx.ModelProto, stage: str) -> float | None:
-        return None if test is None else accuracy_onnx(m, test, on_batch=bar(stage))[0] / len(test)
+        if test is None:
+            return None
+        correct, preds = accuracy_onnx(m, test, on_batch=bar(stage))
+        return correct / len(preds)
 
     stats, ref = measure_gates(original, blocks, calib, batch=config.batch, on_batch=bar("gates"), keep_outputs=True)
     channels = sum(b.width for b in blocks)

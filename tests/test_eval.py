@@ -39,7 +39,7 @@ def test_eval_accuracy_equals_torch(exporter, request, tiny_checkpoint, cifar, c
     torch_correct = int((torch_preds.numpy() == test.labels).sum())
 
     res = _eval_json(path, cifar_path, "--limit", str(LIMIT), "--batch", "64")
-    assert res["images"] == LIMIT and res["correct"] == torch_correct
+    assert res["samples"] == LIMIT and res["correct"] == torch_correct
     assert res["accuracy"] == torch_correct / LIMIT and res["model"] == str(path)
     # Image by image, not only in total.
     correct, preds = accuracy_onnx(load_model(path), test, batch=37)
@@ -99,7 +99,11 @@ def test_eval_of_a_foreign_model(cifar, cifar_path, tmp_path):
     assert expected > 0.15 * LIMIT  # colour alone beats chance: the labels must line up to see it
 
     res = _eval_json(path, cifar_path, "--limit", str(LIMIT))
-    assert res["correct"] == expected and res["images"] == LIMIT
+    assert res["correct"] == expected and res["samples"] == LIMIT
+    # The same images as a test set of one's own: an .npz of the input (any name) and 'labels'.
+    np.savez(tmp_path / "test.npz", pixels=test.as_float(), labels=test.labels.astype(np.int32))
+    res = _eval_json(path, str(tmp_path / "test.npz"))
+    assert res["correct"] == expected and res["samples"] == LIMIT and res["data"] == str(tmp_path / "test.npz")
 
 
 def test_eval_of_a_float16_model(cifar, cifar_path, tmp_path):
@@ -110,7 +114,7 @@ def test_eval_of_a_float16_model(cifar, cifar_path, tmp_path):
     expected = _nearest_colour_correct(test.images, test.labels, mu)
     res = _eval_json(path, cifar_path, "--limit", str(LIMIT))
     # The images are cast to float16 on the way in; the scores round there, so a few near ties may flip.
-    assert res["images"] == LIMIT and abs(res["correct"] - expected) <= LIMIT // 50
+    assert res["samples"] == LIMIT and abs(res["correct"] - expected) <= LIMIT // 50
 
 
 def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tmp_path):
@@ -119,13 +123,13 @@ def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tm
     onnx.save(model, str(path))
     res = evaluate(path, cifar_path, limit=100, batch=64)  # --batch is overridden by the model's 8
     test = cifar["test"].head(96)
-    assert res.images == 96
+    assert res.samples == 96
     assert res.correct == _nearest_colour_correct(test.images, test.labels, mu)
     # Fewer images than one batch: a one-line error, not a division by zero.
     result = CliRunner().invoke(main, ["eval", str(path), "--data", cifar_path, "--limit", "5"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert result.output.strip().splitlines() == [
-        "error: the model takes a fixed batch of 8 images and there are only 5; raise --limit"
+        "error: the model takes a fixed batch of 8 samples and there are only 5; raise --limit"
     ]
 
 

@@ -4,6 +4,7 @@ original highway networks and the highway layers of speech and text models, and 
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -332,6 +333,21 @@ def _text_inputs(n: int, length: int = 7, seed: int = 0) -> dict[str, np.ndarray
     return {"ids": rng.integers(0, 50, (n, length)) * mask, "mask": mask}
 
 
+def _export_text(net: nn.Module, path, exporter: str) -> None:
+    """Export a model of token ids and a mask, both [N, length] with both dims dynamic."""
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            n, length = torch.export.Dim("N"), torch.export.Dim("length")
+            shapes = {"ids": {0: n, 1: length}, "mask": {0: n, 1: length}}
+            kw = {"dynamo": True, "dynamic_shapes": shapes}
+        else:
+            axes = {"ids": {0: "N", 1: "length"}, "mask": {0: "N", 1: "length"}}
+            kw = {"dynamo": False, "dynamic_axes": axes}
+        torch.onnx.export(net, (ids, mask), str(path), input_names=["ids", "mask"], opset_version=18, **kw)
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_a_model_of_two_inputs_is_calibrated_from_an_npz_pruned_swept_quantized_and_benchmarked(exporter, tmp_path):
     """Token ids and a mask: calibration is an .npz of one array per input (a lone .npy, a missing
@@ -343,18 +359,8 @@ def test_a_model_of_two_inputs_is_calibrated_from_an_npz_pruned_swept_quantized_
 
     torch.manual_seed(0)
     net = MaskedText().eval()
-    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7, dtype=torch.int64)
     model = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            n, length = torch.export.Dim("N"), torch.export.Dim("length")
-            shapes = {"ids": {0: n, 1: length}, "mask": {0: n, 1: length}}
-            kw = {"dynamo": True, "dynamic_shapes": shapes}
-        else:
-            axes = {"ids": {0: "N", 1: "length"}, "mask": {0: "N", 1: "length"}}
-            kw = {"dynamo": False, "dynamic_axes": axes}
-        torch.onnx.export(net, (ids, mask), str(model), input_names=["ids", "mask"], opset_version=18, **kw)
+    _export_text(net, model, exporter)
     x = _text_inputs(64)
     np.savez(tmp_path / "calib.npz", **x)
     np.save(tmp_path / "ids.npy", x["ids"])
@@ -401,6 +407,72 @@ def test_a_model_of_two_inputs_is_calibrated_from_an_npz_pruned_swept_quantized_
     assert (run(q, fresh).argmax(1) == want.argmax(1)).mean() > 0.8
     res = cli("bench", model, tmp_path / "m.pruned.onnx", "--batch", "1", "--runs", "2", "--dims", "length=7")
     assert res.exit_code == 0, res.output
+
+
+def test_a_labelled_test_set_of_the_models_own_inputs_gives_accuracy(tmp_path):
+    """eval, sweep and quantize on an .npz of the inputs and 'labels': the accuracy is the one
+    computed from torch's own predictions (ten labels made wrong on purpose), and a test set that
+    cannot belong to the model is a one-line error that writes nothing."""
+    from click.testing import CliRunner
+
+    from hwtool.cli import main
+
+    torch.manual_seed(4)
+    net = MaskedText().eval()
+    model = tmp_path / "m.onnx"
+    _export_text(net, model, "torchscript")
+    x = _text_inputs(200, seed=9)
+    with torch.no_grad():
+        scores = net(torch.from_numpy(x["ids"]), torch.from_numpy(x["mask"])).numpy()
+    classes = scores.shape[1]
+    labels = scores.argmax(1)
+    labels[:10] = (labels[:10] + 1) % classes  # ten wrong: 95% exactly
+    np.savez(tmp_path / "test.npz", **x, labels=labels)
+    np.savez(tmp_path / "calib.npz", **_text_inputs(64, seed=1))
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    res = cli("eval", model, "--data", tmp_path / "test.npz", "--json")
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["correct"] == 190 and got["samples"] == 200 and got["accuracy"] == 0.95
+    res = cli("eval", model, "--data", tmp_path / "test.npz", "--limit", "20", "--batch", "7", "--json")
+    assert json.loads(res.stdout)["correct"] == 10  # the first ten are the wrong ones
+
+    args = ["--calib", tmp_path / "calib.npz", "--thresholds", "0.01", "--json", tmp_path / "s.json"]
+    res = cli("sweep", model, "--data", tmp_path / "test.npz", *args)
+    assert res.exit_code == 0, res.output
+    swept = json.loads((tmp_path / "s.json").read_text())
+    assert swept["test_samples"] == 200 and swept["measure"] == "accuracy"
+    assert [r["accuracy"] for r in swept["rows"]] == [0.95, 0.95]  # dead channels go exactly
+    assert swept["rows"][1]["kept_channels"] < swept["rows"][0]["kept_channels"]
+    calib = ["--calib", tmp_path / "calib.npz"]
+    res = cli("quantize", model, "-o", tmp_path / "q.onnx", *calib, "--data", tmp_path / "test.npz", "--json")
+    assert res.exit_code == 0, res.output
+    q = json.loads(res.stdout)
+    assert q["accuracy_before"] == 0.95 and q["test_samples"] == 200 and q["accuracy_after"] > 0.8
+
+    bad = {
+        "no_labels.npz": (dict(x), "holds no 'labels' array; save np.savez(FILE, ids=..., mask=..., labels=...)"),
+        "float_labels.npz": ({**x, "labels": labels.astype(np.float32)}, "save one integer class id per sample"),
+        "short_labels.npz": ({**x, "labels": labels[:50]}, "holds 200 samples but 50 labels"),
+        "other_classes.npz": ({**x, "labels": labels + classes}, f"the model scores {classes} classes"),
+        "negative.npz": ({**x, "labels": labels - classes}, "negative class ids"),
+        "no_mask.npz": ({"ids": x["ids"], "labels": labels}, "test set"),
+    }
+    for name, (arrays, needle) in bad.items():
+        np.savez(tmp_path / name, **arrays)
+        assert needle in one_line_error(cli("eval", model, "--data", tmp_path / name)), name
+    res = cli("sweep", model, "--data", tmp_path / "test.npz", "--json", tmp_path / "t.json")
+    assert "is a test set, which gives accuracy only; pass --calib" in one_line_error(res)
+    res = cli("quantize", model, "-o", tmp_path / "q2.onnx", "--data", tmp_path / "test.npz")
+    assert "is a test set, which gives accuracy only; pass --calib" in one_line_error(res)
+    res = cli("prune", model, "--data", tmp_path / "test.npz")
+    assert "pass calibration inputs of your own with --calib" in one_line_error(res)
+    res = cli("eval", model, "--data", tmp_path)  # a CIFAR-10 folder it is not, and the model takes no images
+    assert "CIFAR-10 gives images only; pass --data FILE.npz" in one_line_error(res)
+    assert not any((tmp_path / n).exists() for n in ("t.json", "q2.onnx", "m.pruned.onnx"))
 
 
 def test_the_python_api_takes_inputs_by_name_and_refits_on_them(tmp_path):

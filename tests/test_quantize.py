@@ -65,7 +65,7 @@ def test_int8_is_small_and_agrees_with_float_on_cifar(fitted, cifar, cifar_path,
     # Conv-heavy: int8 weights shrink the file to well under half.
     assert r["bytes_before"] == fitted.stat().st_size and r["bytes_after"] == out.stat().st_size
     assert r["size_ratio"] < 0.4
-    assert r["calib_images"] == 128 and r["test_images"] == 1000 and r["preprocessed"]
+    assert r["calib_samples"] == 128 and r["test_samples"] == 1000 and r["preprocessed"]
     assert r["accuracy_before"] > 0.25  # the fitted head is a real classifier
     assert abs(r["accuracy_after"] - r["accuracy_before"]) <= 0.03
     assert r["agreement"] >= 0.8
@@ -137,7 +137,7 @@ def test_calib_file_and_fixed_batch_model(tmp_path, method):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["calib_images"] == 8 and report["config"]["method"] == method
+    assert report["calib_samples"] == 8 and report["config"]["method"] == method
     x = images(4, seed=7)
     a, b = _logits(model, x), _logits(out, x)
     assert b.shape == (4, 10)

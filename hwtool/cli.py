@@ -546,7 +546,14 @@ def _calib_options(fn):
 
 @main.command("prune")
 @click.argument("model", type=click.Path())
-@click.option("--threshold", type=_Number(), default=0.05, show_default=True, help="Remove channels with mean T below.")
+@click.option("--threshold", type=_Number(), default=None, help="Remove channels with mean T below.  [default: 0.05]")
+@click.option(
+    "--budget",
+    type=_Number(),
+    default=None,
+    help="Instead of --threshold: keep at most this fraction of the parameters (0.1: remove 90%); the "
+    "threshold becomes the lowest that fits, channels leaving lowest mean gate first across all blocks.",
+)
 @_calib_options
 @click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.pruned.onnx.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit of kept gates.")
@@ -578,6 +585,7 @@ def _calib_options(fn):
 def prune_cmd(
     model,
     threshold,
+    budget,
     calib,
     data,
     count,
@@ -596,8 +604,13 @@ def prune_cmd(
     from hwtool.report import progress_bar, prune_tables
     from hwtool.runtime import atomic_write_model, check_outputs, load_model
 
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and budget is not None:
+        raise ValueError("pass either --threshold or --budget, not both")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold {threshold} is outside [0, 1]; gates are sigmoids")
+    if budget is not None and not 0.0 < budget <= 1.0:
+        raise ValueError(f"--budget {budget} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
+    threshold = 0.05 if threshold is None else threshold
     src = Path(model)
     proto = load_model(src)
     dst = output if output is not None else str(src.with_name(src.stem + ".pruned.onnx"))
@@ -609,6 +622,7 @@ def prune_cmd(
         simplify=not no_simplify,
         write_back=write_back,
         round_to=round_to,
+        budget=budget,
         threads=threads,
     )
     with progress_bar(console, "prune", disable=as_json) as bar:

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
@@ -67,6 +67,9 @@ class PruneConfig:
     # (benchmarks/results/fc_highway.json).
     write_back: str = "auto"
     round_to: int = 1  # keep a multiple of this many channels per block (next-highest gates fill up)
+    # Keep at most this fraction of the model's parameters: the threshold becomes the lowest gate
+    # level whose prune fits (`gate_levels`), in place of `threshold`. None: prune at `threshold`.
+    budget: float | None = None
     simplify: bool = True  # run onnxsim on the result
     batch: int = 64  # calibration batch
     threads: int | None = None  # ORT intra-op threads (None: ORT's default)
@@ -108,6 +111,7 @@ class PruneReport:
     max_rel_error: float | None
     top1_agreement: float | None
     seconds: dict[str, float] = field(default_factory=dict)
+    budget: float | None = None  # the parameter budget the threshold was chosen for, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -500,6 +504,30 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
 # the whole prune
 
 
+def gate_levels(means: Sequence[np.ndarray]) -> list[float]:
+    """Every threshold that prunes differently, lowest first: 0 (nothing goes), then each distinct
+    mean gate above 0 (the channels under it go, in every block), then one just above the highest
+    (every channel goes), when that is still within [0, 1]."""
+    levels = np.unique(np.concatenate(list(means))) if len(means) else np.zeros(0)
+    out = [0.0, *(float(v) for v in levels if v > 0)]
+    if len(levels) and levels[-1] < 1.0:
+        out.append(float(np.nextafter(levels[-1], np.inf)))
+    return out
+
+
+def lowest_fitting(levels: list[float], params: Callable[[float], int], limit: float) -> int | None:
+    """Index of the first level whose prune has at most `limit` parameters (params() falls as the
+    threshold rises), found by bisection; None if even the last does not fit."""
+    lo, hi = 0, len(levels)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if params(levels[mid]) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo if lo < len(levels) else None
+
+
 def kept_channels(means: np.ndarray, threshold: float, round_to: int = 1) -> np.ndarray:
     """Sorted indices of channels with mean gate >= threshold, rounded up to a multiple of round_to.
 
@@ -555,7 +583,9 @@ def prune(
     reference: list[np.ndarray] | None = None,
     blocks: list[Block] | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
-    """Prune every highway block's low-gate channels; returns (pruned model, report).
+    """Prune every highway block's low-gate channels; returns (pruned model, report). With
+    config.budget set, the threshold is instead the lowest gate level whose model keeps at most
+    that fraction of the parameters (`_prune_to_budget`).
 
     calib: calibration inputs in the model's input layout: one array (float32, or integers for an
     integer input), or for a model of several inputs one per input name (a dict or `Inputs`). They give the gate means
@@ -571,6 +601,8 @@ def prune(
         cfg = replace(cfg, threshold=threshold)
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; gates are sigmoids")
+    if cfg.budget is not None and not 0.0 < cfg.budget <= 1.0:
+        raise ValueError(f"budget {cfg.budget} is not a fraction in (0, 1] of the model's parameters")
     if cfg.write_back not in WRITE_BACKS:
         raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {cfg.write_back!r}")
     original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
@@ -600,7 +632,72 @@ def prune(
     if cfg.refit and calib is None:
         raise ValueError("the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH, or --no-refit")
     timings["calibration"] = time.perf_counter() - t0
+    if cfg.budget is None:
+        return _prune_at(given, original, blocks, gate_stats, calib, ref_outputs, cfg, timings, bar)
+    return _prune_to_budget(given, original, blocks, gate_stats, calib, ref_outputs, cfg, timings, bar)
 
+
+def _prune_to_budget(
+    given: onnx.ModelProto,
+    original: onnx.ModelProto,
+    blocks: list[Block],
+    gate_stats: GateStats,
+    calib: Samples | None,
+    ref_outputs: list[np.ndarray] | None,
+    cfg: PruneConfig,
+    timings: dict[str, float],
+    bar: Callable,
+) -> tuple[onnx.ModelProto, PruneReport]:
+    """Prune at the lowest gate level whose model keeps at most cfg.budget of the parameters: the
+    level is found by bisection on the surgery and simplification alone (the refit changes no
+    count; no verification: a fraction of a second each on the reference network), then pruned in
+    full."""
+    total = count_parameters(given)
+    limit = cfg.budget * total
+    quick = replace(cfg, refit=False)
+
+    def params(t: float) -> int:
+        args = (given, original, blocks, gate_stats, None, None, replace(quick, threshold=t), {}, bar)
+        return _prune_at(*args)[1].params_after
+
+    levels = gate_levels(gate_stats.means)
+    t0 = time.perf_counter()
+    first = lowest_fitting(levels, params, limit)
+    timings["budget search"] = time.perf_counter() - t0
+    if first is None:
+        least = params(levels[-1]) / total
+        raise ValueError(
+            f"a budget of {cfg.budget:.1%} of the parameters cannot be met: removing every transform channel "
+            f"leaves {least:.1%} (stem, carries, head); ask for at least that"
+        )
+    args = (
+        given,
+        original,
+        blocks,
+        gate_stats,
+        calib,
+        ref_outputs,
+        replace(cfg, threshold=levels[first]),
+        timings,
+        bar,
+    )
+    model, report = _prune_at(*args)
+    return model, replace(report, budget=cfg.budget)
+
+
+def _prune_at(
+    given: onnx.ModelProto,
+    original: onnx.ModelProto,
+    blocks: list[Block],
+    gate_stats: GateStats,
+    calib: Samples | None,
+    ref_outputs: list[np.ndarray] | None,
+    cfg: PruneConfig,
+    timings: dict[str, float],
+    bar: Callable,
+) -> tuple[onnx.ModelProto, PruneReport]:
+    """The prune itself, at cfg.threshold, once the gate statistics are known: surgery (with the
+    refit), simplification, verification against `given` on calib, the report."""
     t1 = time.perf_counter()
     model = onnx.ModelProto()
     model.CopyFrom(original)

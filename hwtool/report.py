@@ -67,7 +67,12 @@ def prune_tables(report: PruneReport) -> list[Table]:
     # spelling is named in the title when every block shares it (else a letter per block, spelled
     # out below the table), and notes go below the table too.
     spellings = sorted({b.spelling for b in report.blocks})
-    title = f"hwtool prune: threshold {report.threshold}, gates from {report.gate_source}"
+    title = f"hwtool prune: threshold {report.threshold:.4g}, gates from {report.gate_source}"
+    if report.budget is not None:
+        title = (
+            f"hwtool prune: threshold {report.threshold:.4g} for a budget of {report.budget:.1%} of the "
+            f"parameters, gates from {report.gate_source}"
+        )
     below = []
     if len(spellings) == 1:
         title += f"; every block mixes as {spellings[0]}"

@@ -18,7 +18,9 @@ class Spec:
     widths: tuple[int, ...] = (8, 8, 12)  # one block per entry; a width change means a projection carry
     bn_before: bool = True  # BatchNormalization on the block input, before H
     bn_after: bool = False  # BatchNormalization between Conv_H and the activation
-    activation: str = "Relu"  # an ONNX op, or "SiLU" (spelled Mul(a, Sigmoid(a)), as exporters do)
+    activation: str = (
+        "Relu"  # an ONNX op, "SiLU" (spelled Mul(a, Sigmoid(a)), as exporters do), or "PRelu" (a slope per channel)
+    )
     opset: int = 17
     input_name: str = "input"
     output_name: str = "logits"
@@ -132,7 +134,12 @@ def build(spec: Spec) -> onnx.ModelProto:
                     arr[spec.removable[i]] = val
                     tensor = next(t for t in b.inits if t.name == bn.input[idx])
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
-        h = b.node("Mul", [hc, b.node("Sigmoid", [hc])]) if spec.activation == "SiLU" else b.node(spec.activation, [hc])
+        if spec.activation == "SiLU":
+            h = b.node("Mul", [hc, b.node("Sigmoid", [hc])])
+        elif spec.activation == "PRelu":  # a slope per channel
+            h = b.node("PRelu", [hc, b.init(b.rng.uniform(0.05, 0.3, (width, 1, 1)).astype(np.float32), "slope")])
+        else:
+            h = b.node(spec.activation, [hc])
         squash = {"alpha": 1.0 / 6.0} if spec.gate_activation == "HardSigmoid" else {}
         if spec.gate_depthwise:
             dw = b.node("Conv", [h, b.init(w_t, "w"), b.init(b_t, "b")], pads=[1, 1, 1, 1], group=width)

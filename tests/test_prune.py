@@ -620,3 +620,77 @@ def test_report_tables_fit_80_columns_without_cutting_numbers():
         assert " ".join(f"block 1: {note}".split()) in " ".join(text.split())  # the note, whole
     # Two spellings: a letter per block, each spelled out once below the table.
     assert "mix a: c + t*(h-c); b: h*t + (1-t)*c" in text
+
+
+BUDGET_SPECS = {
+    "gate reads H": Spec(),
+    "BN after the transform conv": Spec(bn_after=True, bn_before=False),
+    "PRelu": Spec(activation="PRelu"),
+    "gate reads the input": Spec(gate_reads="input"),
+    "depthwise gate": Spec(gate_depthwise=True),
+}
+
+
+@pytest.mark.parametrize("spec", BUDGET_SPECS.values(), ids=BUDGET_SPECS.keys())
+def test_a_budget_is_met_at_the_lowest_gate_level_that_meets_it(spec):
+    """For every kind of gate and per-channel post node, at budgets that take a few channels, most,
+    or whole blocks: the pruned model keeps at most the budget, the threshold is a gate level, and
+    the level below it would keep more."""
+    from hwtool.gates import measure_gates
+    from hwtool.prune import gate_levels, highway_model
+
+    model = build(spec)
+    x = images(16)
+    stats, _ = measure_gates(*highway_model(model), x)
+    levels = gate_levels(stats.means)
+    total = count_parameters(model)
+    for budget in (0.9, 0.5, 0.2):
+        pruned, report = prune(model, calib=x, config=PruneConfig(budget=budget))
+        assert report.budget == budget and report.params_after == count_parameters(pruned) <= budget * total
+        i = levels.index(report.threshold)
+        assert i > 0
+        _, lower = prune(model, levels[i - 1], calib=x, config=PruneConfig(refit=False))
+        assert lower.params_after > budget * total, (budget, report.threshold)
+    assert any(b.kept == 0 for b in report.blocks)  # 20% takes whole blocks
+    with pytest.raises(ValueError, match="cannot be met"):
+        prune(model, calib=x, config=PruneConfig(budget=0.001))
+
+
+def test_cli_budget_picks_the_lowest_threshold_that_fits(tmp_path):
+    """--budget F: the pruned model keeps at most F of the parameters, at the lowest gate level
+    that does (one level lower does not fit), named as the threshold; bad budgets are one-line
+    errors that write nothing."""
+    from hwtool.gates import measure_gates
+    from hwtool.prune import highway_model
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    src, calib = models / "small-gated.onnx", models / "calib256.npy"
+    x = np.load(calib)
+    model = onnx.load(src)
+    stats, _ = measure_gates(*highway_model(model), x)
+    levels = np.unique(np.concatenate(stats.means))
+    for budget in (0.6, 0.25):
+        out = tmp_path / f"b{budget}.onnx"
+        res = _cli(["prune", src, "--budget", budget, "--calib", calib, "-o", out, "--json"])
+        assert res.exit_code == 0, res.output
+        got = json.loads(res.stdout)
+        assert got["budget"] == budget and got["params_after"] <= budget * got["params_before"]
+        assert got["params_after"] == count_parameters(onnx.load(out))
+        t = got["threshold"]
+        assert t in levels and t > levels[0]  # a gate level: the lowest kept channel's mean
+        lower = levels[np.searchsorted(levels, t) - 1]
+        _, one_less = prune(model, lower, calib=x, config=PruneConfig(refit=False))
+        assert one_less.params_after > budget * got["params_before"]
+    res = _cli(["prune", src, "--budget", "0.25", "--calib", calib, "-o", tmp_path / "t.onnx"])
+    assert "threshold 0.02" in res.stdout and "for a budget of 25.0% of the" in res.stdout
+
+    bad = {
+        ("--budget", "0.2", "--threshold", "0.05"): "pass either --threshold or --budget, not both",
+        ("--budget", "0"): "--budget 0.0 is not a fraction in (0, 1]",
+        ("--budget", "1.5"): "--budget 1.5 is not a fraction in (0, 1]",
+        ("--budget", "0.001"): "a budget of 0.1% of the parameters cannot be met: removing every transform",
+    }
+    for args, needle in bad.items():
+        res = _cli(["prune", src, *args, "--calib", calib, "-o", tmp_path / "bad.onnx"])
+        assert needle in one_line_error(res), args
+    assert not (tmp_path / "bad.onnx").exists()

@@ -916,25 +916,77 @@ def quantize_cmd(
 
 @main.command("convert")
 @click.argument("model", type=click.Path())
-@click.option("--to", "fmt", type=click.Choice(["ort"]), default="ort", show_default=True, help="Target format.")
-@click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL with .ort suffix.")
+@click.option(
+    "--to",
+    "fmt",
+    type=click.Choice(["ort", "float16"]),
+    default="ort",
+    show_default=True,
+    help="ort: the ORT format for ONNX Runtime Mobile; float16: half the size, for GPU, WebGPU and mobile "
+    "accelerators.",
+)
+@click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.ort, or MODEL.fp16.onnx.")
 @click.option(
     "--target",
     type=click.Choice(["portable", "arm", "amd64"]),
-    default="portable",
-    show_default=True,
-    help="portable and arm leave out x86-only NCHWc layouts; arm keeps int8 QDQ kernels.",
+    default=None,
+    help="ort: portable (the default) and arm leave out x86-only NCHWc layouts; arm keeps int8 QDQ kernels.",
+)
+@click.option(
+    "--half-io", is_flag=True, help="float16: inputs and outputs float16 too (default: float32, cast inside)."
+)
+@click.option(
+    "--calib", type=click.Path(), default=None, help="float16: compare with the float32 model on these. " + CALIB_HELP
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
 @friendly
-def convert_cmd(model, fmt, output, target, as_json):
-    """Convert MODEL to the ORT format for ONNX Runtime Mobile, with its reduced-operator config."""
+def convert_cmd(model, fmt, output, target, half_io, calib, as_json):
+    """Convert MODEL to the ORT format for ONNX Runtime Mobile (with its reduced-operator config),
+    or to float16; either is checked against MODEL before it is written."""
+    if fmt == "float16":
+        if target is not None:
+            raise ValueError("--target is for --to ort; a float16 model runs on any target")
+        return _convert_float16(model, output, half_io, calib, as_json)
+    if half_io or calib:
+        raise ValueError(f"{'--half-io' if half_io else '--calib'} is for --to float16")
     from hwtool.convert import convert_to_ort
 
-    res = convert_to_ort(model, output, target=target)
+    res = convert_to_ort(model, output, target=target or "portable")
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return
     ops = sum(len(v) for v in res.operators.values())
     out.print(f"wrote {res.output} ({res.ort_bytes:,} bytes, {res.nodes} nodes) and {res.config} ({ops} operators)")
     out.print(f"ORT vs ONNX model on random inputs (batch {res.verify_batch}): max abs diff {res.max_abs_diff:.2e}")
+
+
+def _convert_float16(model, output, half_io, calib, as_json):
+    """convert --to float16."""
+    from hwtool.convert import convert_to_float16
+    from hwtool.gates import load_calibration
+    from hwtool.runtime import check_outputs, load_model
+
+    x = None
+    if calib:
+        dst = output if output is not None else str(Path(model).with_name(Path(model).stem + ".fp16.onnx"))
+        check_outputs([dst], [model, calib])
+        x = load_calibration(load_model(model), calib)
+    res = convert_to_float16(model, output, half_io=half_io, calib=x, calib_source=calib or "")
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+        return
+    io = "float16" if res.half_io else "float32"
+    out.print(
+        f"wrote {res.output}: {res.bytes_after / 1e6:.2f} MB ({res.bytes_after / res.bytes_before:.2f}x of "
+        f"{res.bytes_before / 1e6:.2f} MB), inputs and outputs {io}"
+    )
+    if res.clamped or res.flushed:
+        out.print(
+            f"of {res.weights:,} weights, {res.clamped:,} beyond ±65504 were clamped and {res.flushed:,} under "
+            "6e-8 became 0"
+        )
+    agree = "" if res.top1_agreement is None else f", top-1 agreement {res.top1_agreement:.2%}"
+    out.print(
+        f"float16 vs float32 on {res.verify_samples} {res.verify_inputs} samples: max abs diff "
+        f"{res.max_abs_diff:.2e} ({res.max_rel_diff:.2%} of the largest output){agree}"
+    )

@@ -1,8 +1,12 @@
-"""ONNX -> ORT format for ONNX Runtime Mobile / minimal builds, with the reduced-operator config.
+"""Conversions for deployment: ONNX -> ORT format for ONNX Runtime Mobile / minimal builds, with
+the reduced-operator config; float32 -> float16 for GPU, WebGPU and mobile accelerators.
 
-Does what onnxruntime.tools.convert_onnx_models_to_ort does for one model with the 'Fixed'
-optimization style (optimizations baked in at conversion; the default for CPU and XNNPACK), then
-checks the .ort file: it must load in an InferenceSession and give the ONNX model's outputs.
+The ORT conversion does what onnxruntime.tools.convert_onnx_models_to_ort does for one model with
+the 'Fixed' optimization style (optimizations baked in at conversion; the default for CPU and
+XNNPACK), then checks the .ort file: it must load in an InferenceSession and give the ONNX model's
+outputs. The float16 conversion is ONNX Runtime's own (onnxruntime.transformers.float16), with the
+graph sorted again and checked, inputs and outputs kept float32 by default (a drop-in
+replacement), and the result compared with the float32 model before anything is written.
 No torch here (directly or through imports).
 """
 
@@ -18,9 +22,22 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from hwtool.runtime import ORT_DTYPES, ModelError, atomic_write_files, check_outputs, load_model, model_bytes
+from hwtool.graph import is_quantized
+from hwtool.runtime import (
+    ORT_DTYPES,
+    ModelError,
+    Samples,
+    atomic_write_files,
+    atomic_write_model,
+    check_outputs,
+    load_model,
+    make_session,
+    model_bytes,
+    run_batched,
+)
 
 TARGETS = ("portable", "arm", "amd64")
 
@@ -176,3 +193,136 @@ def _count_nodes(ort_path: str | os.PathLike) -> int:
     data = Path(ort_path).read_bytes()
     session = fbs.InferenceSession.InferenceSession.GetRootAsInferenceSession(data, 0)
     return session.Model().Graph().NodesLength()
+
+
+# ---------------------------------------------------------------------------------------------
+# float16
+
+HALF_MAX = 65504.0  # the largest finite float16
+HALF_TINY = 5.96e-8  # the smallest positive float16 (subnormal); smaller magnitudes become 0
+
+
+@dataclass(frozen=True)
+class HalfResult:
+    """What the float16 conversion wrote and how closely it follows the float32 model."""
+
+    source: str
+    output: str
+    half_io: bool  # inputs and outputs float16 too (else float32, cast at the edges)
+    bytes_before: int
+    bytes_after: int
+    weights: int  # float32 weights converted
+    clamped: int  # of them beyond ±65504, clamped there
+    flushed: int  # of them nonzero but under 6e-8 in magnitude, now 0
+    max_abs_diff: float  # largest difference over all float outputs, on the verification inputs
+    max_rel_diff: float  # that difference relative to the largest float32 output magnitude
+    top1_agreement: float | None  # where the first output is class scores [N, classes]
+    verify_samples: int
+    verify_inputs: str  # 'random' or the calibration file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _weight_counts(model: onnx.ModelProto) -> tuple[int, int, int]:
+    """(float32 weights, how many float16 cannot hold: beyond its range, under its smallest step)."""
+    from onnx import numpy_helper
+
+    total = clamped = flushed = 0
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            v = np.abs(numpy_helper.to_array(t))
+            total += v.size
+            clamped += int((v > HALF_MAX).sum())
+            flushed += int(((v > 0) & (v < HALF_TINY)).sum())
+    return total, clamped, flushed
+
+
+def half_model(model: onnx.ModelProto, half_io: bool = False) -> onnx.ModelProto:
+    """The model with float16 weights and computation (ONNX Runtime's converter; ops without
+    float16 kernels stay float32 behind casts), sorted and checked. Inputs and outputs stay float32,
+    cast at the edges, unless half_io."""
+    from hwtool.prune import cleanup
+
+    module = "onnxruntime.transformers.float16"
+    # onnxruntime.transformers puts its own folder on sys.path when imported; leave sys.path as it was
+    path = list(sys.path)
+    try:
+        converter = importlib.import_module(module)
+    finally:
+        sys.path[:] = path
+    logging.getLogger(module).setLevel(logging.ERROR)  # it warns about each value it clamps
+    converted = converter.convert_float_to_float16(
+        model, min_positive_val=HALF_TINY, max_finite_val=HALF_MAX, keep_io_types=not half_io
+    )
+    converted = cleanup(converted)  # the converter appends the edge casts after their readers
+    onnx.checker.check_model(converted, full_check=True)
+    return converted
+
+
+def convert_to_float16(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    half_io: bool = False,
+    calib: Samples | None = None,
+    calib_source: str = "",
+) -> HalfResult:
+    """Write MODEL in float16 (default MODEL.fp16.onnx), atomically, after comparing it with the
+    float32 model on `calib` (inputs in the model's layout) or else on two random samples."""
+    src = Path(model_path)
+    model = load_model(src)
+    dst = Path(output) if output is not None else src.with_name(src.stem + ".fp16.onnx")
+    check_outputs([dst], [src])
+    if is_quantized(model):
+        raise ModelError(f"{src} is quantized (int8); convert the float32 model to float16 instead")
+    half = onnx.TensorProto.FLOAT16
+    io = [*model.graph.input, *model.graph.output]
+    if any(v.type.tensor_type.elem_type == half for v in io) or any(
+        t.data_type == half for t in model.graph.initializer
+    ):
+        raise ModelError(f"{src} is already float16")
+    weights, clamped, flushed = _weight_counts(model)
+    if weights == 0:
+        raise ModelError(f"{src} has no float32 weights to convert")
+    converted = half_model(model, half_io)
+    ref = make_session(model)
+    new = make_session(converted)
+    x = _as_samples(random_feed(ref)) if calib is None else calib
+    want, got = _outputs(ref, x), _outputs(new, x)
+    samples, source = len(x), ("random" if calib is None else calib_source or "calibration")
+    floats = [(a, b) for a, b in zip(want, got) if a.dtype.kind == "f" and a.size]
+    diff = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in floats), default=0.0)
+    scale = max((float(np.max(np.abs(a))) for a, _ in floats), default=0.0)
+    first_ref, first_new = want[0], got[0]
+    agree = None
+    if first_ref.ndim == 2 and first_ref.dtype.kind == "f":
+        agree = float((first_ref.argmax(1) == first_new.argmax(1)).mean())
+    atomic_write_model(converted, dst)
+    return HalfResult(
+        source=str(src),
+        output=str(dst),
+        half_io=half_io,
+        bytes_before=model_bytes(src),
+        bytes_after=dst.stat().st_size,
+        weights=weights,
+        clamped=clamped,
+        flushed=flushed,
+        max_abs_diff=diff,
+        max_rel_diff=diff / scale if scale else 0.0,
+        top1_agreement=agree,
+        verify_samples=samples,
+        verify_inputs=source,
+    )
+
+
+def _as_samples(feed: dict[str, np.ndarray]) -> Samples:
+    """A feed as samples: its one array, or Inputs by name."""
+    from hwtool.runtime import Inputs
+
+    return next(iter(feed.values())) if len(feed) == 1 else Inputs(feed)
+
+
+def _outputs(sess: ort.InferenceSession, x: Samples, batch: int = 64) -> list[np.ndarray]:
+    """Every output of the session on x, batch by batch, joined."""
+    parts = [out for _, out in run_batched(sess, x, batch)]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]

@@ -245,11 +245,14 @@ def test_deployment_modules_do_not_import_torch(models, tmp_path):
 import sys
 from hwtool.bench import bench, BenchConfig
 from hwtool.quantize import quantize_model
-from hwtool.convert import convert_to_ort
+from hwtool.convert import convert_to_float16, convert_to_ort
 bench([{str(models["narrow"])!r}], BenchConfig(batches=(1,), warmup=0, runs=1))
 convert_to_ort({str(models["narrow"])!r}, {str(tmp_path / "n.ort")!r})
+path = sys.path[:]  # the ORT conversion adds ORT's flatbuffer bindings, on purpose
+convert_to_float16({str(models["narrow"])!r}, {str(tmp_path / "n16.onnx")!r})
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 assert not loaded, loaded
+assert sys.path == path, "onnxruntime.transformers left its folder on sys.path"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
 

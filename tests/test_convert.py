@@ -95,3 +95,89 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path):
     res = CliRunner().invoke(main, ["convert", str(model), "--to", "tflite"])
     assert res.exit_code != 0 and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.onnx", "m.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --to float16
+
+
+def _float16(model, *extra) -> dict:
+    res = CliRunner().invoke(main, ["convert", str(model), "--to", "float16", *map(str, extra), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def _elem(v) -> int:
+    return v.type.tensor_type.elem_type
+
+
+@pytest.mark.parametrize("half_io", [False, True], ids=["float32 io", "float16 io"])
+def test_float16_halves_the_file_and_follows_the_float32_model(tmp_path, half_io):
+    """Weights and computation in float16, inputs and outputs float32 unless --half-io; the reported
+    differences are the ones ORT gives on the calibration inputs; a weight float16 cannot hold is
+    counted (clamped, or flushed to 0); the result converts on to the ORT format."""
+    from onnx import numpy_helper
+
+    model = build(Spec(widths=(16, 32)))
+    fc = next(t for t in model.graph.initializer if t.dims == [10, 32])
+    w = numpy_helper.to_array(fc).copy()
+    w[0, 0], w[0, 1] = 1e-9, 7e4  # under float16's smallest step, over its largest value
+    fc.CopyFrom(numpy_helper.from_array(w, fc.name))
+    path, out = tmp_path / "m.onnx", tmp_path / "m16.onnx"
+    onnx.save(model, path)
+    x = images(32, seed=3)
+    np.save(tmp_path / "calib.npy", x)
+    r = _float16(path, "-o", out, "--calib", tmp_path / "calib.npy", *(["--half-io"] if half_io else []))
+    assert r["half_io"] == half_io and r["verify_samples"] == 32 and r["clamped"] == 1 and r["flushed"] == 1
+    assert r["bytes_after"] == out.stat().st_size < 0.55 * path.stat().st_size
+    half = onnx.load(out)
+    onnx.checker.check_model(half, full_check=True)
+    io = onnx.TensorProto.FLOAT16 if half_io else onnx.TensorProto.FLOAT
+    assert _elem(half.graph.input[0]) == io and _elem(half.graph.output[0]) == io
+    assert {t.data_type for t in half.graph.initializer if t.data_type in (1, 10)} == {onnx.TensorProto.FLOAT16}
+    want = _run(path, x)[0]
+    got = _run(out, x.astype(np.float16) if half_io else x)[0].astype(np.float32)
+    diff = float(np.abs(got.astype(np.float64) - want).max())
+    assert r["max_abs_diff"] == pytest.approx(diff, rel=1e-6, abs=1e-9)
+    assert 0 < r["max_rel_diff"] < 0.2  # close, not exact (and one weight clamped from 7e4 to 65504)
+    assert r["top1_agreement"] == float((got.argmax(1) == want.argmax(1)).mean())
+    ort_out = _convert(out, "-o", tmp_path / "m16.ort")
+    assert ort_out["max_abs_diff"] <= 1e-2
+
+
+def test_float16_of_a_pruned_export_without_calibration(tiny_onnx_dynamo, tmp_path):
+    pruned = tmp_path / "p.onnx"
+    res = CliRunner().invoke(main, ["prune", str(tiny_onnx_dynamo), "--no-refit", "-o", str(pruned)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["convert", str(pruned), "--to", "float16"])
+    assert res.exit_code == 0, res.output
+    assert "on 2 random samples" in res.stdout and "top-1 agreement" in res.stdout
+    out = tmp_path / "p.fp16.onnx"  # the default name
+    x = images(16, seed=8)
+    np.testing.assert_allclose(_run(out, x)[0], _run(pruned, x)[0], atol=0.05, rtol=0.02)
+
+
+def test_float16_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(16,))), model)
+    np.save(tmp_path / "c.npy", images(8))
+    q, half = tmp_path / "q.onnx", tmp_path / "h.onnx"
+    assert (
+        CliRunner().invoke(main, ["quantize", str(model), "-o", str(q), "--calib", str(tmp_path / "c.npy")]).exit_code
+        == 0
+    )
+    _float16(model, "-o", half)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = {
+        (q, "--to", "float16"): "is quantized (int8); convert the float32 model",
+        (half, "--to", "float16"): "is already float16",
+        (model, "--to", "float16", "--target", "arm"): "--target is for --to ort",
+        (model, "--half-io"): "--half-io is for --to float16",
+        (model, "--calib", tmp_path / "c.npy"): "--calib is for --to float16",
+        (model, "--to", "float16", "--calib", tmp_path / "missing.npy"): "does not exist",
+        (model, "--to", "float16", "-o", model): "",
+    }
+    for args, needle in cases.items():
+        res = CliRunner().invoke(main, ["convert", *map(str, args)])
+        assert needle in one_line_error(res), args
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -632,35 +632,41 @@ def prune(
     if cfg.refit and calib is None:
         raise ValueError("the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH, or --no-refit")
     timings["calibration"] = time.perf_counter() - t0
+    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs)
     if cfg.budget is None:
-        return _prune_at(given, original, blocks, gate_stats, calib, ref_outputs, cfg, timings, bar)
-    return _prune_to_budget(given, original, blocks, gate_stats, calib, ref_outputs, cfg, timings, bar)
+        return _prune_at(measured, cfg, timings, bar)
+    return _prune_to_budget(measured, cfg, timings, bar)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """A model ready for surgery: as given (reported and verified against), as its blocks were
+    found in (maybe simplified), its blocks, their gate means, the calibration inputs (None: no
+    refit, no verification) and the given model's outputs on them, if known."""
+
+    given: onnx.ModelProto
+    original: onnx.ModelProto
+    blocks: list[Block]
+    gate_stats: GateStats
+    calib: Samples | None
+    reference: list[np.ndarray] | None
 
 
 def _prune_to_budget(
-    given: onnx.ModelProto,
-    original: onnx.ModelProto,
-    blocks: list[Block],
-    gate_stats: GateStats,
-    calib: Samples | None,
-    ref_outputs: list[np.ndarray] | None,
-    cfg: PruneConfig,
-    timings: dict[str, float],
-    bar: Callable,
+    measured: _Measured, cfg: PruneConfig, timings: dict[str, float], bar: Callable
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune at the lowest gate level whose model keeps at most cfg.budget of the parameters: the
     level is found by bisection on the surgery and simplification alone (the refit changes no
     count; no verification: a fraction of a second each on the reference network), then pruned in
     full."""
-    total = count_parameters(given)
+    total = count_parameters(measured.given)
     limit = cfg.budget * total
-    quick = replace(cfg, refit=False)
+    quick, counted = replace(cfg, refit=False), replace(measured, calib=None, reference=None)
 
     def params(t: float) -> int:
-        args = (given, original, blocks, gate_stats, None, None, replace(quick, threshold=t), {}, bar)
-        return _prune_at(*args)[1].params_after
+        return _prune_at(counted, replace(quick, threshold=t), {}, bar)[1].params_after
 
-    levels = gate_levels(gate_stats.means)
+    levels = gate_levels(measured.gate_stats.means)
     t0 = time.perf_counter()
     first = lowest_fitting(levels, params, limit)
     timings["budget search"] = time.perf_counter() - t0
@@ -670,34 +676,18 @@ def _prune_to_budget(
             f"a budget of {cfg.budget:.1%} of the parameters cannot be met: removing every transform channel "
             f"leaves {least:.1%} (stem, carries, head); ask for at least that"
         )
-    args = (
-        given,
-        original,
-        blocks,
-        gate_stats,
-        calib,
-        ref_outputs,
-        replace(cfg, threshold=levels[first]),
-        timings,
-        bar,
-    )
-    model, report = _prune_at(*args)
+    model, report = _prune_at(measured, replace(cfg, threshold=levels[first]), timings, bar)
     return model, replace(report, budget=cfg.budget)
 
 
 def _prune_at(
-    given: onnx.ModelProto,
-    original: onnx.ModelProto,
-    blocks: list[Block],
-    gate_stats: GateStats,
-    calib: Samples | None,
-    ref_outputs: list[np.ndarray] | None,
-    cfg: PruneConfig,
-    timings: dict[str, float],
-    bar: Callable,
+    measured: _Measured, cfg: PruneConfig, timings: dict[str, float], bar: Callable
 ) -> tuple[onnx.ModelProto, PruneReport]:
     """The prune itself, at cfg.threshold, once the gate statistics are known: surgery (with the
-    refit), simplification, verification against `given` on calib, the report."""
+    refit), simplification, verification against the given model on the calibration inputs, the
+    report."""
+    given, original, blocks, gate_stats = measured.given, measured.original, measured.blocks, measured.gate_stats
+    calib, ref_outputs = measured.calib, measured.reference
     t1 = time.perf_counter()
     model = onnx.ModelProto()
     model.CopyFrom(original)

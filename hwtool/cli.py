@@ -692,7 +692,13 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     help="Test accuracy on CIFAR-10 (a folder or .tar.gz) or on " + TEST_SET_HELP + " Without it, --calib: "
     "agreement with the original on it.",
 )
-@click.option("--thresholds", default="0,0.01,0.02,0.05,0.1,0.2", show_default=True)
+@click.option("--thresholds", default=None, help="Comma-separated.  [default: 0,0.01,0.02,0.05,0.1,0.2]")
+@click.option(
+    "--budgets",
+    default=None,
+    help="Comma-separated parameter budgets, as prune --budget: a row each at the lowest threshold that "
+    "keeps at most that fraction (with or instead of --thresholds).",
+)
 @click.option(
     "--calib", type=click.Path(), default=None, help=CALIB_HELP + " Default with --data: --count train images."
 )
@@ -704,7 +710,7 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Default: MODEL.sweep.json.")
 @click.option("--png", type=click.Path(), default=None, help="Default: MODEL.sweep.png.")
 @friendly
-def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, csv_path, json_path, png):
+def sweep_cmd(model, data, thresholds, budgets, calib, count, limit, no_refit, latency, csv_path, json_path, png):
     """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency).
 
     A model of other inputs than CIFAR-10 images takes its own labelled test set (--data FILE.npz,
@@ -719,7 +725,13 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
     from hwtool.sweep import csv_bytes, json_bytes, quality, sweep
 
-    ths = _floats(thresholds, "--thresholds")
+    if thresholds is None and budgets is None:
+        thresholds = "0,0.01,0.02,0.05,0.1,0.2"
+    ths = _floats(thresholds, "--thresholds") if thresholds is not None else ()
+    buds = _floats(budgets, "--budgets") if budgets is not None else ()
+    for b in buds:
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"--budgets: {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
     proto = load_model(model)
     stem = Path(model).with_suffix("")
     csv_path = csv_path if csv_path is not None else f"{stem}.sweep.csv"
@@ -741,6 +753,7 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
             config=PruneConfig(refit=not no_refit),
             latency=latency,
             on_progress=bar.staged,
+            budgets=buds,
         )
     out.print(sweep_table(rows, model))
     measure = quality(rows)
@@ -751,6 +764,7 @@ def sweep_cmd(model, data, thresholds, calib, count, limit, no_refit, latency, c
         "test_samples": None if test is None else len(test),
         "calibration": calib or f"{count} train images",
         "measure": measure,
+        "budgets": list(buds),
     }
     plot_rows = [{"threshold": r.threshold, measure: getattr(r, measure), "bytes": r.bytes} for r in rows[1:]]
     title = f"{Path(model).name}: {measure.replace('_', ' ')} and size vs gate threshold"

@@ -130,7 +130,8 @@ def plain_table(title: str, caption: str | None = None) -> Table:
 
 
 def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
-    """A rich table of SweepRows, one per threshold (the original first); it fits 80 columns."""
+    """A rich table of SweepRows, one per threshold (the original first; a row pruned to a budget
+    shows the threshold found and '≤' the budget); it fits 80 columns."""
     from hwtool.sweep import quality
 
     measure = quality(rows)
@@ -146,7 +147,11 @@ def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     for r in rows:
         value = getattr(r, measure)
         table.add_row(
-            "original" if r.threshold is None else f"{r.threshold:g}",
+            "original"
+            if r.threshold is None
+            else f"{r.threshold:g}"
+            if r.budget is None
+            else f"{r.threshold:.3g} ≤{r.budget:.0%}",
             f"{r.kept_channels}/{r.channels}",
             f"{r.parameters:,}",
             f"{r.bytes / 1e6:.2f}",

@@ -34,6 +34,7 @@ class SweepRow:
     p50_ms_batch1: float | None = None
     p50_ms_batch64: float | None = None
     agreement: float | None = None  # top-1 agreement with the original on the calibration inputs (N x classes)
+    budget: float | None = None  # the parameter budget this row's threshold was chosen for (`prune --budget`)
 
 
 def sweep(
@@ -47,18 +48,26 @@ def sweep(
     latency: bool = False,
     latency_runs: int = 30,
     on_progress=None,
+    budgets: tuple[float, ...] = (),
 ) -> list[SweepRow]:
-    """Prune at each threshold with one shared gate measurement; the first row is the original.
+    """Prune at each threshold with one shared gate measurement; the first row is the original, the
+    others follow by threshold.
     `model` is an ONNX file or one already loaded. With `data` each row has its test accuracy:
     CIFAR-10 (calibrated on `calib_count` training images unless `calib` is given), a labelled
     test set .npz of the model's own inputs (`evaluate.load_test_set`), or a `TestSet` already
     loaded; `calib` is required but for CIFAR-10, so that the gates are never measured on the test
     samples. Without `data` (a model of other inputs, with
     `calib` in its own layout) the rows compare with the original on the calibration inputs only:
-    top-1 agreement and max abs error."""
+    top-1 agreement and max abs error. Each of `budgets` adds a row pruned at the lowest threshold
+    that keeps at most that fraction of the parameters (`PruneConfig.budget`)."""
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
+    for b in budgets:
+        if not 0.0 < b <= 1.0:
+            raise ValueError(f"budget {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
+    if not thresholds and not budgets:
+        raise ValueError("give at least one threshold or budget")
     if data is None and calib is None:
         raise ValueError(
             "sweep needs --data PATH (CIFAR-10 or a labelled .npz: test accuracy) or --calib FILE.npy/.npz "
@@ -107,31 +116,36 @@ def sweep(
         )
     ]
     models = [given]
-    for t in thresholds:
+    settings = [replace(config, threshold=t) for t in thresholds] + [replace(config, budget=b) for b in budgets]
+    for cfg in settings:
         pruned, rep = prune(
             original,
-            t,
+            cfg.threshold,
             calib=calib,
-            config=replace(config, threshold=t),
+            config=cfg,
             gate_stats=stats,
             reference=ref,
             on_progress=on_progress,
             blocks=blocks,
         )
+        name = f"{cfg.threshold}" if cfg.budget is None else f"budget {cfg.budget:.0%}"
         rows.append(
             SweepRow(
-                t,
+                rep.threshold,
                 sum(b.kept for b in rep.blocks),
                 channels,
                 rep.params_after,
                 rep.bytes_after,
                 rep.flops_after,
-                accuracy(pruned, f"accuracy at {t}"),
+                accuracy(pruned, f"accuracy at {name}"),
                 rep.max_abs_error,
                 agreement=rep.top1_agreement,
+                budget=cfg.budget,
             )
         )
         models.append(pruned)
+    order = [0, *sorted(range(1, len(rows)), key=lambda i: (rows[i].threshold, rows[i].budget is not None))]
+    rows, models = [rows[i] for i in order], [models[i] for i in order]
     if latency:
         # symbolic input dims (a sequence length) are timed at the calibration inputs' sizes
         rows = _with_latency(rows, models, latency_runs, tuple(symbolic_sizes(given, calib).items()))

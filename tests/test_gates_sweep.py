@@ -129,6 +129,33 @@ def test_sweep_writes_csv_json_png(model_files, tmp_path, cifar_path):
         assert im.size[0] > 300 and im.size[1] > 200
 
 
+def test_sweep_budgets_give_the_rows_prune_budget_gives(model_files, tmp_path):
+    """--budgets adds a row per budget at the threshold `prune --budget` finds, within the budget;
+    the rows follow by threshold; bad budgets are one-line errors that write nothing."""
+    from cli_errors import one_line_error
+
+    a, _, calib = model_files
+    out = ["--csv", tmp_path / "sw.csv", "--json", tmp_path / "sw.json", "--png", tmp_path / "sw.png"]
+    res = _cli(["sweep", a, "--calib", calib, "--thresholds", "0.3", "--budgets", "0.5,0.8", *out])
+    assert res.exit_code == 0, res.output
+    assert "≤50%" in res.output and "≤80%" in res.output  # the table names each row's budget
+    swept = json.loads((tmp_path / "sw.json").read_text())
+    rows = swept["rows"]
+    assert swept["budgets"] == [0.5, 0.8] and [r["budget"] for r in rows].count(None) == 2
+    assert [r["threshold"] for r in rows[1:]] == sorted(r["threshold"] for r in rows[1:])
+    total = rows[0]["parameters"]
+    for budget in (0.5, 0.8):
+        (row,) = [r for r in rows if r["budget"] == budget]
+        assert row["parameters"] <= budget * total
+        res = _cli(["prune", a, "--budget", budget, "--calib", calib, "-o", tmp_path / "p.onnx", "--json"])
+        pruned = json.loads(res.stdout)
+        assert (row["threshold"], row["parameters"]) == (pruned["threshold"], pruned["params_after"])
+    for bad, needle in (("0", "is not a fraction in (0, 1]"), ("0.5,x", "not a comma-separated list")):
+        res = _cli(["sweep", a, "--calib", calib, "--budgets", bad, "--json", tmp_path / "bad.json"])
+        assert needle in one_line_error(res)
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_sweep_rejects_bad_thresholds(model_files, cifar_path, tmp_path):
     a, _, calib = model_files
     res = _cli(

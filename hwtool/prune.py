@@ -582,10 +582,11 @@ def prune(
     on_progress=None,
     reference: list[np.ndarray] | None = None,
     blocks: list[Block] | None = None,
+    budget: float | None = None,
 ) -> tuple[onnx.ModelProto, PruneReport]:
-    """Prune every highway block's low-gate channels; returns (pruned model, report). With
-    config.budget set, the threshold is instead the lowest gate level whose model keeps at most
-    that fraction of the parameters (`_prune_to_budget`).
+    """Prune every highway block's low-gate channels; returns (pruned model, report). With a
+    budget (here or in config), the threshold is instead the lowest gate level whose model keeps
+    at most that fraction of the parameters (`_prune_to_budget`).
 
     calib: calibration inputs in the model's input layout: one array (float32, or integers for an
     integer input), or for a model of several inputs one per input name (a dict or `Inputs`). They give the gate means
@@ -599,6 +600,8 @@ def prune(
         calib = Inputs(calib)
     if config is not None and threshold != cfg.threshold:
         cfg = replace(cfg, threshold=threshold)
+    if budget is not None:
+        cfg = replace(cfg, budget=budget)
     if not 0.0 <= cfg.threshold <= 1.0:
         raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; gates are sigmoids")
     if cfg.budget is not None and not 0.0 < cfg.budget <= 1.0:

@@ -652,6 +652,8 @@ def test_a_budget_is_met_at_the_lowest_gate_level_that_meets_it(spec):
         _, lower = prune(model, levels[i - 1], calib=x, config=PruneConfig(refit=False))
         assert lower.params_after > budget * total, (budget, report.threshold)
     assert any(b.kept == 0 for b in report.blocks)  # 20% takes whole blocks
+    _, same = prune(model, calib=x, budget=0.2)  # the keyword, as from `hwtool.prune(..., budget=...)`
+    assert (same.threshold, same.params_after, same.budget) == (report.threshold, report.params_after, 0.2)
     with pytest.raises(ValueError, match="cannot be met"):
         prune(model, calib=x, config=PruneConfig(budget=0.001))
 

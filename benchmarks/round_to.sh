@@ -3,11 +3,14 @@
 # model: ONNX Runtime's blocked convolution kernels work on 8 or 16 channels at a time, so odd
 # widths waste lanes. Latency against the default prune (`--round-to 1`) in one interleaved run.
 #
-#   bash benchmarks/round_to.sh
+#   bash benchmarks/round_to.sh [DATA]
 #
-# Writes runs/reference.round{8,16}.onnx (not shipped) and
-# benchmarks/results/round_to-{prune8,prune16,bench}.json, which the README quotes.
+# Then at most 10% of the parameters with widths of 8 (`--budget 0.1 --round-to 8`) and its accuracy.
+# Writes runs/reference.round{8,16}.onnx, runs/reference.budget10round8.onnx (not shipped) and
+# benchmarks/results/round_to-{prune8,prune16,bench,budget10-prune,budget10-eval}.json, which the
+# README quotes.
 set -euo pipefail
+data=${1:-../shared/data/cifar10-jpeg.tar.gz}
 hw=${HWTOOL:-hwtool}
 res=benchmarks/results
 mkdir -p "$res" runs
@@ -18,3 +21,6 @@ for r in 8 16; do
 done
 $hw bench models/reference.onnx models/reference.pruned.onnx runs/reference.round8.onnx runs/reference.round16.onnx \
     --batch 1,64 --runs 60 --json "$res/round_to-bench.json"
+$hw prune models/reference.onnx --budget 0.1 --round-to 8 --calib models/calib256.npy \
+    -o runs/reference.budget10round8.onnx --json > "$res/round_to-budget10-prune.json"
+$hw eval runs/reference.budget10round8.onnx --data "$data" --json > "$res/round_to-budget10-eval.json"

@@ -36,7 +36,7 @@ from hwtool.runtime import (
     load_model,
     make_session,
     model_bytes,
-    run_batched,
+    run_all,
 )
 
 TARGETS = ("portable", "arm", "amd64")
@@ -288,7 +288,7 @@ def convert_to_float16(
     ref = make_session(model)
     new = make_session(converted)
     x = _as_samples(random_feed(ref)) if calib is None else calib
-    want, got = _outputs(ref, x), _outputs(new, x)
+    want, got = run_all(ref, x, 64), run_all(new, x, 64)
     samples, source = len(x), ("random" if calib is None else calib_source or "calibration")
     floats = [(a, b) for a, b in zip(want, got) if a.dtype.kind == "f" and a.size]
     diff = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in floats), default=0.0)
@@ -320,9 +320,3 @@ def _as_samples(feed: dict[str, np.ndarray]) -> Samples:
     from hwtool.runtime import Inputs
 
     return next(iter(feed.values())) if len(feed) == 1 else Inputs(feed)
-
-
-def _outputs(sess: ort.InferenceSession, x: Samples, batch: int = 64) -> list[np.ndarray]:
-    """Every output of the session on x, batch by batch, joined."""
-    parts = [out for _, out in run_batched(sess, x, batch)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]

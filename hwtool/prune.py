@@ -44,7 +44,7 @@ from hwtool.runtime import (
     input_specs,
     load_model,
     make_session,
-    run_batched,
+    run_all,
     symbolic_sizes,
 )
 
@@ -796,13 +796,7 @@ def _prune_at(
 
 def _run_outputs(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=None) -> list[np.ndarray]:
     """Each of the model's outputs on all of x."""
-    sess = make_session(model, threads=cfg.threads)
-    names = [o.name for o in sess.get_outputs()]
-    outs: list[list[np.ndarray]] = [[] for _ in names]
-    for _, res in run_batched(sess, x, cfg.batch, outputs=names, on_batch=on_batch):
-        for o, r in zip(outs, res):
-            o.append(r)
-    return [np.concatenate(o) for o in outs]
+    return run_all(make_session(model, threads=cfg.threads), x, cfg.batch, on_batch=on_batch)
 
 
 def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float, float, float | None]:

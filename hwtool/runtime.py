@@ -243,6 +243,14 @@ def run_batched(sess: ort.InferenceSession, x: Samples, batch: int, outputs: lis
         yield i, res
 
 
+def run_all(
+    sess: ort.InferenceSession, x: Samples, batch: int, outputs: list[str] | None = None, on_batch=None
+) -> list[np.ndarray]:
+    """Each output of the session (or each of `outputs`) on all of x, run in batches and joined."""
+    parts = [res for _, res in run_batched(sess, x, batch, outputs=outputs, on_batch=on_batch)]
+    return [np.concatenate([res[i] for res in parts]) for i in range(len(parts[0]))]
+
+
 def _chmod_like_new(path: str) -> None:
     """Give a mkstemp file (0600) the mode a plain open() would have given it."""
     umask = os.umask(0)

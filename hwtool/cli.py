@@ -556,7 +556,12 @@ def _calib_options(fn):
 )
 @_calib_options
 @click.option("-o", "--output", type=click.Path(), default=None, help="Default: MODEL.pruned.onnx.")
-@click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit of kept gates.")
+@click.option("--no-refit", is_flag=True, help="The paper's plain drop: no least-squares refit at all.")
+@click.option(
+    "--refit-gates-only",
+    is_flag=True,
+    help="Refit the kept gates only, not the transforms whose input the pruning upstream moved.",
+)
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option(
     "--write-back",
@@ -592,6 +597,7 @@ def prune_cmd(
     split,
     output,
     no_refit,
+    refit_gates_only,
     no_simplify,
     write_back,
     round_to,
@@ -611,6 +617,8 @@ def prune_cmd(
     if budget is not None and not 0.0 < budget <= 1.0:
         raise ValueError(f"--budget {budget} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
     threshold = 0.05 if threshold is None else threshold
+    if no_refit and refit_gates_only:
+        raise ValueError("pass either --no-refit or --refit-gates-only, not both")
     src = Path(model)
     proto = load_model(src)
     dst = output if output is not None else str(src.with_name(src.stem + ".pruned.onnx"))
@@ -619,6 +627,7 @@ def prune_cmd(
     cfg = PruneConfig(
         threshold=threshold,
         refit=not no_refit,
+        refit_transforms=not refit_gates_only,
         simplify=not no_simplify,
         write_back=write_back,
         round_to=round_to,
@@ -705,12 +714,15 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop.")
+@click.option("--refit-gates-only", is_flag=True, help="Refit the kept gates only, as prune --refit-gates-only.")
 @click.option("--latency", is_flag=True, help="Also measure ORT CPU latency (batch 1 and 64).")
 @click.option("--csv", "csv_path", type=click.Path(), default=None, help="Default: MODEL.sweep.csv.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Default: MODEL.sweep.json.")
 @click.option("--png", type=click.Path(), default=None, help="Default: MODEL.sweep.png.")
 @friendly
-def sweep_cmd(model, data, thresholds, budgets, calib, count, limit, no_refit, latency, csv_path, json_path, png):
+def sweep_cmd(
+    model, data, thresholds, budgets, calib, count, limit, no_refit, refit_gates_only, latency, csv_path, json_path, png
+):
     """Prune MODEL at each threshold and tabulate accuracy, size, FLOPs (and latency).
 
     A model of other inputs than CIFAR-10 images takes its own labelled test set (--data FILE.npz,
@@ -725,6 +737,8 @@ def sweep_cmd(model, data, thresholds, budgets, calib, count, limit, no_refit, l
     from hwtool.runtime import atomic_write_files, check_outputs, load_model
     from hwtool.sweep import csv_bytes, json_bytes, quality, sweep
 
+    if no_refit and refit_gates_only:
+        raise ValueError("pass either --no-refit or --refit-gates-only, not both")
     if thresholds is None and budgets is None:
         thresholds = "0,0.01,0.02,0.05,0.1,0.2"
     ths = _floats(thresholds, "--thresholds") if thresholds is not None else ()
@@ -750,7 +764,7 @@ def sweep_cmd(model, data, thresholds, budgets, calib, count, limit, no_refit, l
             calib=x,
             calib_count=count,
             limit=limit,
-            config=PruneConfig(refit=not no_refit),
+            config=PruneConfig(refit=not no_refit, refit_transforms=not refit_gates_only),
             latency=latency,
             on_progress=bar.staged,
             budgets=buds,
@@ -760,6 +774,7 @@ def sweep_cmd(model, data, thresholds, budgets, calib, count, limit, no_refit, l
     meta = {
         "model": str(model),
         "refit": not no_refit,
+        "refit_transforms": not no_refit and not refit_gates_only,
         "test": None if test is None else test.source,
         "test_samples": None if test is None else len(test),
         "calibration": calib or f"{count} train images",

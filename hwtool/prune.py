@@ -6,6 +6,14 @@ read the removed H channels, each block's kept gate conv is refitted (ridge leas
 its original weights) so that its pre-activations match the original's on the already-pruned
 network's own activations, block by block. A gate that reads the block's input instead of H (the
 original highway design) loses only the removed channels' rows, and needs no refit.
+
+Past the channels whose gates are off, a pruned block's output moves (its removed channels now
+carry x where the mix added a little of H), and with it the input of every block after it. So
+each transform conv whose input has moved is refitted too (ridge least squares, its kept rows, on
+the pruned network's input against the unpruned network's response), and the kept gates are then
+fitted to the unpruned network's gate pre-activations: block by block, the pruned network is
+pulled back toward the original. A block whose input has not moved (only switched-off channels
+went before it) is left as it was, so such a prune stays exact.
 """
 
 from __future__ import annotations
@@ -67,6 +75,9 @@ class PruneConfig:
     # (benchmarks/results/fc_highway.json).
     write_back: str = "auto"
     round_to: int = 1  # keep a multiple of this many channels per block (next-highest gates fill up)
+    # With refit: also refit each transform conv whose input the pruning upstream has moved, so
+    # that it gives the unpruned network's response again (False: the kept gates only).
+    refit_transforms: bool = True
     # Keep at most this fraction of the model's parameters: the threshold becomes the lowest gate
     # level whose prune fits (`gate_levels`), in place of `threshold`. None: prune at `threshold`.
     budget: float | None = None
@@ -89,6 +100,10 @@ class BlockReport:
     gate_error_naive: float | None  # RMS error of the kept gates (T, after the activation) with removed inputs dropped
     gate_error_refit: float | None  # the same after the least-squares refit
     note: str = ""
+    # RMS error of the kept transform rows' response against the unpruned network's, relative to its
+    # RMS, before and after their refit (None: the block's input had not moved, or no refit)
+    transform_error_naive: float | None = None
+    transform_error_refit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -263,16 +278,18 @@ class _Runner:
 # the least-squares refit of a kept gate conv
 
 
-def _patches(h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: list[int]) -> np.ndarray:
-    """im2col at sampled positions plus a column of ones for the bias:
+def _patches(
+    h: np.ndarray, rows: np.ndarray, kernel: tuple[int, int], pads: list[int], strides: tuple[int, int] = (1, 1)
+) -> np.ndarray:
+    """im2col at sampled output positions plus a column of ones for the bias:
     h (N, C, H, W), rows (R, 3) of (n, i, j) -> float64 (R, C*kh*kw + 1).
 
     Reads h in place (no padded copy): taps that fall in the zero padding are masked to zero.
     """
     kh, kw = kernel
     _, c, hh, ww = h.shape
-    i = rows[:, 1][:, None, None] + np.arange(kh)[None, :, None] - pads[0]  # (R, kh, 1)
-    j = rows[:, 2][:, None, None] + np.arange(kw)[None, None, :] - pads[1]  # (R, 1, kw)
+    i = rows[:, 1][:, None, None] * strides[0] + np.arange(kh)[None, :, None] - pads[0]  # (R, kh, 1)
+    j = rows[:, 2][:, None, None] * strides[1] + np.arange(kw)[None, None, :] - pads[1]  # (R, 1, kw)
     inside = (i >= 0) & (i < hh) & (j >= 0) & (j < ww)  # (R, kh, kw)
     taps = h[rows[:, 0][:, None, None], :, np.clip(i, 0, hh - 1), np.clip(j, 0, ww - 1)]  # (R, kh, kw, C)
     out = np.empty((len(rows), c * kh * kw + 1))
@@ -320,6 +337,54 @@ def refit_gate(
     w_new = theta[:-1].T.reshape(k, k, kh, kw).astype(weight.dtype)
     b_new = theta[-1].astype(bias.dtype)
     return w_new, b_new, err_naive, err_refit
+
+
+def _refit_transform(
+    layer: Affine,
+    x: np.ndarray,
+    target: np.ndarray,
+    kept: np.ndarray,
+    pads: list[int],
+    strides: list[int],
+    cfg: PruneConfig,
+):
+    """The transform layer's weight (out × in (× kernel)) and bias with its kept rows refitted by
+    ridge least squares to give the unpruned network's response `target` from the pruned network's
+    input `x` (sampled output positions; the ridge pulls toward the current weights), and (relative
+    RMS error before, after) on the kept rows. Removed rows are left as they are (they go)."""
+    xs, ts, ws = _as_2d(layer, x, target, layer.weight)
+    n, _, hh, ww = ts.shape
+    kh, kw = ws.shape[2:]
+    rng = np.random.default_rng(cfg.seed)
+    total = n * hh * ww
+    pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
+    rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+    z = ts[rows[:, 0], :, rows[:, 1], rows[:, 2]][:, kept].astype(np.float64)
+    feats = _patches(np.ascontiguousarray(xs), rows, (kh, kw), pads, tuple(strides))
+    bias = layer.bias if layer.bias is not None else np.zeros(ws.shape[0], dtype=ws.dtype)
+    theta0 = np.concatenate([ws[kept].reshape(len(kept), -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
+    gram = feats.T @ feats
+    alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
+    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), feats.T @ z + alpha * theta0)
+    scale = float(np.sqrt(np.mean(z**2))) or 1.0
+    err_naive = float(np.sqrt(np.mean((feats @ theta0 - z) ** 2))) / scale
+    err_refit = float(np.sqrt(np.mean((feats @ theta - z) ** 2))) / scale
+    if err_refit > err_naive:  # never worse than the weights as they were
+        theta, err_refit = theta0, err_naive
+    weight = layer.weight.copy()
+    weight[kept] = theta[:-1].T.reshape(len(kept), *layer.weight.shape[1:]).astype(weight.dtype)
+    new_bias = bias.copy()
+    new_bias[kept] = theta[-1].astype(bias.dtype)
+    return weight, new_bias, (err_naive, err_refit)
+
+
+def _moved(now: np.ndarray, before: np.ndarray) -> bool:
+    """Whether activations differ from the unpruned network's by more than float rounding (as
+    pruning only channels whose gates are off leaves them): by more than 10 steps of their float
+    type's precision (1e-4 at least) relative to their largest magnitude."""
+    tolerance = max(1e-4, 10 * float(np.finfo(now.dtype).eps)) if now.dtype.kind == "f" else 0.0
+    scale = float(np.max(np.abs(before))) if before.size else 0.0
+    return bool(np.max(np.abs(now.astype(np.float64) - before)) > tolerance * max(scale, 1e-12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,24 +610,37 @@ def kept_channels(means: np.ndarray, threshold: float, round_to: int = 1) -> np.
 def _gate_conv_geometry(g: Graph, layer: Affine) -> list[int] | None:
     """Pads of a gate layer seen as a 2-D conv (`_as_2d`), if the refit supports it: a fully
     connected layer, or a 1-D or 2-D conv with stride 1, no dilation and no groups."""
+    geometry = _conv_geometry(g, layer)
+    return None if geometry is None or geometry[1] != [1, 1] else geometry[0]
+
+
+def _conv_geometry(g: Graph, layer: Affine) -> tuple[list[int], list[int]] | None:
+    """(pads, strides) of a layer seen as a 2-D conv (`_as_2d`), if a least-squares refit supports
+    it: a fully connected layer, or a 1-D or 2-D conv with no dilation and no groups (strided only
+    with explicit pads: SAME padding then depends on the input size)."""
     if layer.kind == "linear":
-        return [0, 0, 0, 0]
+        return [0, 0, 0, 0], [1, 1]
     conv = g.producer[layer.node]
     rank = layer.weight.ndim - 2
     if rank > 2 or layer.group != 1:
         return None
     ones = [1] * rank
-    if list(attr(conv, "strides", ones)) != ones or list(attr(conv, "dilations", ones)) != ones:
+    strides = list(attr(conv, "strides", ones))
+    if list(attr(conv, "dilations", ones)) != ones:
         return None
     auto = attr(conv, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     kernel = layer.weight.shape[2:]
     if auto in ("SAME_UPPER", "SAME_LOWER"):  # the odd one of a padding goes at the end (upper) or the start
+        if strides != ones:
+            return None
         begin = [(k - 1) // 2 if auto == "SAME_UPPER" else k // 2 for k in kernel]
         pads = begin + [k - 1 - b for k, b in zip(kernel, begin)]
     else:
         pads = list(attr(conv, "pads", [0] * 2 * rank))
-    return pads if rank == 2 else [0, pads[0], 0, pads[1]]
+    if rank == 2:
+        return pads, strides
+    return [0, pads[0], 0, pads[1]], [1, strides[0]]
 
 
 def _as_2d(layer: Affine, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -696,12 +774,32 @@ def _prune_at(
     model.CopyFrom(original)
     ed = _Editor(model)
     runner = _Runner(model, calib[: cfg.refit_images], cfg.batch, cfg.threads) if cfg.refit else None
+    reference_runner = None
+    if runner is not None and cfg.refit_transforms:
+        unpruned = onnx.ModelProto()
+        unpruned.CopyFrom(original)
+        reference_runner = _Runner(unpruned, calib[: cfg.refit_images], cfg.batch, cfg.threads)
     reports: list[BlockReport] = []
     refit_seconds = 0.0
     for block, means in zip(blocks, gate_stats.means):
         kept = kept_channels(means, cfg.threshold, cfg.round_to)
         before = _block_params(ed.graph, block)
         note = ""
+        gate_target = transform_errors = None
+        if reference_runner is not None:
+            ts = time.perf_counter()
+            transform = affine(ed.graph, block.transform_conv)
+            names = [block.transform_conv, block.gate_conv, transform.input, block.output]
+            want, gate_target, x_ref, y_ref = reference_runner.compute(names)
+            reference_runner.keep_only({block.output: y_ref})
+            (x_now,) = runner.compute([transform.input])
+            runner.remember({transform.input: x_now})
+            geometry = _conv_geometry(ed.graph, transform)
+            if len(kept) and geometry is not None and _moved(x_now, x_ref):
+                w, b, transform_errors = _refit_transform(transform, x_now, want, kept, *geometry, cfg)
+                _set_layer(ed, transform, w, b, f"hw{block.index}_refit")
+                runner.model = ed.model
+            refit_seconds += time.perf_counter() - ts
         if len(kept) == block.width:
             reports.append(
                 BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None)
@@ -736,6 +834,7 @@ def _prune_at(
                 inputs = list(dict.fromkeys([affine(ed.graph, block.transform_conv).input, block.carry]))
                 h, z, *known = runner.compute([block.transform, block.gate_conv, *inputs])
                 runner.remember(dict(zip(inputs, known)))
+                z = z if gate_target is None else gate_target  # the unpruned network's, when known
                 gate_w, gate_b, err_naive, err_refit = refit_gate(
                     *_as_2d(gate, h, z, weight), bias, kept, pads, cfg, partial(gate_response, block)
                 )
@@ -749,8 +848,11 @@ def _prune_at(
             runner.keep_only({block.output: y})
             refit_seconds += time.perf_counter() - ts
         after = _block_params(ed.graph, block) if len(kept) else 0
+        errors = transform_errors or (None, None)
         reports.append(
-            BlockReport(block.index, block.spelling, block.width, len(kept), before, after, err_naive, err_refit, note)
+            BlockReport(
+                block.index, block.spelling, block.width, len(kept), before, after, err_naive, err_refit, note, *errors
+            )
         )
     model = cleanup(ed.model)
     timings["refit"] = refit_seconds

@@ -151,7 +151,7 @@ def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
             if r.threshold is None
             else f"{r.threshold:g}"
             if r.budget is None
-            else f"{r.threshold:.3g} ≤{r.budget:.0%}",
+            else f"{r.threshold:.3g} ≤{r.budget * 100:g}%",
             f"{r.kept_channels}/{r.channels}",
             f"{r.parameters:,}",
             f"{r.bytes / 1e6:.2f}",

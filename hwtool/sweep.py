@@ -128,7 +128,7 @@ def sweep(
             on_progress=on_progress,
             blocks=blocks,
         )
-        name = f"{cfg.threshold}" if cfg.budget is None else f"budget {cfg.budget:.0%}"
+        name = f"{cfg.threshold}" if cfg.budget is None else f"budget {cfg.budget * 100:g}%"
         rows.append(
             SweepRow(
                 rep.threshold,

@@ -556,6 +556,61 @@ def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
     np.testing.assert_allclose(x[:, :-1] @ w2.reshape(3, -1).T, z2.transpose(0, 2, 3, 1).reshape(-1, 3), atol=1e-5)
 
 
+@pytest.mark.parametrize("strides", [(2, 2), (1, 2)])
+@pytest.mark.parametrize("kernel", [(3, 3), (4,)], ids=["2-D", "1-D"])
+def test_the_transform_refit_reads_a_strided_conv_as_ort_computes_it(kernel, strides):
+    """A transform conv may be strided (the first block of a stage): patches taken at its output
+    positions with its strides and explicit pads, times its weights, give ORT's conv output."""
+    from hwtool.graph import Graph
+    from hwtool.patterns import affine
+    from hwtool.prune import _as_2d, _conv_geometry, _gate_conv_geometry, _patches
+
+    rng = np.random.default_rng(1)
+    h = rng.random((2, 3, *(9, 8)[-len(kernel) :]), dtype=np.float32)
+    w = rng.standard_normal((4, 3, *kernel)).astype(np.float32)
+    stride = list(strides[-len(kernel) :])
+    conv = onnx.helper.make_node("Conv", ["h", "w"], ["z"], pads=[1] * 2 * len(kernel), strides=stride)
+    graph = onnx.helper.make_graph(
+        [conv],
+        "g",
+        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, list(h.shape))],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    z = run(model, h)
+    layer = affine(Graph(model), "z")
+    pads, steps = _conv_geometry(Graph(model), layer)
+    assert _gate_conv_geometry(Graph(model), layer) is None  # a gate conv stays stride 1
+    h2, z2, w2 = _as_2d(layer, h, z, w)
+    rows = np.stack(np.unravel_index(np.arange(z2[:, 0].size), z2[:, 0].shape), axis=1)
+    x = _patches(h2, rows, w2.shape[2:], pads, tuple(steps))
+    np.testing.assert_allclose(x[:, :-1] @ w2.reshape(4, -1).T, z2.transpose(0, 2, 3, 1).reshape(-1, 4), atol=1e-5)
+
+
+def test_the_transform_refit_restores_what_pruning_upstream_moved(cifar):
+    """Past the channels whose gates are off, a pruned block changes what the next blocks read;
+    refitting their transforms to the unpruned response (the default) brings the output and the
+    test accuracy back closer than refitting the kept gates alone, block by block as reported;
+    a block whose input did not move is not refitted."""
+    models = Path(__file__).resolve().parent.parent / "models"
+    model = onnx.load(models / "small-gated.onnx")
+    x = np.load(models / "calib256.npy")
+    test = cifar["test"].head(1000)
+    from hwtool.evaluate import accuracy_onnx
+
+    both, full = prune(model, 0.02, calib=x)
+    gates, only = prune(model, 0.02, calib=x, config=PruneConfig(refit_transforms=False))
+    assert [b.kept for b in full.blocks] == [b.kept for b in only.blocks]
+    assert full.max_abs_error < only.max_abs_error and full.top1_agreement > only.top1_agreement
+    assert accuracy_onnx(both, test)[0] > accuracy_onnx(gates, test)[0]
+    assert all(b.transform_error_naive is None for b in only.blocks)
+    first = next(i for i, b in enumerate(full.blocks) if b.kept < b.width)
+    assert all(b.transform_error_naive is None for b in full.blocks[: first + 1])  # nothing moved yet
+    refitted = [b for b in full.blocks[first + 1 :] if b.transform_error_naive is not None]
+    assert refitted and all(b.transform_error_refit < b.transform_error_naive for b in refitted)
+
+
 def test_round_to_fills_up_with_the_highest_gates():
     from hwtool.prune import kept_channels
 
@@ -696,3 +751,19 @@ def test_cli_budget_picks_the_lowest_threshold_that_fits(tmp_path):
         res = _cli(["prune", src, *args, "--calib", calib, "-o", tmp_path / "bad.onnx"])
         assert needle in one_line_error(res), args
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_cli_refit_gates_only(tmp_path):
+    models = Path(__file__).resolve().parent.parent / "models"
+    src, calib = models / "small-gated.onnx", models / "calib256.npy"
+    runs = {}
+    for flag in ([], ["--refit-gates-only"]):
+        res = _cli(["prune", src, "--threshold", "0.02", "--calib", calib, "-o", tmp_path / "p.onnx", "--json", *flag])
+        assert res.exit_code == 0, res.output
+        runs[bool(flag)] = json.loads(res.stdout)
+    assert all(b["transform_error_naive"] is None for b in runs[True]["blocks"])
+    assert any(b["transform_error_naive"] is not None for b in runs[False]["blocks"])
+    assert runs[False]["max_abs_error"] < runs[True]["max_abs_error"]
+    res = _cli(["prune", src, "--no-refit", "--refit-gates-only", "-o", tmp_path / "q.onnx"])
+    assert "pass either --no-refit or --refit-gates-only" in one_line_error(res)
+    assert not (tmp_path / "q.onnx").exists()

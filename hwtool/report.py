@@ -79,6 +79,14 @@ def prune_tables(report: PruneReport) -> list[Table]:
     else:
         below.append("mix " + "; ".join(f"{chr(97 + i)}: {m}" for i, m in enumerate(spellings)))
     below += [f"block {b.index}: {b.note}" for b in report.blocks if b.note]
+    moved = [b for b in report.blocks if b.transform_error_naive is not None]
+    if moved:
+        naive = sum(b.transform_error_naive for b in moved) / len(moved)
+        refit = sum(b.transform_error_refit for b in moved) / len(moved)
+        below.append(
+            f"transforms refitted in {len(moved)} blocks whose input pruning moved: relative error "
+            f"{naive:.3f} -> {refit:.3f} (mean)"
+        )
     blocks = Table(title=title, caption="\n".join(below) or None, caption_justify="left")
     columns = ["block", *(["mix"] if len(spellings) > 1 else []), "width", "kept", "params\nbefore"]
     for col in (*columns, "params\nafter", "gate err\nplain", "gate err\nrefit"):

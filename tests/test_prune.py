@@ -764,6 +764,9 @@ def test_cli_refit_gates_only(tmp_path):
     assert all(b["transform_error_naive"] is None for b in runs[True]["blocks"])
     assert any(b["transform_error_naive"] is not None for b in runs[False]["blocks"])
     assert runs[False]["max_abs_error"] < runs[True]["max_abs_error"]
+    moved = [b for b in runs[False]["blocks"] if b["transform_error_naive"] is not None]
+    res = _cli(["prune", src, "--threshold", "0.02", "--calib", calib, "-o", tmp_path / "p.onnx"])
+    assert f"transforms refitted in {len(moved)} blocks whose input pruning moved" in " ".join(res.stdout.split())
     res = _cli(["prune", src, "--no-refit", "--refit-gates-only", "-o", tmp_path / "q.onnx"])
     assert "pass either --no-refit or --refit-gates-only" in one_line_error(res)
     assert not (tmp_path / "q.onnx").exists()

@@ -788,27 +788,36 @@ def _prune_at(
         gate_target = transform_errors = None
         if reference_runner is not None:
             ts = time.perf_counter()
+            # The pruned network has moved when what both runners hold (the network's inputs and
+            # the previous block's output) differs by more than rounding. If not, this block is
+            # left to the gate refit alone, computed exactly as without the reference.
+            shared = runner.values.keys() & reference_runner.values.keys()
+            moved = any(_moved(runner.values[k], reference_runner.values[k]) for k in shared)
             transform = affine(ed.graph, block.transform_conv)
-            names = [block.transform_conv, block.gate_conv, transform.input, block.output]
-            want, gate_target, x_ref, y_ref = reference_runner.compute(names)
+            names = [block.transform_conv, block.gate_conv, block.output]
+            want, gate_ref, y_ref = reference_runner.compute(names)
             reference_runner.keep_only({block.output: y_ref})
-            (x_now,) = runner.compute([transform.input])
-            runner.remember({transform.input: x_now})
+            gate_target = gate_ref if moved else None  # else the pruned network's own, the same to rounding
             geometry = _conv_geometry(ed.graph, transform)
-            if len(kept) and geometry is not None and _moved(x_now, x_ref):
+            if len(kept) and geometry is not None and moved:
+                (x_now,) = runner.compute([transform.input])
+                runner.remember({transform.input: x_now})
                 w, b, transform_errors = _refit_transform(transform, x_now, want, kept, *geometry, cfg)
                 _set_layer(ed, transform, w, b, f"hw{block.index}_refit")
                 runner.model = ed.model
             refit_seconds += time.perf_counter() - ts
-        if len(kept) == block.width:
+        whole = len(kept) == block.width
+        if not whole and not block_is_self_contained(ed.graph, block):
+            whole, note = True, "left whole: H, T or the mix is read outside the block"
+        if whole:
+            if reference_runner is not None:  # both runners go on from this block's output
+                (y,) = runner.compute([block.output])
+                runner.keep_only({block.output: y})
+            errors = transform_errors or (None, None)
             reports.append(
-                BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None)
-            )
-            continue
-        if not block_is_self_contained(ed.graph, block):
-            note = "left whole: H, T or the mix is read outside the block"
-            reports.append(
-                BlockReport(block.index, block.spelling, block.width, block.width, before, before, None, None, note)
+                BlockReport(
+                    block.index, block.spelling, block.width, block.width, before, before, None, None, note, *errors
+                )
             )
             continue
         gate = affine(ed.graph, block.gate_conv)

@@ -761,6 +761,35 @@ def _prune_to_budget(
     return model, replace(report, budget=cfg.budget)
 
 
+def _follow_reference(
+    ed: _Editor, runner: _Runner, reference: _Runner, block: Block, kept: np.ndarray, cfg: PruneConfig
+) -> tuple[np.ndarray | None, tuple[float, float] | None]:
+    """Step the unpruned network's runner over `block`; if the pruned network has moved by then,
+    refit the block's transform (its kept rows) to the unpruned response. Returns the unpruned
+    gate pre-activations for the gate refit to aim at (None if nothing moved: the pruned
+    network's own are the same to rounding, and the block is computed exactly as without the
+    reference) and the transform's relative errors before and after (None if not refitted).
+
+    The pruned network has moved when what both runners hold (the network's inputs and the
+    previous block's output) differs by more than rounding."""
+    shared = runner.values.keys() & reference.values.keys()
+    moved = any(_moved(runner.values[k], reference.values[k]) for k in shared)
+    want, gate_ref, y_ref = reference.compute([block.transform_conv, block.gate_conv, block.output])
+    reference.keep_only({block.output: y_ref})
+    if not moved:
+        return None, None
+    transform = affine(ed.graph, block.transform_conv)
+    geometry = _conv_geometry(ed.graph, transform)
+    if not len(kept) or geometry is None:
+        return gate_ref, None
+    (x_now,) = runner.compute([transform.input])
+    runner.remember({transform.input: x_now})
+    weight, bias, errors = _refit_transform(transform, x_now, want, kept, *geometry, cfg)
+    _set_layer(ed, transform, weight, bias, f"hw{block.index}_refit")
+    runner.model = ed.model
+    return gate_ref, errors
+
+
 def _prune_at(
     measured: _Measured, cfg: PruneConfig, timings: dict[str, float], bar: Callable
 ) -> tuple[onnx.ModelProto, PruneReport]:
@@ -788,23 +817,7 @@ def _prune_at(
         gate_target = transform_errors = None
         if reference_runner is not None:
             ts = time.perf_counter()
-            # The pruned network has moved when what both runners hold (the network's inputs and
-            # the previous block's output) differs by more than rounding. If not, this block is
-            # left to the gate refit alone, computed exactly as without the reference.
-            shared = runner.values.keys() & reference_runner.values.keys()
-            moved = any(_moved(runner.values[k], reference_runner.values[k]) for k in shared)
-            transform = affine(ed.graph, block.transform_conv)
-            names = [block.transform_conv, block.gate_conv, block.output]
-            want, gate_ref, y_ref = reference_runner.compute(names)
-            reference_runner.keep_only({block.output: y_ref})
-            gate_target = gate_ref if moved else None  # else the pruned network's own, the same to rounding
-            geometry = _conv_geometry(ed.graph, transform)
-            if len(kept) and geometry is not None and moved:
-                (x_now,) = runner.compute([transform.input])
-                runner.remember({transform.input: x_now})
-                w, b, transform_errors = _refit_transform(transform, x_now, want, kept, *geometry, cfg)
-                _set_layer(ed, transform, w, b, f"hw{block.index}_refit")
-                runner.model = ed.model
+            gate_target, transform_errors = _follow_reference(ed, runner, reference_runner, block, kept, cfg)
             refit_seconds += time.perf_counter() - ts
         whole = len(kept) == block.width
         if not whole and not block_is_self_contained(ed.graph, block):

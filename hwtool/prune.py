@@ -10,7 +10,8 @@ original highway design) loses only the removed channels' rows, and needs no ref
 Past the channels whose gates are off, a pruned block's output moves (its removed channels now
 carry x where the mix added a little of H), and with it the input of every block after it. So
 each transform conv whose input has moved is refitted too (ridge least squares, its kept rows, on
-the pruned network's input against the unpruned network's response), and the kept gates are then
+the pruned network's input against the unpruned network's response), as is a carry projection
+reading the moved input (all its rows), and the kept gates are then
 fitted to the unpruned network's gate pre-activations: block by block, the pruned network is
 pulled back toward the original. A block whose input has not moved (only switched-off channels
 went before it) is left as it was, so such a prune stays exact.
@@ -104,6 +105,9 @@ class BlockReport:
     # RMS, before and after their refit (None: the block's input had not moved, or no refit)
     transform_error_naive: float | None = None
     transform_error_refit: float | None = None
+    # the same for a carry projection (a weighted layer computing the carry), all its rows refitted
+    carry_error_naive: float | None = None
+    carry_error_refit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -339,30 +343,35 @@ def refit_gate(
     return w_new, b_new, err_naive, err_refit
 
 
-def _refit_transform(
+def _refit_rows(
     layer: Affine,
     x: np.ndarray,
     target: np.ndarray,
-    kept: np.ndarray,
+    rows: np.ndarray,
     pads: list[int],
     strides: list[int],
     cfg: PruneConfig,
-):
-    """The transform layer's weight (out × in (× kernel)) and bias with its kept rows refitted by
-    ridge least squares to give the unpruned network's response `target` from the pruned network's
-    input `x` (sampled output positions; the ridge pulls toward the current weights), and (relative
-    RMS error before, after) on the kept rows. Removed rows are left as they are (they go)."""
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
+    """The layer's weight (out × in (× kernel)) and bias (None if it has none: none is added, so
+    that the parameter count stays what the budget search counted) with `rows` refitted by ridge
+    least squares to give the unpruned network's response `target` from the pruned network's input
+    `x` (at sampled output positions; the ridge pulls toward the current weights), and the
+    relative RMS error of those rows before and after. Other rows are left as they are."""
     xs, ts, ws = _as_2d(layer, x, target, layer.weight)
     n, _, hh, ww = ts.shape
     kh, kw = ws.shape[2:]
     rng = np.random.default_rng(cfg.seed)
     total = n * hh * ww
     pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
-    rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
-    z = ts[rows[:, 0], :, rows[:, 1], rows[:, 2]][:, kept].astype(np.float64)
-    feats = _patches(np.ascontiguousarray(xs), rows, (kh, kw), pads, tuple(strides))
-    bias = layer.bias if layer.bias is not None else np.zeros(ws.shape[0], dtype=ws.dtype)
-    theta0 = np.concatenate([ws[kept].reshape(len(kept), -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
+    at = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+    z = ts[at[:, 0], :, at[:, 1], at[:, 2]][:, rows].astype(np.float64)
+    feats = _patches(np.ascontiguousarray(xs), at, (kh, kw), pads, tuple(strides))
+    theta0 = ws[rows].reshape(len(rows), -1)
+    if layer.bias is not None:
+        theta0 = np.concatenate([theta0, layer.bias[rows][:, None]], axis=1)
+    else:
+        feats = feats[:, :-1]  # no bias column
+    theta0 = theta0.T.astype(np.float64)
     gram = feats.T @ feats
     alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
     theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), feats.T @ z + alpha * theta0)
@@ -372,10 +381,12 @@ def _refit_transform(
     if err_refit > err_naive:  # never worse than the weights as they were
         theta, err_refit = theta0, err_naive
     weight = layer.weight.copy()
-    weight[kept] = theta[:-1].T.reshape(len(kept), *layer.weight.shape[1:]).astype(weight.dtype)
-    new_bias = bias.copy()
-    new_bias[kept] = theta[-1].astype(bias.dtype)
-    return weight, new_bias, (err_naive, err_refit)
+    weight[rows] = theta[: ws[0].size].T.reshape(len(rows), *layer.weight.shape[1:]).astype(weight.dtype)
+    bias = None
+    if layer.bias is not None:
+        bias = layer.bias.copy()
+        bias[rows] = theta[-1].astype(bias.dtype)
+    return weight, bias, (err_naive, err_refit)
 
 
 def _moved(now: np.ndarray, before: np.ndarray) -> bool:
@@ -763,31 +774,59 @@ def _prune_to_budget(
 
 def _follow_reference(
     ed: _Editor, runner: _Runner, reference: _Runner, block: Block, kept: np.ndarray, cfg: PruneConfig
-) -> tuple[np.ndarray | None, tuple[float, float] | None]:
+) -> tuple[np.ndarray | None, tuple[float, float] | None, tuple[float, float] | None]:
     """Step the unpruned network's runner over `block`; if the pruned network has moved by then,
-    refit the block's transform (its kept rows) to the unpruned response. Returns the unpruned
-    gate pre-activations for the gate refit to aim at (None if nothing moved: the pruned
-    network's own are the same to rounding, and the block is computed exactly as without the
-    reference) and the transform's relative errors before and after (None if not refitted).
+    refit the block's transform (its kept rows) and its carry projection, if it has one, to the
+    unpruned response. Returns the unpruned gate pre-activations for the gate refit to aim at
+    (None if nothing moved: the pruned network's own are the same to rounding, and the block is
+    computed exactly as without the reference), and the transform's and the projection's
+    relative errors before and after (None where not refitted).
 
     The pruned network has moved when what both runners hold (the network's inputs and the
     previous block's output) differs by more than rounding."""
     shared = runner.values.keys() & reference.values.keys()
     moved = any(_moved(runner.values[k], reference.values[k]) for k in shared)
-    want, gate_ref, y_ref = reference.compute([block.transform_conv, block.gate_conv, block.output])
+    names = [block.transform_conv, block.gate_conv, block.output, block.carry]
+    want, gate_ref, y_ref, carry_ref = reference.compute(names)
     reference.keep_only({block.output: y_ref})
     if not moved:
-        return None, None
-    transform = affine(ed.graph, block.transform_conv)
-    geometry = _conv_geometry(ed.graph, transform)
-    if not len(kept) or geometry is None:
-        return gate_ref, None
-    (x_now,) = runner.compute([transform.input])
-    runner.remember({transform.input: x_now})
-    weight, bias, errors = _refit_transform(transform, x_now, want, kept, *geometry, cfg)
-    _set_layer(ed, transform, weight, bias, f"hw{block.index}_refit")
+        return None, None, None
+    # A carry computed by a weighted layer of the network's own (a strided 1x1 projection where a
+    # stage begins) reads the moved input too: all its rows are refitted to the unpruned carry.
+    carry_errors = None
+    if affine(Graph(reference.model), block.carry) is not None:
+        carry_errors = _refit_layer(
+            ed, runner, affine(ed.graph, block.carry), carry_ref, None, cfg, f"hw{block.index}_carry"
+        )
+    errors = None
+    if len(kept):
+        transform = affine(ed.graph, block.transform_conv)
+        errors = _refit_layer(ed, runner, transform, want, kept, cfg, f"hw{block.index}_refit")
+    return gate_ref, errors, carry_errors
+
+
+def _refit_layer(
+    ed: _Editor,
+    runner: _Runner,
+    layer: Affine,
+    target: np.ndarray,
+    rows: np.ndarray | None,
+    cfg: PruneConfig,
+    tag: str,
+) -> tuple[float, float] | None:
+    """Refit `rows` of a weighted layer (all when None) to give `target` from the pruned network's
+    input, in the model and the runner; its relative errors before and after, or None if the layer
+    is not one the refit can read (`_conv_geometry`)."""
+    geometry = _conv_geometry(ed.graph, layer)
+    if geometry is None:
+        return None
+    (x_now,) = runner.compute([layer.input])
+    runner.remember({layer.input: x_now})
+    rows = np.arange(layer.weight.shape[0]) if rows is None else rows
+    weight, bias, errors = _refit_rows(layer, x_now, target, rows, *geometry, cfg)
+    _set_layer(ed, layer, weight, bias, tag)
     runner.model = ed.model
-    return gate_ref, errors
+    return errors
 
 
 def _prune_at(
@@ -814,10 +853,12 @@ def _prune_at(
         kept = kept_channels(means, cfg.threshold, cfg.round_to)
         before = _block_params(ed.graph, block)
         note = ""
-        gate_target = transform_errors = None
+        gate_target = transform_errors = carry_errors = None
         if reference_runner is not None:
             ts = time.perf_counter()
-            gate_target, transform_errors = _follow_reference(ed, runner, reference_runner, block, kept, cfg)
+            gate_target, transform_errors, carry_errors = _follow_reference(
+                ed, runner, reference_runner, block, kept, cfg
+            )
             refit_seconds += time.perf_counter() - ts
         whole = len(kept) == block.width
         if not whole and not block_is_self_contained(ed.graph, block):
@@ -826,7 +867,7 @@ def _prune_at(
             if reference_runner is not None:  # both runners go on from this block's output
                 (y,) = runner.compute([block.output])
                 runner.keep_only({block.output: y})
-            errors = transform_errors or (None, None)
+            errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
             reports.append(
                 BlockReport(
                     block.index, block.spelling, block.width, block.width, before, before, None, None, note, *errors
@@ -870,7 +911,7 @@ def _prune_at(
             runner.keep_only({block.output: y})
             refit_seconds += time.perf_counter() - ts
         after = _block_params(ed.graph, block) if len(kept) else 0
-        errors = transform_errors or (None, None)
+        errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
         reports.append(
             BlockReport(
                 block.index, block.spelling, block.width, len(kept), before, after, err_naive, err_refit, note, *errors

@@ -83,9 +83,11 @@ def prune_tables(report: PruneReport) -> list[Table]:
     if moved:
         naive = sum(b.transform_error_naive for b in moved) / len(moved)
         refit = sum(b.transform_error_refit for b in moved) / len(moved)
+        projected = sum(b.carry_error_naive is not None for b in report.blocks)
+        also = f" (and {projected} carry projections)" if projected else ""
         below.append(
-            f"transforms refitted in {len(moved)} blocks whose input pruning moved: relative error "
-            f"{naive:.3f} -> {refit:.3f} (mean)"
+            f"transforms refitted in {len(moved)} blocks whose input pruning moved{also}: relative "
+            f"error {naive:.3f} -> {refit:.3f} (mean)"
         )
     blocks = Table(title=title, caption="\n".join(below) or None, caption_justify="left")
     columns = ["block", *(["mix"] if len(spellings) > 1 else []), "width", "kept", "params\nbefore"]

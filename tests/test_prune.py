@@ -609,6 +609,11 @@ def test_the_transform_refit_restores_what_pruning_upstream_moved(cifar):
     assert all(b.transform_error_naive is None for b in full.blocks[: first + 1])  # nothing moved yet
     refitted = [b for b in full.blocks[first + 1 :] if b.transform_error_naive is not None]
     assert refitted and all(b.transform_error_refit < b.transform_error_naive for b in refitted)
+    # where a stage begins, the carry is a strided 1x1 projection of the moved input: refitted too
+    projected = [b for b in full.blocks if b.carry_error_naive is not None]
+    assert projected and all(b.carry_error_refit < b.carry_error_naive for b in projected)
+    assert all(b.carry_error_naive is None for b in full.blocks[: first + 1])
+    assert count_parameters(both) == count_parameters(gates)  # the refits add no bias
 
 
 def test_round_to_fills_up_with_the_highest_gates():
@@ -766,7 +771,9 @@ def test_cli_refit_gates_only(tmp_path):
     assert runs[False]["max_abs_error"] < runs[True]["max_abs_error"]
     moved = [b for b in runs[False]["blocks"] if b["transform_error_naive"] is not None]
     res = _cli(["prune", src, "--threshold", "0.02", "--calib", calib, "-o", tmp_path / "p.onnx"])
-    assert f"transforms refitted in {len(moved)} blocks whose input pruning moved" in " ".join(res.stdout.split())
+    projected = sum(b["carry_error_naive"] is not None for b in runs[False]["blocks"])
+    text = " ".join(res.stdout.split())
+    assert f"transforms refitted in {len(moved)} blocks whose input pruning moved (and {projected} carry" in text
     res = _cli(["prune", src, "--no-refit", "--refit-gates-only", "-o", tmp_path / "q.onnx"])
     assert "pass either --no-refit or --refit-gates-only" in one_line_error(res)
     assert not (tmp_path / "q.onnx").exists()

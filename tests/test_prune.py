@@ -182,12 +182,15 @@ def test_deterministic_bytes():
 
 @pytest.mark.parametrize("gate_activation", ["Sigmoid", "HardSigmoid"])
 def test_refit_beats_the_plain_drop(gate_activation):
-    """Random weights: the kept gates read the removed H, so the refit must reduce the gate error
-    (measured through the block's own activation)."""
+    """Random weights: the kept gates read the removed H, so the gate refit must reduce the gate
+    error (measured through the block's own activation) and the output error. (The transform refit
+    is left out here: it aims at the unpruned network's responses, which on random weights can
+    leave the output a little further off; on trained networks it brings it much closer, see
+    test_the_transform_refit_restores_what_pruning_upstream_moved.)"""
     model = build(Spec(seed=3, gate_activation=gate_activation))
     x = images(64)
     _, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False))
-    _, refit = prune(model, 0.3, calib=x)
+    _, refit = prune(model, 0.3, calib=x, config=PruneConfig(refit_transforms=False))
     pruned_blocks = [b for b in refit.blocks if 0 < b.kept < b.width]
     assert pruned_blocks, "threshold 0.3 should prune part of some block"
     for b in pruned_blocks:

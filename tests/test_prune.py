@@ -526,6 +526,20 @@ def test_patches_match_a_padded_reference():
     np.testing.assert_array_equal(x[:, -1], 1.0)  # the bias column
 
 
+def _one_conv(h: np.ndarray, w: np.ndarray, **attrs) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A model of one Conv z = conv(h; w) with these attributes, and ORT's z."""
+    conv = onnx.helper.make_node("Conv", ["h", "w"], ["z"], **attrs)
+    graph = onnx.helper.make_graph(
+        [conv],
+        "g",
+        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, list(h.shape))],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    return model, run(model, h)
+
+
 @pytest.mark.parametrize("auto_pad", ["NOTSET", "SAME_UPPER", "SAME_LOWER"])
 @pytest.mark.parametrize("kernel", [(2, 3), (4,)], ids=["2-D", "1-D"])
 def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
@@ -538,16 +552,7 @@ def test_the_refit_reads_the_gate_conv_as_ort_computes_it(kernel, auto_pad):
     h = rng.random((2, 3, *(6, 5)[-len(kernel) :]), dtype=np.float32)
     w = rng.standard_normal((3, 3, *kernel)).astype(np.float32)
     pads = {"auto_pad": auto_pad} if auto_pad != "NOTSET" else {"pads": [1] * len(kernel) + [2] * len(kernel)}
-    conv = onnx.helper.make_node("Conv", ["h", "w"], ["z"], **pads)
-    graph = onnx.helper.make_graph(
-        [conv],
-        "g",
-        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, list(h.shape))],
-        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(w, "w")],
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    z = run(model, h)
+    model, z = _one_conv(h, w, **pads)
     from hwtool.graph import Graph
     from hwtool.patterns import affine
 
@@ -572,16 +577,7 @@ def test_the_transform_refit_reads_a_strided_conv_as_ort_computes_it(kernel, str
     h = rng.random((2, 3, *(9, 8)[-len(kernel) :]), dtype=np.float32)
     w = rng.standard_normal((4, 3, *kernel)).astype(np.float32)
     stride = list(strides[-len(kernel) :])
-    conv = onnx.helper.make_node("Conv", ["h", "w"], ["z"], pads=[1] * 2 * len(kernel), strides=stride)
-    graph = onnx.helper.make_graph(
-        [conv],
-        "g",
-        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, list(h.shape))],
-        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(w, "w")],
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    z = run(model, h)
+    model, z = _one_conv(h, w, pads=[1] * 2 * len(kernel), strides=stride)
     layer = affine(Graph(model), "z")
     pads, steps = _conv_geometry(Graph(model), layer)
     assert _gate_conv_geometry(Graph(model), layer) is None  # a gate conv stays stride 1

@@ -61,6 +61,14 @@ def is_test_npz(data: str | os.PathLike) -> bool:
     return Path(data).suffix.lower() == ".npz"
 
 
+def calibration_needed(test: str | os.PathLike) -> ValueError:
+    """The error for a test set given where calibration inputs are needed too."""
+    return ValueError(
+        f"{test} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
+        "(other samples than the test set's)"
+    )
+
+
 def check_image_input(model: onnx.ModelProto) -> None:
     """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]."""
     if len(input_specs(model)) > 1:

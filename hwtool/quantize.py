@@ -213,7 +213,7 @@ def quantize(
     *test* samples (never the calibration images): of CIFAR-10, or of a labelled test set .npz of
     the model's own inputs (`evaluate.load_test_set`), which needs `calib`.
     """
-    from hwtool.evaluate import is_test_npz, load_test_set
+    from hwtool.evaluate import calibration_needed, is_test_npz, load_test_set
     from hwtool.gates import calibration_from_data, load_calibration
 
     t0 = time.perf_counter()
@@ -245,10 +245,7 @@ def quantize(
         x = load_calibration(model, calib)
         source = str(calib)
     elif data is not None and is_test_npz(data):
-        raise ValueError(
-            f"{data} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
-            "(other samples than the test set's)"
-        )
+        raise calibration_needed(data)
     elif data is not None:
         x = calibration_from_data(model, data, count=count, split="train")
         source = f"{data} train[:{len(x)}]"

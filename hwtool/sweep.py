@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from hwtool.evaluate import TestSet, accuracy_onnx, is_test_npz, load_test_set
+from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_npz, load_test_set
 from hwtool.gates import calibration_from_data, measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
@@ -75,10 +75,7 @@ def sweep(
         )
     if data is not None and calib is None and (isinstance(data, TestSet) or is_test_npz(data)):
         where = data.source if isinstance(data, TestSet) else data
-        raise ValueError(
-            f"{where} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
-            "(other samples than the test set's)"
-        )
+        raise calibration_needed(where)
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)
     if isinstance(calib, dict):
         calib = Inputs(calib)
@@ -116,7 +113,8 @@ def sweep(
         )
     ]
     models = [given]
-    settings = [replace(config, threshold=t) for t in thresholds] + [replace(config, budget=b) for b in budgets]
+    settings = [replace(config, threshold=t, budget=None) for t in thresholds]
+    settings += [replace(config, budget=b) for b in budgets]
     for cfg in settings:
         pruned, rep = prune(
             original,

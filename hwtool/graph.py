@@ -86,7 +86,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return n
 
 
-def _shapes(model: onnx.ModelProto, batch: int, sizes: dict[str, int] | None = None) -> dict[str, list[int]]:
+def tensor_shapes(model: onnx.ModelProto, batch: int, sizes: dict[str, int] | None = None) -> dict[str, list[int]]:
     """Static shapes of every tensor with the batch dimension fixed to `batch` and other symbolic
     input dimensions to `sizes` (by name)."""
     m = onnx.ModelProto()
@@ -132,7 +132,7 @@ def count_flops(model: onnx.ModelProto, batch: int = 1, sizes: dict[str, int] | 
 
     Elementwise work (the gate mix, BN, activations) is left out; it is a few percent here.
     """
-    shapes = _shapes(model, batch, sizes)
+    shapes = tensor_shapes(model, batch, sizes)
     g = Graph(model)
     total = 0
     for node in model.graph.node:

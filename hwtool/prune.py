@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
-from hwtool.graph import Graph, attr, count_flops, count_parameters, is_quantized
+from hwtool.graph import Graph, attr, count_flops, count_parameters, is_quantized, tensor_shapes
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
     Affine,
@@ -69,6 +69,9 @@ class PruneConfig:
     ridge: float = 1e-3  # regularisation toward the original weights, relative to mean feature energy
     max_rows: int = 32768  # sampled positions per block for the least-squares fit
     refit_images: int = 256  # calibration images whose activations the refit uses (the first ones)
+    # ... fewer if the activations the refit holds (both runners, about REFIT_HELD tensors of a
+    # block's largest size) would take more memory than this many bytes
+    refit_memory: int = 2 << 30
     # How the kept channels' mix returns into the full-width carry: "gather" (Concat + Gather),
     # "scatter" (ScatterElements) or "conv" (one-hot weights: a 1x1 conv, or for fully connected
     # blocks a MatMul, which then also selects the kept carry channels); "auto": gather for convs,
@@ -131,6 +134,7 @@ class PruneReport:
     top1_agreement: float | None
     seconds: dict[str, float] = field(default_factory=dict)
     budget: float | None = None  # the parameter budget the threshold was chosen for, if any
+    refit_samples: int = 0  # the first calibration samples the refit used (0: no refit)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -772,6 +776,25 @@ def _prune_to_budget(
     return model, replace(report, budget=cfg.budget)
 
 
+REFIT_HELD = 8  # activations of a block's size the two runners hold at once, about
+
+
+def refit_samples(model: onnx.ModelProto, blocks: list[Block], calib: Samples | None, cfg: PruneConfig) -> int:
+    """How many of the first calibration samples the refit runs on: cfg.refit_images, or fewer
+    where a block's activations are so large (high-resolution inputs) that holding them for that
+    many samples would take more than cfg.refit_memory bytes; at least one."""
+    if calib is None:
+        return 0
+    n = min(len(calib), cfg.refit_images)
+    shapes = tensor_shapes(model, 1, symbolic_sizes(model, calib))
+    tensors = [t for b in blocks for t in (b.transform, b.carry)]
+    sizes = [int(np.prod(shapes[t])) for t in tensors if shapes.get(t) and all(d > 0 for d in shapes[t])]
+    if not sizes:
+        return n
+    per_sample = max(sizes) * 4 * REFIT_HELD  # float32 (float16 halves it: a margin)
+    return max(1, min(n, cfg.refit_memory // per_sample))
+
+
 def _follow_reference(
     ed: _Editor, runner: _Runner, reference: _Runner, block: Block, kept: np.ndarray, cfg: PruneConfig
 ) -> tuple[np.ndarray | None, tuple[float, float] | None, tuple[float, float] | None]:
@@ -841,12 +864,13 @@ def _prune_at(
     model = onnx.ModelProto()
     model.CopyFrom(original)
     ed = _Editor(model)
-    runner = _Runner(model, calib[: cfg.refit_images], cfg.batch, cfg.threads) if cfg.refit else None
+    refit_n = refit_samples(original, blocks, calib, cfg) if cfg.refit else 0
+    runner = _Runner(model, calib[:refit_n], cfg.batch, cfg.threads) if cfg.refit else None
     reference_runner = None
     if runner is not None and cfg.refit_transforms:
         unpruned = onnx.ModelProto()
         unpruned.CopyFrom(original)
-        reference_runner = _Runner(unpruned, calib[: cfg.refit_images], cfg.batch, cfg.threads)
+        reference_runner = _Runner(unpruned, calib[:refit_n], cfg.batch, cfg.threads)
     reports: list[BlockReport] = []
     refit_seconds = 0.0
     for block, means in zip(blocks, gate_stats.means):
@@ -944,6 +968,7 @@ def _prune_at(
         write_back=cfg.write_back,
         gate_source=gate_stats.source,
         calibration_images=0 if calib is None else len(calib),
+        refit_samples=refit_n,
         blocks=reports,
         params_before=count_parameters(given),
         params_after=count_parameters(model),

@@ -79,6 +79,8 @@ def prune_tables(report: PruneReport) -> list[Table]:
     else:
         below.append("mix " + "; ".join(f"{chr(97 + i)}: {m}" for i, m in enumerate(spellings)))
     below += [f"block {b.index}: {b.note}" for b in report.blocks if b.note]
+    if 0 < report.refit_samples < report.calibration_images:
+        below.append(f"refit on the first {report.refit_samples} of {report.calibration_images} calibration samples")
     moved = [b for b in report.blocks if b.transform_error_naive is not None]
     if moved:
         naive = sum(b.transform_error_naive for b in moved) / len(moved)

@@ -776,3 +776,33 @@ def test_cli_refit_gates_only(tmp_path):
     res = _cli(["prune", src, "--no-refit", "--refit-gates-only", "-o", tmp_path / "q.onnx"])
     assert "pass either --no-refit or --refit-gates-only" in one_line_error(res)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_the_refit_takes_fewer_samples_where_activations_are_large():
+    """The refit holds activations of every calibration sample it uses, for two networks: where a
+    block's activations are large it takes fewer samples (at least one), says how many, and the
+    prune stays exact on switched-off channels and still refits live ones."""
+    from hwtool.prune import REFIT_HELD, highway_model, refit_samples
+    from hwtool.report import prune_tables
+    from hwtool.runtime import make_session
+
+    model = build(Spec(removable=REMOVABLE))
+    x = images(48)
+    original, blocks = highway_model(model)
+    assert refit_samples(original, blocks, x, PruneConfig()) == 48
+    # the largest H or carry, as ORT computes it for one image
+    names = [t for b in blocks for t in (b.transform, b.carry)]
+    sess = make_session(original, extra_outputs=names)
+    largest = max(a.size for a in sess.run(names, {sess.get_inputs()[0].name: x[:1]}))
+    per_sample = largest * 4 * REFIT_HELD
+    small = PruneConfig(refit_memory=10 * per_sample)
+    assert refit_samples(original, blocks, x, small) == 10
+    assert refit_samples(original, blocks, x, PruneConfig(refit_memory=1)) == 1
+    pruned, report = prune(model, 1e-6, calib=x, config=small)
+    assert report.refit_samples == 10 and report.max_abs_error < 1e-4
+    _, plain = prune(model, 0.3, calib=x, config=PruneConfig(refit=False))
+    _, capped = prune(model, 0.3, calib=x, config=small)
+    assert plain.refit_samples == 0 and capped.refit_samples == 10
+    assert any(b.gate_error_refit < b.gate_error_naive for b in capped.blocks if b.gate_error_naive)
+    text = " ".join(render(*prune_tables(report)).split())
+    assert "refit on the first 10 of 48 calibration samples" in text

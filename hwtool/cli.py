@@ -709,10 +709,10 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     "keeps at most that fraction (with or instead of --thresholds).",
 )
 @click.option(
-    "--calib", type=click.Path(), default=None, help=CALIB_HELP + " Default with --data: --count train images."
+    "--calib", type=click.Path(), default=None, help=CALIB_HELP + " Default with CIFAR-10 --data: --count train images."
 )
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True)
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test images.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test samples.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop.")
 @click.option("--refit-gates-only", is_flag=True, help="Refit the kept gates only, as prune --refit-gates-only.")
 @click.option("--latency", is_flag=True, help="Also measure ORT CPU latency (batch 1 and 64).")
@@ -877,7 +877,7 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dim
     help="CIFAR-10: calibration from train, accuracy on test. Or accuracy (with --calib) on " + TEST_SET_HELP,
 )
 @click.option("--count", type=click.IntRange(1), default=512, show_default=True, help="Calibration images from --data.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Measure accuracy on the first N test images.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Measure accuracy on the first N test samples.")
 @click.option(
     "--method",
     type=click.Choice(["minmax", "entropy", "percentile"]),

@@ -307,6 +307,24 @@ def _patches(
     return out
 
 
+def _positions(out: np.ndarray, cfg: PruneConfig) -> np.ndarray:
+    """Output positions (n, i, j) of a layer's (N, C, H, W) output that a refit fits on: all of
+    them, or cfg.max_rows drawn with cfg.seed, in order."""
+    n, _, hh, ww = out.shape
+    total = n * hh * ww
+    rng = np.random.default_rng(cfg.seed)
+    pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
+    return np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+
+
+def _ridge_fit(x: np.ndarray, z: np.ndarray, theta0: np.ndarray, ridge: float) -> np.ndarray:
+    """Least squares x @ theta ≈ z, pulled toward theta0 with a weight `ridge` times the mean
+    feature energy."""
+    gram = x.T @ x
+    alpha = ridge * np.trace(gram) / gram.shape[0]
+    return np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ z + alpha * theta0)
+
+
 def refit_gate(
     h: np.ndarray,
     target: np.ndarray,
@@ -324,19 +342,13 @@ def refit_gate(
     Returns (new weight (k, k, kh, kw), new bias (k,), RMS gate error naive, RMS gate error refit),
     gate errors in gate space (after `activation`) over sampled positions.
     """
-    n, _, hh, ww = h.shape
     k = len(kept)
     kh, kw = weight.shape[2:]
-    rng = np.random.default_rng(cfg.seed)
-    total = n * hh * ww
-    pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
-    rows = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+    rows = _positions(target, cfg)
     z = target[rows[:, 0], :, rows[:, 1], rows[:, 2]][:, kept].astype(np.float64)  # (R, k)
     x = _patches(np.ascontiguousarray(h[:, kept]), rows, (kh, kw), pads)  # (R, k*kh*kw + 1)
     theta0 = np.concatenate([weight[kept][:, kept].reshape(k, -1), bias[kept][:, None]], axis=1).T.astype(np.float64)
-    gram = x.T @ x
-    alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
-    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), x.T @ z + alpha * theta0)
+    theta = _ridge_fit(x, z, theta0, cfg.ridge)
     fz = activation(z)
     err_naive = float(np.sqrt(np.mean((activation(x @ theta0) - fz) ** 2)))
     err_refit = float(np.sqrt(np.mean((activation(x @ theta) - fz) ** 2)))
@@ -362,12 +374,8 @@ def _refit_rows(
     `x` (at sampled output positions; the ridge pulls toward the current weights), and the
     relative RMS error of those rows before and after. Other rows are left as they are."""
     xs, ts, ws = _as_2d(layer, x, target, layer.weight)
-    n, _, hh, ww = ts.shape
     kh, kw = ws.shape[2:]
-    rng = np.random.default_rng(cfg.seed)
-    total = n * hh * ww
-    pick = np.sort(rng.choice(total, size=cfg.max_rows, replace=False)) if total > cfg.max_rows else np.arange(total)
-    at = np.stack(np.unravel_index(pick, (n, hh, ww)), axis=1)
+    at = _positions(ts, cfg)
     z = ts[at[:, 0], :, at[:, 1], at[:, 2]][:, rows].astype(np.float64)
     feats = _patches(np.ascontiguousarray(xs), at, (kh, kw), pads, tuple(strides))
     theta0 = ws[rows].reshape(len(rows), -1)
@@ -376,9 +384,7 @@ def _refit_rows(
     else:
         feats = feats[:, :-1]  # no bias column
     theta0 = theta0.T.astype(np.float64)
-    gram = feats.T @ feats
-    alpha = cfg.ridge * np.trace(gram) / gram.shape[0]
-    theta = np.linalg.solve(gram + alpha * np.eye(gram.shape[0]), feats.T @ z + alpha * theta0)
+    theta = _ridge_fit(feats, z, theta0, cfg.ridge)
     scale = float(np.sqrt(np.mean(z**2))) or 1.0
     err_naive = float(np.sqrt(np.mean((feats @ theta0 - z) ** 2))) / scale
     err_refit = float(np.sqrt(np.mean((feats @ theta - z) ** 2))) / scale
@@ -796,14 +802,21 @@ def refit_samples(model: onnx.ModelProto, blocks: list[Block], calib: Samples | 
 
 
 def _follow_reference(
-    ed: _Editor, runner: _Runner, reference: _Runner, block: Block, kept: np.ndarray, cfg: PruneConfig
+    ed: _Editor,
+    runner: _Runner,
+    reference: _Runner,
+    block: Block,
+    kept: np.ndarray,
+    projected: bool,
+    cfg: PruneConfig,
 ) -> tuple[np.ndarray | None, tuple[float, float] | None, tuple[float, float] | None]:
     """Step the unpruned network's runner over `block`; if the pruned network has moved by then,
-    refit the block's transform (its kept rows) and its carry projection, if it has one, to the
-    unpruned response. Returns the unpruned gate pre-activations for the gate refit to aim at
-    (None if nothing moved: the pruned network's own are the same to rounding, and the block is
-    computed exactly as without the reference), and the transform's and the projection's
-    relative errors before and after (None where not refitted).
+    refit the block's transform (its kept rows) and, if `projected` (its carry is computed by a
+    weighted layer of the network's own), that projection, to the unpruned response. Returns the
+    unpruned gate pre-activations for the gate refit to aim at (None if nothing moved: the pruned
+    network's own are the same to rounding, and the block is computed exactly as without the
+    reference), and the transform's and the projection's relative errors before and after (None
+    where not refitted).
 
     The pruned network has moved when what both runners hold (the network's inputs and the
     previous block's output) differs by more than rounding."""
@@ -817,7 +830,7 @@ def _follow_reference(
     # A carry computed by a weighted layer of the network's own (a strided 1x1 projection where a
     # stage begins) reads the moved input too: all its rows are refitted to the unpruned carry.
     carry_errors = None
-    if affine(Graph(reference.model), block.carry) is not None:
+    if projected:
         carry_errors = _refit_layer(
             ed, runner, affine(ed.graph, block.carry), carry_ref, None, cfg, f"hw{block.index}_carry"
         )
@@ -871,6 +884,8 @@ def _prune_at(
         unpruned = onnx.ModelProto()
         unpruned.CopyFrom(original)
         reference_runner = _Runner(unpruned, calib[:refit_n], cfg.batch, cfg.threads)
+        unpruned_graph = Graph(unpruned)
+        projections = {b.carry for b in blocks if affine(unpruned_graph, b.carry) is not None}
     reports: list[BlockReport] = []
     refit_seconds = 0.0
     for block, means in zip(blocks, gate_stats.means):
@@ -881,9 +896,10 @@ def _prune_at(
         if reference_runner is not None:
             ts = time.perf_counter()
             gate_target, transform_errors, carry_errors = _follow_reference(
-                ed, runner, reference_runner, block, kept, cfg
+                ed, runner, reference_runner, block, kept, block.carry in projections, cfg
             )
             refit_seconds += time.perf_counter() - ts
+        refit_errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
         whole = len(kept) == block.width
         if not whole and not block_is_self_contained(ed.graph, block):
             whole, note = True, "left whole: H, T or the mix is read outside the block"
@@ -891,10 +907,18 @@ def _prune_at(
             if reference_runner is not None:  # both runners go on from this block's output
                 (y,) = runner.compute([block.output])
                 runner.keep_only({block.output: y})
-            errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
             reports.append(
                 BlockReport(
-                    block.index, block.spelling, block.width, block.width, before, before, None, None, note, *errors
+                    block.index,
+                    block.spelling,
+                    block.width,
+                    block.width,
+                    before,
+                    before,
+                    None,
+                    None,
+                    note,
+                    *refit_errors,
                 )
             )
             continue
@@ -935,10 +959,18 @@ def _prune_at(
             runner.keep_only({block.output: y})
             refit_seconds += time.perf_counter() - ts
         after = _block_params(ed.graph, block) if len(kept) else 0
-        errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
         reports.append(
             BlockReport(
-                block.index, block.spelling, block.width, len(kept), before, after, err_naive, err_refit, note, *errors
+                block.index,
+                block.spelling,
+                block.width,
+                len(kept),
+                before,
+                after,
+                err_naive,
+                err_refit,
+                note,
+                *refit_errors,
             )
         )
     model = cleanup(ed.model)

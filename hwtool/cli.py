@@ -992,15 +992,8 @@ def convert_cmd(model, fmt, output, target, half_io, calib, as_json):
 def _convert_float16(model, output, half_io, calib, as_json):
     """convert --to float16."""
     from hwtool.convert import convert_to_float16
-    from hwtool.gates import load_calibration
-    from hwtool.runtime import check_outputs, load_model
 
-    x = None
-    if calib:
-        dst = output if output is not None else str(Path(model).with_name(Path(model).stem + ".fp16.onnx"))
-        check_outputs([dst], [model, calib])
-        x = load_calibration(load_model(model), calib)
-    res = convert_to_float16(model, output, half_io=half_io, calib=x, calib_source=calib or "")
+    res = convert_to_float16(model, output, half_io=half_io, calib=calib)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
         return

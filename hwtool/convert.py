@@ -214,9 +214,10 @@ class HalfResult:
     weights: int  # float32 weights converted
     clamped: int  # of them beyond ±65504, clamped there
     flushed: int  # of them nonzero but under 6e-8 in magnitude, now 0
-    max_abs_diff: float  # largest difference over all float outputs, on the verification inputs
-    max_rel_diff: float  # that difference relative to the largest float32 output magnitude
-    top1_agreement: float | None  # where the first output is class scores [N, classes]
+    # as prune's verification measures them (`prune.output_errors`), on the verification inputs:
+    max_abs_diff: float  # the largest difference over all float outputs
+    max_rel_diff: float  # the largest of each float output's, relative to that output's largest magnitude
+    top1_agreement: float | None  # where the first output gives classes (scores [N, classes] or ids [N])
     verify_samples: int
     verify_inputs: str  # 'random' or the calibration file
 
@@ -264,15 +265,18 @@ def convert_to_float16(
     model_path: str | os.PathLike,
     output: str | os.PathLike | None = None,
     half_io: bool = False,
-    calib: Samples | None = None,
-    calib_source: str = "",
+    calib: str | os.PathLike | None = None,
 ) -> HalfResult:
     """Write MODEL in float16 (default MODEL.fp16.onnx), atomically, after comparing it with the
-    float32 model on `calib` (inputs in the model's layout) or else on two random samples."""
+    float32 model on the calibration file `calib` (inputs in the model's layout, as
+    `gates.load_calibration` reads them) or else on two random samples."""
+    from hwtool.gates import load_calibration
+    from hwtool.prune import output_errors
+
     src = Path(model_path)
     model = load_model(src)
     dst = Path(output) if output is not None else src.with_name(src.stem + ".fp16.onnx")
-    check_outputs([dst], [src])
+    check_outputs([dst], [src, calib])
     if is_quantized(model):
         raise ModelError(f"{src} is quantized (int8); convert the float32 model to float16 instead")
     half = onnx.TensorProto.FLOAT16
@@ -284,19 +288,13 @@ def convert_to_float16(
     weights, clamped, flushed = _weight_counts(model)
     if weights == 0:
         raise ModelError(f"{src} has no float32 weights to convert")
+    x = None if calib is None else load_calibration(model, calib)
     converted = half_model(model, half_io)
     ref = make_session(model)
     new = make_session(converted)
-    x = _as_samples(random_feed(ref)) if calib is None else calib
-    want, got = run_all(ref, x, 64), run_all(new, x, 64)
-    samples, source = len(x), ("random" if calib is None else calib_source or "calibration")
-    floats = [(a, b) for a, b in zip(want, got) if a.dtype.kind == "f" and a.size]
-    diff = max((float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in floats), default=0.0)
-    scale = max((float(np.max(np.abs(a))) for a, _ in floats), default=0.0)
-    first_ref, first_new = want[0], got[0]
-    agree = None
-    if first_ref.ndim == 2 and first_ref.dtype.kind == "f":
-        agree = float((first_ref.argmax(1) == first_new.argmax(1)).mean())
+    if x is None:
+        x = _as_samples(random_feed(ref))
+    diff, rel, agree = output_errors(run_all(ref, x, 64), run_all(new, x, 64))
     atomic_write_model(converted, dst)
     return HalfResult(
         source=str(src),
@@ -308,10 +306,10 @@ def convert_to_float16(
         clamped=clamped,
         flushed=flushed,
         max_abs_diff=diff,
-        max_rel_diff=diff / scale if scale else 0.0,
+        max_rel_diff=rel,
         top1_agreement=agree,
-        verify_samples=samples,
-        verify_inputs=source,
+        verify_samples=len(x),
+        verify_inputs="random" if calib is None else str(calib),
     )
 
 

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # Issue 5's reference runs in one call to a lent GPU machine (the `device` tool: 10 minutes a call,
-# 15 a session, a bare machine whose python3 has torch, onnx, onnxruntime, onnxscript, click, rich):
-# phase 1, the baseline with the incentive (the gpu100 recipe of train_reference_gpu.sh), phase 2,
-# then a long phase 3 with cutout; each exported and evaluated with ONNX Runtime there. What comes
-# back ($OUT: at most 8 files of 16 MiB): the phase-3 model split in parts, and the logs and figures.
+# 15 a session, a bare machine whose python3 has torch, onnx, onnxruntime, onnxscript, click, rich;
+# no onnxsim, so nothing is exported there): phase 1, the baseline with the incentive (the gpu100
+# recipe of train_reference_gpu.sh), phase 2, then phase 3 with cutout for as many epochs as the
+# time left allows (at most E3MAX). What comes back ($OUT: at most 8 files of 16 MiB, 64 MiB in
+# all), each as soon as it is made: the baseline's weights in float16 (2 parts), phase 3's in
+# float32 (3 parts), both without optimizer state (benchmarks/device_checkpoint.py), the logs.
 #
 #   bash benchmarks/device_reference.sh prepare      # here: the CIFAR tarball into .devdata/ (git ignores it)
 #   run(command="bash benchmarks/device_reference.sh", carry=[".devdata"], timeout_s=600)   # there
-#   bash benchmarks/device_reference.sh unpack FILES_AT [RUNS]   # here: runs/dev-keep.onnx, logs, figures
+#   bash benchmarks/device_reference.sh unpack FILES_AT [RUNS]   # here: runs/dev-*/checkpoint.pt, logs,
+#                                                                # runs/dev-base.onnx and dev-keep.onnx
 #
 # The call carries the working tree too: with models/reference.onnx (34 MiB) it and the tarball
 # (18.5 MiB) pass the call's 64 MiB, so move that file aside for the call and back after it.
-# Epochs from the environment: E1 (phase 1, default 100), E2 (phase 2, 2), E3 (phase 3, 30), and
-# P3 (phase 3's extra options). Seen on the GPU: phase 1 at batch 512 about 2.2 s an epoch (H200),
-# phase 3 at batch 128 13 to 25 s an epoch, hence batch 512 here with the LR scaled with it (0.08;
-# P3 comes after keep()'s own options, and the last value of an option given twice wins);
-# sized for about 9 minutes, so check the first call's epoch times before a second. TINY (options
-# for every phase, e.g. "--limit 512 --widths 8,16,32 --depth 1") tries the script out on a CPU.
+# BUDGET (default 550) is the seconds the command may take (the call's limit is 600): each phase is
+# stopped by `timeout` where it would run past it, keeping its last epoch's checkpoint. Epochs from
+# the environment: E1 (phase 1, default 100), E2 (phase 2, 2), E3 (phase 3: default, what fits,
+# at most E3MAX, 40), and P3 (phase 3's extra options). Seen on an H200: phase 1 at batch 512 about
+# 1.8 to 2.2 s an epoch, phases 2 and 3 at batch 128 13 to 25 s an epoch (targeted dropout's work is
+# per step), hence batch 512 for phase 3 with the LR scaled with it (0.08; P3 comes after keep()'s
+# own options, and the last value of an option given twice wins). TINY (options for every phase,
+# e.g. "--limit 512 --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=.devdata/cifar10-jpeg.tar.gz
@@ -31,10 +36,21 @@ prepare)
     ;;
 unpack)
     from=$2 runs=${3:-runs}
-    mkdir -p "$runs"
-    cat "$from"/dev-keep.onnx.part* >"$runs/dev-keep.onnx.tmp" && mv "$runs/dev-keep.onnx.tmp" "$runs/dev-keep.onnx"
+    hw=${HWTOOL:-hwtool}
+    for run in dev-base dev-keep; do
+        mkdir -p "$runs/$run"
+        name=$run.pt
+        [[ $run == dev-base ]] && name=$run.half.pt
+        cat "$from/$name".part* >"$runs/$name"
+        python3 benchmarks/device_checkpoint.py restore "$runs/$name" "$runs/$run/checkpoint.pt.tmp"
+        mv "$runs/$run/checkpoint.pt.tmp" "$runs/$run/checkpoint.pt"
+        rm "$runs/$name"
+    done
     tar -xzf "$from/dev-logs.tar.gz" -C "$runs"
-    echo "wrote $runs/dev-keep.onnx and the logs under $runs/dev-*"
+    for run in dev-base dev-keep; do
+        $hw export "$runs/$run/checkpoint.pt" -o "$runs/$run.onnx" --data "${4:-../shared/data/cifar10-jpeg.tar.gz}"
+    done
+    echo "wrote $runs/dev-base.onnx (float16 weights widened back), $runs/dev-keep.onnx and the logs under $runs/dev-*"
     exit 0
     ;;
 run) ;;
@@ -48,26 +64,57 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HWTOOL_CACH
 hw=${HWTOOL:-python3 -m hwtool}
 out=${OUT:?set OUT to the folder that comes back}
 runs=${RUNS:-runs}
+budget=${BUDGET:-550}
 read -r -a tiny <<<"${TINY:-}"
 read -r -a p3 <<<"${P3:---batch-size 512 --lr 0.08 --cutout 12 --targeted-keep-by 0.3}"
 source benchmarks/train_phase.sh
 mkdir -p "$runs" "$out"
 nvidia-smi --query-gpu=name --format=csv,noheader >"$runs/dev-gpu.txt" 2>/dev/null || echo none >"$runs/dev-gpu.txt"
+left() { echo $((budget - SECONDS)); }
+note() { echo "$*" | tee -a "$runs/dev-plan.txt"; }
+logs() {
+    local files=(dev-gpu.txt dev-plan.txt)
+    for f in dev-base/log.json dev-base/config.json dev-gated/log.json dev-gated/config.json dev-keep/log.json dev-keep/config.json; do
+        [[ -f $runs/$f ]] && files+=("$f")
+    done
+    tar -czf "$out/dev-logs.tar.gz.tmp" -C "$runs" "${files[@]}" && mv "$out/dev-logs.tar.gz.tmp" "$out/dev-logs.tar.gz"
+}
+export hw data
+export -f phase gated keep
+bounded() {  # bounded SECONDS_TO_SPARE FUNCTION ARGS...: stopped where it would leave less than that
+    local rc=0 limit=$(($(left) - $1))
+    if ((limit < 5)); then
+        note "skipped at $SECONDS s, too little time: ${*:2:3}"
+        return 0
+    fi
+    timeout "$limit" bash -c '"$@"' _ "${@:2}" || rc=$?
+    [[ $rc == 0 ]] || note "stopped (rc $rc) at $SECONDS s: ${*:2:3}"
+}
+give() {  # give RUN [--half]: its checkpoint, slim, into $OUT in parts of 15 MB
+    local name=$1.pt
+    [[ ${2:-} == --half ]] && name=$1.half.pt
+    [[ -f $runs/$1/checkpoint.pt ]] || return 0
+    python3 benchmarks/device_checkpoint.py slim "$runs/$1/checkpoint.pt" "$runs/$name" "${@:2}"
+    split -b 15M -d "$runs/$name" "$out/$name.part"
+    note "$name: $(stat -c %s "$runs/$name") bytes at $SECONDS s"
+}
 
 recipe=(--batch-size 512 --lr 0.4 --cutout 12 --mixed)
-phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
-gated "$runs/dev-gated" "$runs/dev-base/checkpoint.pt" "${E2:-2}" --mixed "${tiny[@]}"
-keep "$runs/dev-keep" "$runs/dev-gated/checkpoint.pt" "${E3:-30}" --mixed "${p3[@]}" "${tiny[@]}"
-
-limit=()
-[[ -n ${TINY:-} ]] && limit=(--limit 512)
-for run in dev-base dev-keep; do
-    $hw export "$runs/$run/checkpoint.pt" -o "$runs/$run.onnx" --data "$data" --json >"$runs/$run/export.json"
-    $hw eval "$runs/$run.onnx" --data "$data" --json "${limit[@]}" >"$runs/$run/eval.json"
-    cat "$runs/$run/eval.json"
-done
-split -b 15M -d "$runs/dev-keep.onnx" "$out/dev-keep.onnx.part"
-tar -czf "$out/dev-logs.tar.gz" -C "$runs" dev-gpu.txt dev-base/log.json dev-base/config.json dev-base/export.json \
-    dev-base/eval.json dev-gated/log.json dev-gated/config.json dev-keep/log.json dev-keep/config.json \
-    dev-keep/export.json dev-keep/eval.json
+: >"$runs/dev-plan.txt"
+start=$SECONDS
+bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
+wall1=$((SECONDS - start))
+note "phase 1: ${E1:-100} epochs in $wall1 s"
+give dev-base --half
+logs
+bounded 60 gated "$runs/dev-gated" "$runs/dev-base/checkpoint.pt" "${E2:-2}" --mixed "${tiny[@]}"
+logs
+e3=${E3:-$(python3 benchmarks/device_checkpoint.py epochs "$runs/dev-base/log.json" "$wall1" "$runs/dev-gated/log.json" "$(($(left) - 20))" "${E3MAX:-40}" || echo 0)}
+note "phase 3: $e3 epochs, $(left) s left at $SECONDS s"
+if ((e3 > 0)); then
+    bounded 20 keep "$runs/dev-keep" "$runs/dev-gated/checkpoint.pt" "$e3" --mixed "${p3[@]}" "${tiny[@]}"
+fi
+give dev-keep
+note "done at $SECONDS s"
+logs
 ls -l "$out"

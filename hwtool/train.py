@@ -250,7 +250,7 @@ class TargetedDropout:
 
         Under DDP (world > 1) the means are averaged over the processes' batches first, so that
         every process holds the same running means and drops and removes the same channels."""
-        batch = [m.float() for m in gate_means]
+        batch = [m.detach().float() for m in gate_means]
         if world > 1:
             import torch.distributed as dist
 

@@ -1,0 +1,60 @@
+"""Checkpoints small enough to come back from a lent GPU machine (device_reference.sh).
+
+    python benchmarks/device_checkpoint.py slim RUN/checkpoint.pt OUT.pt [--half]
+    python benchmarks/device_checkpoint.py restore OUT.pt RUN/checkpoint.pt
+    python benchmarks/device_checkpoint.py epochs LOG1 WALL1 LOG2 LEFT MOST
+
+slim drops the optimizer state (half the file) and, with --half, stores the float weights as
+float16 (a tensor whose values float16 cannot hold stays float32); restore writes them back as
+float32, a checkpoint `hwtool export` and `hwtool train --from/--teacher` read. epochs prints how
+many epochs of phase 3 (at most MOST) fit in LEFT seconds, from phase 1's log and wall time and
+phase 2's log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+
+def slim(src: str, dst: str, half: bool) -> None:
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt.pop("optimizer", None)
+    if half:
+        big = torch.finfo(torch.float16).max / 2
+        ckpt["model"] = {
+            k: v.half() if v.is_floating_point() and v.abs().max() < big else v for k, v in ckpt["model"].items()
+        }
+        ckpt["stored_half"] = True
+    torch.save(ckpt, dst)
+
+
+def restore(src: str, dst: str) -> None:
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt["model"] = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, dst)
+
+
+def epochs(log1: str, wall1: float, log2: str, left: float, most: int) -> int:
+    """Phase 3 trains at phase 1's batch size (512) with phase 2's per-step work (targeted dropout,
+    at 128): an epoch is taken as the slower of phase 1's (its wall time per epoch: evaluation and
+    start included) and a quarter of phase 2's training time plus half a second, with a quarter
+    more for margin and half a minute to start."""
+    n1 = len(json.load(open(log1)))
+    per2 = max(e["seconds"] for e in json.load(open(log2))) / 4 + 0.5
+    per = max(wall1 / n1, per2) * 1.25
+    return max(0, min(most, int((left - 30) / per)))
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    if cmd == "slim":
+        slim(args[0], args[1], "--half" in args)
+    elif cmd == "restore":
+        restore(args[0], args[1])
+    elif cmd == "epochs":
+        print(epochs(args[0], float(args[1]), args[2], float(args[3]), int(args[4])))
+    else:
+        sys.exit(f"unknown command {cmd}; use slim, restore or epochs")

@@ -4,13 +4,14 @@
 
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
 latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
-it was trained from and the model shipped before it, unpruned and pruned at 0.05
-(benchmarks/results/gpu100/, c100keep7/), and the model trained without the incentive
-(benchmarks/reference_plain.sh), whose latencies were not measured in that run; then the paper.
+it was trained from, the baseline of the models shipped before it and the model shipped just
+before it, unpruned and pruned at 0.05 (benchmarks/results/d100/, gpu100/, c100keep14/), and the
+model trained without the incentive (benchmarks/reference_plain.sh), whose latencies were not
+measured in that run; then the paper.
 Δ is against the shipped model NAME before pruning.
 
-A second table follows: the phase-3 runs (pruning to a budget while training, from the same phase-2
-start) side by side, from their committed logs and configurations (PHASE3).
+A second table follows: the phase-3 runs (pruning to a budget while training, each from a phase-2
+run on a 100-epoch baseline) side by side, from their committed logs and configurations (PHASE3).
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ RESULTS = Path(__file__).parent / "results"
 # The original work's figures for this network on CIFAR-10 (lossless data): 34 MB, pruned about 85%
 # to 5.2 MB for 1.72 points of accuracy.
 PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | - / −1.72 points | - | - |"
-# Other runs, unpruned and pruned: the baseline the shipped model was trained from
-# (benchmarks/reference_unshipped.sh) and the model shipped before it (benchmarks/reference.sh's
-# JSON, moved aside).
+# Other runs, unpruned and pruned: the baselines (benchmarks/reference_unshipped.sh) and the model
+# shipped before (benchmarks/reference.sh's JSON, moved aside).
 EARLIER = [
-    ("gpu100", "baseline the shipped model started from (100 epochs, λ = 0.5)"),
-    ("c100keep7", "shipped before (phase 3 for 7 epochs)"),
+    ("d100", "baseline the shipped model started from (100 epochs, λ = 0.5, H100)"),
+    ("gpu100", "baseline of the models shipped before (the same recipe, H200)"),
+    ("c100keep14", "shipped before (phase 3 for 14 epochs, CPU)"),
 ]
-# Phase-3 runs from the same start: (folder, run name), logs and configurations as train wrote them.
-PHASE3 = [("gpu", "g100-keep"), ("cpu", "c100-keep7"), ("cpu", "c100-keep14")]
+# Phase-3 runs: (folder, run name), logs and configurations as train wrote them.
+PHASE3 = [("gpu", "g100-keep"), ("cpu", "c100-keep7"), ("cpu", "c100-keep14"), ("gpu", "d100-keep18")]
 HEADER = [
     "| model | size (MB) | parameters | removed | MFLOPs | top-1 (Δ) | p50 ms batch 1 | p50 ms batch 64 |",
     "|---|---|---|---|---|---|---|---|",

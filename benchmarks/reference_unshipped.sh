@@ -6,8 +6,10 @@
 #   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
 #
 # The runs that were not shipped: long (NAME run1b) and keep-kd of benchmarks/train_reference.sh,
-# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from)
-# and gpu (NAME gpu49, the 49-epoch run beside the λ = 0 one);
+# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from),
+# gpu (NAME gpu49, the 49-epoch run beside the λ = 0 one) and dev-base of device_reference.sh
+# (NAME d100, the baseline made again on an H100); with BUDGETS (e.g. 0.5,0.25,0.1) also a sweep of
+# parameter budgets (prune --budget, the transform refit) into reference-budgets.json;
 # a run worth shipping goes through benchmarks/reference.sh instead.
 set -euo pipefail
 run=${1:?usage: benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]}
@@ -27,3 +29,7 @@ $hw sweep "$model" --data "$data" --calib models/calib256.npy --thresholds 0,0.0
 $hw prune "$model" --threshold 0.05 --calib models/calib256.npy -o "${model%.onnx}.pruned.onnx" --json \
     > "$res/reference-prune.json"
 $hw eval "${model%.onnx}.pruned.onnx" --data "$data" --json > "$res/reference-pruned-eval.json"
+if [[ -n ${BUDGETS:-} ]]; then
+    $hw sweep "$model" --data "$data" --calib models/calib256.npy --budgets "$BUDGETS" \
+        --csv "$res/reference-budgets.csv" --json "$res/reference-budgets.json" --png "$res/reference-budgets.png"
+fi

@@ -206,21 +206,22 @@ class TargetedDropout:
         self.removed: list[torch.Tensor] | None = None  # per block, channels removed for good (remove_to)
 
     def masks(self, g: torch.Generator, device: torch.device) -> list[torch.Tensor] | None:
-        """Per block a 0/1 mask for this step (None before the first gates are seen)."""
+        """Per block a 0/1 mask for this step (None before the first gates are seen). Drawn on the
+        CPU, block by block, and moved to the device in one copy."""
         if self.means is None:
             return None
-        out = []
+        keep = []
         for b, m in enumerate(self.means):
             drop = (m < self.threshold) & (torch.rand(len(m), generator=g) < self.p)
             if self.removed is not None:
                 drop |= self.removed[b]
-            out.append((~drop).float().to(device))
-        return out
+            keep.append(~drop)
+        return list(torch.cat(keep).float().to(device).split([len(k) for k in keep]))
 
     def remove_to(self, cfg: HighwayConfig, budget: int) -> None:
-        """Remove channels for good, lowest running mean gate first across all blocks, until the
-        transforms and gates hold at most `budget` parameters (see model.block_parameters): a
-        threshold that rises just as far as the budget needs."""
+        """Remove channels for good, lowest running mean gate first across all blocks (ties in block
+        and channel order), until the transforms and gates hold at most `budget` parameters (see
+        model.block_parameters): a threshold that rises just as far as the budget needs."""
         if self.means is None:
             return
         if self.removed is None:
@@ -231,39 +232,44 @@ class TargetedDropout:
         if total <= budget:
             return
         inputs = block_inputs(cfg)
-        order = sorted(
-            (float(m[i]), b, i) for b, m in enumerate(self.means) for i in range(len(m)) if not self.removed[b][i]
-        )
-        for _, b, i in order:
+        sizes = [len(m) for m in self.means]
+        owner = [b for b, n in enumerate(sizes) for _ in range(n)]  # flat index -> block
+        start = [sum(sizes[:b]) for b in range(len(sizes))]
+        candidates = (~torch.cat(self.removed)).nonzero().flatten()
+        means = torch.cat(self.means)[candidates]
+        for flat in candidates[torch.sort(means, stable=True).indices].tolist():
             if total <= budget:
                 break
+            b = owner[flat]
             kept[b] -= 1
             after = transform_parameters(inputs[b], kept[b])
             total -= per_block[b] - after
             per_block[b] = after
-            self.removed[b][i] = True
+            self.removed[b][flat - start[b]] = True
 
     @torch.no_grad()
     def update(self, gate_means: list[torch.Tensor], masks: list[torch.Tensor] | None, world: int = 1) -> None:
         """Fold this step's per-channel mean gates (per block (C,)) in; dropped channels (gate
-        forced to 0) keep theirs.
+        forced to 0) keep theirs. One copy to the CPU a step (on a GPU, one wait rather than one a
+        block).
 
         Under DDP (world > 1) the means are averaged over the processes' batches first, so that
         every process holds the same running means and drops and removes the same channels."""
-        batch = [m.detach().float() for m in gate_means]
+        sizes = [len(m) for m in gate_means]
+        flat = torch.cat([m.detach().float() for m in gate_means])
         if world > 1:
             import torch.distributed as dist
 
-            flat = torch.cat(batch)
             dist.all_reduce(flat)
-            batch = list((flat / world).split([len(b) for b in batch]))
-        batch = [b.cpu() for b in batch]
+            flat = flat / world
+        batch = list(flat.cpu().split(sizes))
         if self.means is None:
-            self.means = batch
+            self.means = [b.clone() for b in batch]
             return
+        kept = None if masks is None else torch.cat(masks).cpu().split(sizes)
         for i, b in enumerate(batch):
             new = self.momentum * self.means[i] + (1 - self.momentum) * b
-            self.means[i] = new if masks is None else torch.where(masks[i].cpu() > 0, new, self.means[i])
+            self.means[i] = new if kept is None else torch.where(kept[i] > 0, new, self.means[i])
 
 
 def _dead_channels(dropout: TargetedDropout | None, dropping: bool) -> list[torch.Tensor] | None:

@@ -20,8 +20,12 @@
 # at most E3MAX, 40), and P3 (phase 3's extra options). Seen on an H200: phase 1 at batch 512 about
 # 1.8 to 2.2 s an epoch, phases 2 and 3 at batch 128 13 to 25 s an epoch (targeted dropout's work is
 # per step), hence batch 512 for phase 3 with the LR scaled with it (0.08; P3 comes after keep()'s
-# own options, and the last value of an option given twice wins). TINY (options for every phase,
-# e.g. "--limit 512 --widths 8,16,32 --depth 1") tries the script out on a CPU.
+# own options, and the last value of an option given twice wins). Seen on an H100 (the run shipped,
+# benchmarks/results/gpu/d100-device.txt): phase 1 448 s (about 13,000 img/s), phase 2 18 to 25 s
+# an epoch, phase 3 at batch 512 4 to 9 s; so on an H100 give phase 1 fewer epochs (E1) or expect a
+# second call: on a machine still warm, the runs are still there and each phase resumes (remove
+# runs/dev-keep first when its epochs change). TINY (options for every phase, e.g. "--limit 512
+# --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=.devdata/cifar10-jpeg.tar.gz

@@ -40,11 +40,11 @@ def restore(src: str, dst: str) -> None:
 def epochs(log1: str, wall1: float, log2: str, left: float, most: int) -> int:
     """Phase 3 trains at phase 1's batch size (512) with phase 2's per-step work (targeted dropout,
     at 128): an epoch is taken as the slower of phase 1's (its wall time per epoch: evaluation and
-    start included) and a quarter of phase 2's training time plus half a second, with a quarter
-    more for margin and half a minute to start."""
-    n1 = len(json.load(open(log1)))
+    start included; none when WALL1 is 0, phase 1 carried) and a quarter of phase 2's training
+    time plus half a second, with a quarter more for margin and half a minute to start."""
+    per1 = wall1 / len(json.load(open(log1))) if wall1 > 0 else 0.0  # 0: phase 1 was carried, not run
     per2 = max(e["seconds"] for e in json.load(open(log2))) / 4 + 0.5
-    per = max(wall1 / n1, per2) * 1.25
+    per = max(per1, per2) * 1.25
     return max(0, min(most, int((left - 30) / per)))
 
 

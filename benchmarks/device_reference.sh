@@ -24,7 +24,10 @@
 # benchmarks/results/gpu/d100-device.txt): phase 1 448 s (about 13,000 img/s), phase 2 18 to 25 s
 # an epoch, phase 3 at batch 512 4 to 9 s; so on an H100 give phase 1 fewer epochs (E1) or expect a
 # second call: on a machine still warm, the runs are still there and each phase resumes (remove
-# runs/dev-keep first when its epochs change). TINY (options for every phase, e.g. "--limit 512
+# runs/dev-keep first when its epochs change). Better on an H100: carry the baseline made before
+# (`BASE_FROM=runs/dev-base/checkpoint.pt bash benchmarks/device_reference.sh prepare`, 18 MB in
+# float16) and run with BASE=.devdata/base.half.pt: phase 1 is skipped and phases 2 and 3 get the
+# whole call (phase 3 up to E3MAX epochs). TINY (options for every phase, e.g. "--limit 512
 # --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +38,10 @@ prepare)
     mkdir -p .devdata
     grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >>.git/info/exclude
     cp "${2:-../shared/data/cifar10-jpeg.tar.gz}" "$data"
+    if [[ -n ${BASE_FROM:-} ]]; then  # a baseline made before, to carry instead of making it again
+        python3 benchmarks/device_checkpoint.py slim "$BASE_FROM" .devdata/base.half.pt --half
+        echo ".devdata/base.half.pt ready: run with BASE=.devdata/base.half.pt to skip phase 1"
+    fi
     echo "$data ready; move models/reference.onnx aside for the call"
     exit 0
     ;;
@@ -45,6 +52,7 @@ unpack)
         mkdir -p "$runs/$run"
         name=$run.pt
         [[ $run == dev-base ]] && name=$run.half.pt
+        compgen -G "$from/$name.part*" >/dev/null || continue  # not sent (phase 1 carried, or never made)
         cat "$from/$name".part* >"$runs/$name"
         python3 benchmarks/device_checkpoint.py restore "$runs/$name" "$runs/$run/checkpoint.pt.tmp"
         mv "$runs/$run/checkpoint.pt.tmp" "$runs/$run/checkpoint.pt"
@@ -52,9 +60,10 @@ unpack)
     done
     tar -xzf "$from/dev-logs.tar.gz" -C "$runs"
     for run in dev-base dev-keep; do
+        [[ -f $runs/$run/checkpoint.pt ]] || continue
         $hw export "$runs/$run/checkpoint.pt" -o "$runs/$run.onnx" --data "${4:-../shared/data/cifar10-jpeg.tar.gz}"
     done
-    echo "wrote $runs/dev-base.onnx (float16 weights widened back), $runs/dev-keep.onnx and the logs under $runs/dev-*"
+    echo "wrote the models above (dev-base.onnx from float16 weights widened back) and the logs under $runs/dev-*"
     exit 0
     ;;
 run) ;;
@@ -106,10 +115,17 @@ give() {  # give RUN [--half]: its checkpoint, slim, into $OUT in parts of 15 MB
 recipe=(--batch-size 512 --lr 0.4 --cutout 12 --mixed)
 : >"$runs/dev-plan.txt"
 start=$SECONDS
-bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
-wall1=$((SECONDS - start))
-note "phase 1: ${E1:-100} epochs in $wall1 s"
-give dev-base --half
+if [[ -n ${BASE:-} ]]; then  # phase 1 carried (prepare with BASE_FROM), not made again
+    mkdir -p "$runs/dev-base"
+    python3 benchmarks/device_checkpoint.py restore "$BASE" "$runs/dev-base/checkpoint.pt"
+    note "phase 1: carried from $BASE"
+    wall1=0
+else
+    bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
+    wall1=$((SECONDS - start))
+    note "phase 1: ${E1:-100} epochs in $wall1 s"
+    give dev-base --half
+fi
 logs
 bounded 60 gated "$runs/dev-gated" "$runs/dev-base/checkpoint.pt" "${E2:-2}" --mixed "${tiny[@]}"
 logs

@@ -56,3 +56,7 @@ def test_phase3_epochs_fit_the_time_left(tmp_path):
     assert _run("epochs", log1, 450, log2, 300, 40) == "32"
     assert _run("epochs", log1, 450, log2, 300, 20) == "20"  # at most MOST
     assert _run("epochs", log1, 450, log2, 20, 40) == "0"  # no time: none, not a negative count
+    # phase 1 carried (WALL1 0): its log is not read, phase 2's pace alone decides
+    assert _run("epochs", tmp_path / "absent.json", 0, log2, 300, 40) == "32"
+    log2.write_text(json.dumps([{"seconds": 2.0}]))
+    assert _run("epochs", tmp_path / "absent.json", 0, log2, 300, 1000) == "216"  # (300 - 30) / 1.25

@@ -6,35 +6,45 @@
 
 slim drops the optimizer state (half the file) and, with --half, stores the float weights as
 float16 (a tensor whose values float16 cannot hold stays float32); restore writes them back as
-float32, a checkpoint `hwtool export` and `hwtool train --from/--teacher` read. epochs prints how
-many epochs of phase 3 (at most MOST) fit in LEFT seconds, from phase 1's log and wall time and
-phase 2's log.
+float32, a checkpoint `hwtool export` and `hwtool train --from/--teacher` read. Both write their
+output atomically. epochs prints how many epochs of phase 3 (at most MOST) fit in LEFT seconds,
+from phase 1's log and wall time and phase 2's log. Bad arguments or files: one line, exit 2.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
 
+from hwtool.train import load_checkpoint
+
+USAGE = "usage: device_checkpoint.py slim SRC DST [--half] | restore SRC DST | epochs LOG1 WALL1 LOG2 LEFT MOST"
+
+
+def _save_atomic(obj: dict, dst: str) -> None:
+    tmp = f"{dst}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, dst)
+
 
 def slim(src: str, dst: str, half: bool) -> None:
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(src)
     ckpt.pop("optimizer", None)
     if half:
         big = torch.finfo(torch.float16).max / 2
         ckpt["model"] = {
             k: v.half() if v.is_floating_point() and v.abs().max() < big else v for k, v in ckpt["model"].items()
         }
-        ckpt["stored_half"] = True
-    torch.save(ckpt, dst)
+    _save_atomic(ckpt, dst)
 
 
 def restore(src: str, dst: str) -> None:
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(src)
     ckpt["model"] = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    torch.save(ckpt, dst)
+    _save_atomic(ckpt, dst)
 
 
 def epochs(log1: str, wall1: float, log2: str, left: float, most: int) -> int:
@@ -48,13 +58,21 @@ def epochs(log1: str, wall1: float, log2: str, left: float, most: int) -> int:
     return max(0, min(most, int((left - 30) / per)))
 
 
-if __name__ == "__main__":
-    cmd, args = sys.argv[1], sys.argv[2:]
-    if cmd == "slim":
+def main(argv: list[str]) -> None:
+    cmd, args = (argv[0], argv[1:]) if argv else ("", [])
+    if cmd == "slim" and len(args) in (2, 3) and args[2:] in ([], ["--half"]):
         slim(args[0], args[1], "--half" in args)
-    elif cmd == "restore":
+    elif cmd == "restore" and len(args) == 2:
         restore(args[0], args[1])
-    elif cmd == "epochs":
+    elif cmd == "epochs" and len(args) == 5:
         print(epochs(args[0], float(args[1]), args[2], float(args[3]), int(args[4])))
     else:
-        sys.exit(f"unknown command {cmd}; use slim, restore or epochs")
+        raise ValueError(USAGE)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

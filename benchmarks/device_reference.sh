@@ -54,8 +54,7 @@ unpack)
         [[ $run == dev-base ]] && name=$run.half.pt
         compgen -G "$from/$name.part*" >/dev/null || continue  # not sent (phase 1 carried, or never made)
         cat "$from/$name".part* >"$runs/$name"
-        python3 benchmarks/device_checkpoint.py restore "$runs/$name" "$runs/$run/checkpoint.pt.tmp"
-        mv "$runs/$run/checkpoint.pt.tmp" "$runs/$run/checkpoint.pt"
+        python3 benchmarks/device_checkpoint.py restore "$runs/$name" "$runs/$run/checkpoint.pt"
         rm "$runs/$name"
     done
     tar -xzf "$from/dev-logs.tar.gz" -C "$runs"

@@ -6,9 +6,9 @@
 #   bash benchmarks/reference_unshipped.sh RUN_DIR NAME [DATA]
 #
 # The runs that were not shipped: long (NAME run1b) and keep-kd of benchmarks/train_reference.sh,
-# gpu100 of benchmarks/train_reference_gpu.sh (the baseline the shipped model was trained from),
+# gpu100 of benchmarks/train_reference_gpu.sh (the baseline of the models shipped before d100-keep18),
 # gpu (NAME gpu49, the 49-epoch run beside the λ = 0 one) and dev-base of device_reference.sh
-# (NAME d100, the baseline made again on an H100); with BUDGETS (e.g. 0.5,0.25,0.1) also a sweep of
+# (NAME d100, the baseline made again on an H100, which the shipped model was trained from); with BUDGETS (e.g. 0.5,0.25,0.1) also a sweep of
 # parameter budgets (prune --budget, the transform refit) into reference-budgets.json;
 # a run worth shipping goes through benchmarks/reference.sh instead.
 set -euo pipefail

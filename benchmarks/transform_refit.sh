@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pruning past the channels the gates switched off: the shipped reference model at parameter
-# budgets under the 9.1% its own prune keeps, three ways: the paper's plain drop (--no-refit), the
+# budgets under the 9.0% its own prune keeps, three ways: the paper's plain drop (--no-refit), the
 # kept gates refitted (--refit-gates-only), and the default, which also refits each transform conv
 # whose input the pruning upstream has moved. Test accuracy on the full CIFAR-10 test set.
 #

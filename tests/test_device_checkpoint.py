@@ -60,3 +60,13 @@ def test_phase3_epochs_fit_the_time_left(tmp_path):
     assert _run("epochs", tmp_path / "absent.json", 0, log2, 300, 40) == "32"
     log2.write_text(json.dumps([{"seconds": 2.0}]))
     assert _run("epochs", tmp_path / "absent.json", 0, log2, 300, 1000) == "216"  # (300 - 30) / 1.25
+
+
+def test_bad_arguments_and_files_get_one_line_and_write_nothing(tmp_path):
+    junk, out = tmp_path / "junk.pt", tmp_path / "out.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for args in ([], ["slim", junk], ["restore", junk, out], ["slim", tmp_path / "absent.pt", out, "--half"]):
+        proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: ")
+        assert "Traceback" not in proc.stderr and not out.exists()

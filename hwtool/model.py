@@ -57,6 +57,7 @@ class HighwayBlock(nn.Module):
         drop_transforms: bool = False,
         stats: bool = False,
         silence: bool = True,
+        kept: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (y, H, T). mask (C,) of 0/1 forces gates to zero: the masked reference of a prune.
 
@@ -65,9 +66,14 @@ class HighwayBlock(nn.Module):
         With stats, H and T come back as what training reads of them (see channel_stats): per
         channel, the mean of H·(1−T) with T detached and the mean of T, each (C,) float32 (the
         first zeros, not computed, unless silence).
+        kept: the indices of the channels a mask with drop_transforms keeps, on x's device, in
+        place of both: found on the host beforehand, they spare a GPU the wait that finding them
+        from a mask on it (nonzero) costs every block and step.
         """
-        if mask is not None and drop_transforms:
-            return self._forward_kept(x, mask, stats, silence)
+        if kept is None and mask is not None and drop_transforms:
+            kept = mask.nonzero().flatten()
+        if kept is not None:
+            return self._forward_kept(x, kept, stats, silence)
         h = F.relu(self.transform(self.norm(x)))  # (B, C, H', W')
         t = torch.sigmoid(self.gate(h))  # (B, C, H', W'), per channel and position
         if mask is not None:
@@ -77,9 +83,9 @@ class HighwayBlock(nn.Module):
         return (y, *channel_stats(h, t, silence)) if stats else (y, h, t)
 
     def _forward_kept(
-        self, x: torch.Tensor, mask: torch.Tensor, stats: bool = False, silence: bool = True
+        self, x: torch.Tensor, keep: torch.Tensor, stats: bool = False, silence: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """forward with the masked channels' H and T zeroed, computing the kept channels only.
+        """forward with all but the channels `keep` (indices) zeroed in H and T, computing those only.
 
         A masked channel's H is zero and its gate is zero, so the block carries it through and its
         weights get no gradient: the same outputs and gradients as zeroing them after full-width
@@ -87,7 +93,6 @@ class HighwayBlock(nn.Module):
         H and T come back full width, zero where masked; with stats, their per-channel statistics,
         computed on the kept channels and zero where masked (no full-width H or T is made).
         """
-        keep = mask.nonzero().flatten()
         carry = x if self.project is None else self.project(x)
         width = self.gate.out_channels
         if keep.numel() == 0:  # the whole transform is gone: the block carries (convs take no 0-channel weight)
@@ -152,6 +157,7 @@ class HighwayNet(nn.Module):
         drop_transforms: bool = False,
         return_stats: bool = False,
         silence: bool = True,
+        kept: list[torch.Tensor] | None = None,
     ):
         """x: (B, 3, 32, 32) RGB in [0, 1]. Returns logits, or (logits, gates, transforms).
 
@@ -159,12 +165,15 @@ class HighwayNet(nn.Module):
         drop_transforms: zero the masked H channels too (see HighwayBlock.forward);
         return_stats: (logits, gate means, silences), per block (C,) vectors (see channel_stats),
         what training reads, cheaper than the full tensors when channels are masked; without
-        silence the silences are zeros, not computed.
+        silence the silences are zeros, not computed;
+        kept: per block, the indices of its kept channels on x's device, in place of masks with
+        drop_transforms (see kept_indices).
         """
         x = self.stem((x - self.mean) / self.std)
         gates, transforms = [], []
         for i, block in enumerate(self.blocks):
-            x, h, t = block(x, None if masks is None else masks[i], drop_transforms, return_stats, silence)
+            mask, keep = None if masks is None else masks[i], None if kept is None else kept[i]
+            x, h, t = block(x, mask, drop_transforms, return_stats, silence, keep)
             gates.append(t)
             transforms.append(h)
         x = F.relu(self.head_norm(x))
@@ -229,6 +238,22 @@ def bake_masks(model: HighwayNet, masks: list[torch.Tensor]) -> None:
         block.gate.weight[off] = 0
         block.gate.weight[:, off] = 0
         block.gate.bias[off] = OFF_GATE_BIAS
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without waiting: a plain copy from
+    pageable memory waits for the GPU to finish all it was given, so that the host can never run
+    ahead of it; one such copy a training step halves the speed of a small network."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def kept_indices(masks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Per block, the indices of a host 0/1 mask's kept channels, on `device` in one copy: what
+    HighwayNet.forward's `kept` takes."""
+    found = [m.nonzero().flatten() for m in masks]
+    return list(to_device(torch.cat(found), device).split([len(f) for f in found]))
 
 
 def block_widths(cfg: HighwayConfig) -> list[int]:

@@ -30,6 +30,8 @@ from hwtool.model import (
     block_widths,
     count_parameters,
     gate_masks,
+    kept_indices,
+    to_device,
     transform_parameters,
 )
 from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes
@@ -90,7 +92,7 @@ class TrainConfig:
 
 def batch_flip_lr(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right. x: (B, C, H, W)."""
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    flip = to_device(torch.rand(x.shape[0], generator=g) < 0.5, x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
@@ -99,8 +101,8 @@ def batch_crop(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tenso
     b, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
     # The random numbers come from the CPU generator wherever x lives, so a run draws the same crops on any device.
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+    dy = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=g), x.device)
+    dx = to_device(torch.randint(0, 2 * pad + 1, (b,), generator=g), x.device)
     at = functools.partial(torch.arange, device=x.device)
     rows = (dy[:, None] + at(h))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + at(w))[:, None, None, :]  # (B, 1, 1, W)
@@ -113,20 +115,21 @@ def batch_cutout(x: torch.Tensor, g: torch.Generator, size: int) -> torch.Tensor
     if size <= 0:
         return x
     b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b,), generator=g).to(x.device)
-    cx = torch.randint(0, w, (b,), generator=g).to(x.device)
+    cy = to_device(torch.randint(0, h, (b,), generator=g), x.device)
+    cx = to_device(torch.randint(0, w, (b,), generator=g), x.device)
     top, left = cy - size // 2, cx - size // 2
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     inside_r = (rows[None, :] >= top[:, None]) & (rows[None, :] < top[:, None] + size)  # (B, H)
     inside_c = (cols[None, :] >= left[:, None]) & (cols[None, :] < left[:, None] + size)  # (B, W)
     square = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]  # (B, 1, H, W)
-    mean = torch.tensor(CIFAR_MEAN, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    mean = to_device(torch.tensor(CIFAR_MEAN, dtype=x.dtype), x.device).view(1, -1, 1, 1)
     return torch.where(square, mean, x)
 
 
-def to_input(images: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+def to_input(images: np.ndarray | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) -> float32 (B, 3, 32, 32) in [0, 1], on `device` (moved as uint8)."""
-    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,14 +203,15 @@ class TargetedDropout:
     by becoming useful enough to rise above the threshold; the others learn to carry nothing.
     """
 
-    def __init__(self, p: float, threshold: float, momentum: float = 0.98):
-        self.p, self.threshold, self.momentum = p, threshold, momentum
-        self.means: list[torch.Tensor] | None = None
+    def __init__(self, p: float, threshold: float, momentum: float = 0.98, lag: int = 0):
+        self.p, self.threshold, self.momentum, self.lag = p, threshold, momentum, lag
+        self.means: list[torch.Tensor] | None = None  # per block, on the host
         self.removed: list[torch.Tensor] | None = None  # per block, channels removed for good (remove_to)
+        self._pending: list[tuple] = []  # steps' gate means on their way to the host, oldest first
 
-    def masks(self, g: torch.Generator, device: torch.device) -> list[torch.Tensor] | None:
-        """Per block a 0/1 mask for this step (None before the first gates are seen). Drawn on the
-        CPU, block by block, and moved to the device in one copy."""
+    def masks(self, g: torch.Generator) -> list[torch.Tensor] | None:
+        """Per block a 0/1 float mask for this step, on the host (None before the first gates are
+        seen); see kept_indices for the device's part."""
         if self.means is None:
             return None
         keep = []
@@ -215,8 +219,8 @@ class TargetedDropout:
             drop = (m < self.threshold) & (torch.rand(len(m), generator=g) < self.p)
             if self.removed is not None:
                 drop |= self.removed[b]
-            keep.append(~drop)
-        return list(torch.cat(keep).float().to(device).split([len(k) for k in keep]))
+            keep.append((~drop).float())
+        return keep
 
     def remove_to(self, cfg: HighwayConfig, budget: int) -> None:
         """Remove channels for good, lowest running mean gate first across all blocks (ties in block
@@ -249,9 +253,13 @@ class TargetedDropout:
 
     @torch.no_grad()
     def update(self, gate_means: list[torch.Tensor], masks: list[torch.Tensor] | None, world: int = 1) -> None:
-        """Fold this step's per-channel mean gates (per block (C,)) in; dropped channels (gate
-        forced to 0) keep theirs. One copy to the CPU a step (on a GPU, one wait rather than one a
-        block).
+        """Fold a step's per-channel mean gates (per block (C,)) in; dropped channels (masks, on
+        the host: gate forced to 0) keep theirs.
+
+        The means travel to the host in one copy. With `lag` n the copy does not wait: a step's
+        means are folded in n steps later, once the device has long made them, so that a GPU is
+        never waited for and the host prepares the next step while it computes (on a CPU, where
+        the copy is immediate, lag is 0). `settle` folds in whatever is still on its way.
 
         Under DDP (world > 1) the means are averaged over the processes' batches first, so that
         every process holds the same running means and drops and removes the same channels."""
@@ -262,14 +270,34 @@ class TargetedDropout:
 
             dist.all_reduce(flat)
             flat = flat / world
-        batch = list(flat.cpu().split(sizes))
+        event = None
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = flat.clone()
+        self._pending.append((host, event, sizes, masks))
+        while len(self._pending) > self.lag:
+            self._fold()
+
+    def settle(self) -> None:
+        """Fold in every step's means still on their way (before reading or saving `means`)."""
+        while self._pending:
+            self._fold()
+
+    def _fold(self) -> None:
+        host, event, sizes, masks = self._pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        batch = list(host.split(sizes))
         if self.means is None:
             self.means = [b.clone() for b in batch]
             return
-        kept = None if masks is None else torch.cat(masks).cpu().split(sizes)
         for i, b in enumerate(batch):
             new = self.momentum * self.means[i] + (1 - self.momentum) * b
-            self.means[i] = new if kept is None else torch.where(kept[i] > 0, new, self.means[i])
+            self.means[i] = new if masks is None else torch.where(masks[i] > 0, new, self.means[i])
 
 
 def _dead_channels(dropout: TargetedDropout | None, dropping: bool) -> list[torch.Tensor] | None:
@@ -335,8 +363,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, list[torch.Tensor] | None, str]:
     """The frozen eval-mode teacher network of cfg.teacher (any width and depth, the same classes),
-    the masks of the channels fine-tuning baked off in it (None if none: a pruned teacher then runs
-    its kept channels only) and the SHA-256 of its file, which a resumed run checks."""
+    the indices of the channels fine-tuning did not bake off in it (kept_indices; None if none were:
+    a pruned teacher then runs its kept channels only) and the SHA-256 of its file, which a resumed
+    run checks."""
     path = Path(cfg.teacher)
     if not path.is_file():
         raise FileNotFoundError(
@@ -355,8 +384,8 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, li
         teacher = teacher.to(memory_format=torch.channels_last)
     teacher.requires_grad_(False)
     masks = baked_masks(teacher)
-    masks = None if masks is None else [m.to(device) for m in masks]
-    return teacher, masks, file_sha256(path)
+    kept = None if masks is None else kept_indices([m.cpu() for m in masks], device)
+    return teacher, kept, file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,9 +522,9 @@ def train(
     if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
         raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
 
-    teacher, teacher_masks, teacher_sha = None, None, None
+    teacher, teacher_kept, teacher_sha = None, None, None
     if cfg.teacher is not None:
-        teacher, teacher_masks, teacher_sha = load_teacher(cfg, device)
+        teacher, teacher_kept, teacher_sha = load_teacher(cfg, device)
         if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher_sha):
             raise ValueError(
                 f"teacher {cfg.teacher} changed since this run started (its SHA-256 differs); "
@@ -532,7 +561,8 @@ def train(
         masks = _start_from(model, cfg, train_set, device)
     dropout = None
     if cfg.targeted_dropout > 0 or cfg.targeted_keep is not None:
-        dropout = TargetedDropout(cfg.targeted_dropout, cfg.targeted_threshold)
+        # On a GPU each step's gate means are folded in one step late (see TargetedDropout.update).
+        dropout = TargetedDropout(cfg.targeted_dropout, cfg.targeted_threshold, lag=int(device.type == "cuda"))
     if dropout is not None and ckpt is not None and ckpt.get("gate_running_means") is not None:
         dropout.means = [torch.tensor(m) for m in ckpt["gate_running_means"]]
         if ckpt.get("removed_channels") is not None:
@@ -559,6 +589,13 @@ def train(
         raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
+    # The training set lives where the network does (150 MB of uint8 for CIFAR-10), so a step's
+    # batch is gathered there: no copy a step for a GPU to wait on. The masks that stay (fine-tuning)
+    # are kept on the host too, and their channels' indices on the device, found once.
+    images = to_device(torch.from_numpy(train_set.images), device)
+    labels = to_device(torch.from_numpy(train_set.labels), device)
+    host_masks = None if masks is None else [m.cpu() for m in masks]
+    fixed_kept = None if masks is None else kept_indices(host_masks, device)
     if not quiet and resume:
         # A resumed run records how this call runs it (e.g. --compile) even if nothing is left to train.
         atomic_write_files({out / "config.json": json_file_bytes(cfg.to_dict(), indent=2)})
@@ -576,43 +613,44 @@ def train(
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             g_drop = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 7_919)
             perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
+            perm_on = to_device(perm, device)
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
             seen, correct, loss_sum, gate_sum, kd_sum, t0 = 0, 0, 0.0, 0.0, 0.0, time.perf_counter()
             sums, shown = None, 0  # this epoch's running sums on the device; steps the bar shows
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                idx = perm_on[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Augment the whole global batch with the shared generator (on the device), then
                 # take this rank's part.
-                x = batch_crop(batch_flip_lr(to_input(train_set.images[idx.numpy()], device), g), g)
+                x = batch_crop(batch_flip_lr(to_input(images[idx]), g), g)
                 x = batch_cutout(x, g, cfg.cutout)
-                y = torch.from_numpy(train_set.labels[idx.numpy()]).to(device)
+                y = labels[idx]
                 x, y = x[rank * local_bs : (rank + 1) * local_bs], y[rank * local_bs : (rank + 1) * local_bs]
                 if cfg.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
                 lam = penalty_at(cfg, step, total)
-                step_masks = masks
+                step_masks, step_kept = host_masks, fixed_kept  # on the host; their indices on the device
                 if dropout is not None:
                     if cfg.targeted_keep is not None and step >= drop_from:
                         dropout.remove_to(cfg.model, budget_at(cfg, step, total, full_params, fixed_params))
-                    drops = dropout.masks(g_drop, device) if step >= drop_from else None
+                    drops = dropout.masks(g_drop) if step >= drop_from else None
                     if drops is not None:
-                        step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
+                        step_masks = drops if host_masks is None else [a * b for a, b in zip(host_masks, drops)]
+                        step_kept = kept_indices(step_masks, device)
                 with _autocast(device, cfg.bf16):
                     logits, gates, silences = net(
                         x,
                         return_stats=True,
                         silence=cfg.silence_penalty > 0,
-                        masks=step_masks,
-                        drop_transforms=step_masks is not None,
+                        kept=step_kept,
                     )
                     ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                     task_loss, kd = ce, ce.new_zeros(())
                     if teacher is not None:
                         with torch.no_grad():
-                            soft = teacher(x, masks=teacher_masks, drop_transforms=teacher_masks is not None)
+                            soft = teacher(x, kept=teacher_kept)
                         kd = distillation_loss(logits, soft, cfg.distill_temperature)
                         task_loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
                 gate_term, silence_term = incentive(gates, silences, weights, cfg.gate_shape)
@@ -665,9 +703,11 @@ def train(
                 seen *= world
             if masks is not None:
                 bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
+            if dropout is not None:
+                dropout.settle()
             dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > drop_from)
             if dead is not None:
-                bake_masks(model, dead if masks is None else [a * b for a, b in zip(masks, dead)])
+                bake_masks(model, dead if host_masks is None else [a * b for a, b in zip(host_masks, dead)])
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
             entry = {
                 "epoch": epoch + 1,

@@ -101,18 +101,18 @@ def test_bake_masks_is_what_drop_transforms_computes():
 
 
 def test_a_finetuned_teacher_runs_its_kept_channels_only(tuned, cifar):
-    """A teacher that fine-tuning pruned comes with the masks of its baked-off channels (exactly the
-    run's kept ones), and computes through them what it computes at full width; an unpruned teacher
-    has none."""
+    """A teacher that fine-tuning pruned comes with the indices of the channels it did not bake
+    off (exactly the run's kept ones), and computes through them what it computes at full width;
+    an unpruned teacher has none."""
     from hwtool.train import TrainConfig, load_teacher
 
-    teacher, masks, _ = load_teacher(TrainConfig(teacher=str(tuned / "checkpoint.pt")), torch.device("cpu"))
+    teacher, kept, _ = load_teacher(TrainConfig(teacher=str(tuned / "checkpoint.pt")), torch.device("cpu"))
     keep = load_checkpoint(tuned / "checkpoint.pt")["keep"]
-    assert [m.tolist() for m in masks] == [[float(k) for k in ks] for ks in keep]
-    assert 0 < sum(int(m.sum()) for m in masks) < sum(len(m) for m in masks)
+    assert [k.tolist() for k in kept] == [[i for i, on in enumerate(ks) if on] for ks in keep]
+    assert 0 < sum(len(k) for k in kept) < sum(len(ks) for ks in keep)
     x = to_input(cifar["test"].images[:32])
     with torch.no_grad():
-        torch.testing.assert_close(teacher(x, masks=masks, drop_transforms=True), teacher(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(teacher(x, kept=kept), teacher(x), atol=1e-5, rtol=1e-5)
     assert load_teacher(TrainConfig(teacher=str(START)), torch.device("cpu"))[1] is None
 
 

@@ -14,6 +14,7 @@ from hwtool.model import (
     block_inputs,
     block_parameters,
     count_parameters,
+    kept_indices,
 )
 
 SMALL = HighwayConfig(widths=(8, 16, 32), depth=2)
@@ -132,7 +133,13 @@ def _masked_full_width(block, x: torch.Tensor, mask: torch.Tensor):
 
 @pytest.mark.parametrize("kept", ["some", "all", "none"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_masked_blocks_compute_only_kept_channels_with_the_same_outputs_and_gradients(images, kept, channels_last):
+@pytest.mark.parametrize("given", ["mask", "indices"])
+def test_masked_blocks_compute_only_kept_channels_with_the_same_outputs_and_gradients(
+    images, kept, channels_last, given
+):
+    """A block given a mask with drop_transforms, or the kept channels' indices (kept_indices, as
+    training hands them), computes the kept channels only, with the outputs and gradients of the
+    full-width definition."""
     torch.manual_seed(0)
     model = HighwayNet(SMALL).train()
     if channels_last:
@@ -144,16 +151,23 @@ def test_masked_blocks_compute_only_kept_channels_with_the_same_outputs_and_grad
         c = block.gate.out_channels
         m = {"some": (torch.rand(c) < 0.4).float(), "all": torch.ones(c), "none": torch.zeros(c)}[kept]
         masks.append(m)
+    indices = kept_indices(masks, torch.device("cpu"))
+    assert [i.tolist() for i in indices] == [[c for c in range(len(m)) if m[c]] for m in masks]
     x = images[:8]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+
+    def step(block, h, m, i):
+        if given == "mask":
+            return block(h, m, drop_transforms=True)
+        return block(h, kept=i)
 
     def run(fast: bool):
         model.zero_grad()
         h = model.stem((x - model.mean) / model.std)
         outs = []
-        for block, m in zip(model.blocks, masks, strict=True):
-            y, hh, tt = block(h, m, drop_transforms=True) if fast else _masked_full_width(block, h, m)
+        for block, m, i in zip(model.blocks, masks, indices, strict=True):
+            y, hh, tt = step(block, h, m, i) if fast else _masked_full_width(block, h, m)
             outs += [hh, tt]
             h = y
         loss = h.square().mean() + sum(o.mean() for o in outs)

@@ -223,11 +223,11 @@ def test_train_cli_records_the_gate_shape_and_weighting(cifar_path, tmp_path):
 
 def test_targeted_dropout_drops_only_low_gate_channels_at_rate_p():
     drop = TargetedDropout(p=0.5, threshold=0.05, momentum=0.9)
-    assert drop.masks(torch.Generator().manual_seed(0), torch.device("cpu")) is None  # nothing seen yet
+    assert drop.masks(torch.Generator().manual_seed(0)) is None  # nothing seen yet
     gates = [torch.tensor([0.01, 0.5, 0.02, 0.9])]
     drop.update(gates, None)
     g = torch.Generator().manual_seed(0)
-    masks = torch.stack([drop.masks(g, torch.device("cpu"))[0] for _ in range(2000)])
+    masks = torch.stack([drop.masks(g)[0] for _ in range(2000)])
     assert torch.all(masks[:, [1, 3]] == 1)  # channels in use are never dropped
     rate = 1 - masks[:, [0, 2]].mean().item()
     assert 0.45 < rate < 0.55
@@ -254,6 +254,26 @@ def test_targeted_dropout_with_p_one_prunes_for_good(cifar_path, cifar, tmp_path
         assert torch.all(t[:, ~d].mean(dim=(0, 2, 3)) > 1e-6)
 
 
+def test_targeted_dropout_with_lag_folds_each_step_late_to_the_same_means():
+    """lag 1 (on a GPU, so the host never waits for it): a step's means are folded in one update
+    later, dropped channels still keeping theirs; once settled they are exactly the means of lag 0."""
+    steps = [torch.rand(2, 5, generator=torch.Generator().manual_seed(s)).unbind(0) for s in range(6)]
+    masks = [None, None, [torch.tensor([1.0, 0, 1, 1, 1]), torch.ones(5)], None, None, None]
+    now, late = TargetedDropout(0.5, 0.05, momentum=0.9), TargetedDropout(0.5, 0.05, momentum=0.9, lag=1)
+    for s, (gates, m) in enumerate(zip(steps, masks)):
+        now.update(list(gates), m)
+        late.update(list(gates), m)
+        if s == 0:
+            assert late.means is None and late.masks(torch.Generator()) is None  # nothing folded yet
+            seen = [g.clone() for g in now.means]
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(late.means, seen))  # one step behind
+            seen = [g.clone() for g in now.means]
+    late.settle()
+    assert all(torch.equal(a, b) for a, b in zip(late.means, now.means))
+    assert late._pending == []
+
+
 def test_remove_to_takes_the_lowest_gates_first_across_blocks_until_the_budget_fits():
     cfg = HighwayConfig(widths=(4, 8), depth=1, stem=4)
     drop = TargetedDropout(p=0.0, threshold=0.05)
@@ -272,7 +292,7 @@ def test_remove_to_takes_the_lowest_gates_first_across_blocks_until_the_budget_f
     assert sum(block_parameters(cfg, [2, 5])) <= budget
     # removed is for good: the masks drop them every step, even with p = 0, and a looser budget brings none back
     drop.remove_to(cfg, full)
-    masks = drop.masks(torch.Generator().manual_seed(0), torch.device("cpu"))
+    masks = drop.masks(torch.Generator().manual_seed(0))
     assert masks[0].tolist() == [1, 0, 0, 1] and masks[1].tolist() == [0, 1, 0, 1, 1, 0, 1, 1]
 
 

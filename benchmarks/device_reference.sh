@@ -17,7 +17,7 @@
 # BUDGET (default 550) is the seconds the command may take (the call's limit is 600): each phase is
 # stopped by `timeout` where it would run past it, keeping its last epoch's checkpoint. Epochs from
 # the environment: E1 (phase 1, default 100), E2 (phase 2, 2), E3 (phase 3: default, what fits,
-# at most E3MAX, 40), and P3 (phase 3's extra options). Seen on an H200: phase 1 at batch 512 about
+# at most E3MAX, 80), and P3 (phase 3's extra options). Seen on an H200: phase 1 at batch 512 about
 # 1.8 to 2.2 s an epoch, phases 2 and 3 at batch 128 13 to 25 s an epoch (targeted dropout's work is
 # per step), hence batch 512 for phase 3 with the LR scaled with it (0.08; P3 comes after keep()'s
 # own options, and the last value of an option given twice wins). Seen on an H100 (the run shipped,
@@ -27,11 +27,17 @@
 # runs/dev-keep first when its epochs change). Better on an H100: carry the baseline made before
 # (`BASE_FROM=runs/dev-base/checkpoint.pt bash benchmarks/device_reference.sh prepare`, 18 MB in
 # float16) and run with BASE=.devdata/base.half.pt: phase 1 is skipped and phases 2 and 3 get the
-# whole call (phase 3 up to E3MAX epochs). TINY (options for every phase, e.g. "--limit 512
+# whole call (phase 3 up to E3MAX epochs). All these times were seen before the training loop
+# stopped waiting for the GPU in every step (the batch, augmentation's random numbers and each
+# block's kept channels each waited); phase 3's epochs are chosen from phase 2's measured time, so
+# a faster loop gets more of them by itself. TINY (options for every phase, e.g. "--limit 512
 # --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=.devdata/cifar10-jpeg.tar.gz
+part_name() {  # part_name RUN: the file its slim checkpoint travels as (the baseline's in float16)
+    if [[ $1 == dev-base ]]; then echo "$1.half.pt"; else echo "$1.pt"; fi
+}
 
 case "${1:-run}" in
 prepare)
@@ -50,8 +56,7 @@ unpack)
     hw=${HWTOOL:-hwtool}
     for run in dev-base dev-keep; do
         mkdir -p "$runs/$run"
-        name=$run.pt
-        [[ $run == dev-base ]] && name=$run.half.pt
+        name=$(part_name "$run")
         compgen -G "$from/$name.part*" >/dev/null || continue  # not sent (phase 1 carried, or never made)
         cat "$from/$name".part* >"$runs/$name"
         python3 benchmarks/device_checkpoint.py restore "$runs/$name" "$runs/$run/checkpoint.pt"
@@ -102,11 +107,12 @@ bounded() {  # bounded SECONDS_TO_SPARE FUNCTION ARGS...: stopped where it would
     timeout "$limit" bash -c '"$@"' _ "${@:2}" || rc=$?
     [[ $rc == 0 ]] || note "stopped (rc $rc) at $SECONDS s: ${*:2:3}"
 }
-give() {  # give RUN [--half]: its checkpoint, slim, into $OUT in parts of 15 MB
-    local name=$1.pt
-    [[ ${2:-} == --half ]] && name=$1.half.pt
+give() {  # give RUN: its checkpoint, slim, into $OUT in parts of 15 MB
+    local name half=()
+    name=$(part_name "$1")
+    [[ $name == *.half.pt ]] && half=(--half)
     [[ -f $runs/$1/checkpoint.pt ]] || return 0
-    python3 benchmarks/device_checkpoint.py slim "$runs/$1/checkpoint.pt" "$runs/$name" "${@:2}"
+    python3 benchmarks/device_checkpoint.py slim "$runs/$1/checkpoint.pt" "$runs/$name" "${half[@]}"
     split -b 15M -d "$runs/$name" "$out/$name.part"
     note "$name: $(stat -c %s "$runs/$name") bytes at $SECONDS s"
 }
@@ -123,12 +129,12 @@ else
     bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
     wall1=$((SECONDS - start))
     note "phase 1: ${E1:-100} epochs in $wall1 s"
-    give dev-base --half
+    give dev-base
 fi
 logs
 bounded 60 gated "$runs/dev-gated" "$runs/dev-base/checkpoint.pt" "${E2:-2}" --mixed "${tiny[@]}"
 logs
-e3=${E3:-$(python3 benchmarks/device_checkpoint.py epochs "$runs/dev-base/log.json" "$wall1" "$runs/dev-gated/log.json" "$(($(left) - 20))" "${E3MAX:-40}" || echo 0)}
+e3=${E3:-$(python3 benchmarks/device_checkpoint.py epochs "$runs/dev-base/log.json" "$wall1" "$runs/dev-gated/log.json" "$(($(left) - 20))" "${E3MAX:-80}" || echo 0)}
 note "phase 3: $e3 epochs, $(left) s left at $SECONDS s"
 if ((e3 > 0)); then
     bounded 20 keep "$runs/dev-keep" "$runs/dev-gated/checkpoint.pt" "$e3" --mixed "${p3[@]}" "${tiny[@]}"

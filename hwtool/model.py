@@ -100,9 +100,12 @@ class HighwayBlock(nn.Module):
                 return carry, carry.new_zeros(width, dtype=torch.float32), carry.new_zeros(width, dtype=torch.float32)
             return carry, carry.new_zeros(carry.shape), carry.new_zeros(carry.shape)
         tw, gw = self.transform, self.gate
-        h_kept = F.relu(F.conv2d(self.norm(x), tw.weight[keep], tw.bias[keep], tw.stride, tw.padding))  # (B, K, H', W')
-        t_kept = torch.sigmoid(F.conv2d(h_kept, gw.weight[keep][:, keep], gw.bias[keep], 1, gw.padding))
-        mixed = h_kept * t_kept + (1 - t_kept) * carry[:, keep]
+        # index_select, not indexing: its gradient is a plain index_add, where indexing's sorts the indices.
+        h_w, h_b = tw.weight.index_select(0, keep), tw.bias.index_select(0, keep)
+        t_w, t_b = gw.weight.index_select(0, keep).index_select(1, keep), gw.bias.index_select(0, keep)
+        h_kept = F.relu(F.conv2d(self.norm(x), h_w, h_b, tw.stride, tw.padding))  # (B, K, H', W')
+        t_kept = torch.sigmoid(F.conv2d(h_kept, t_w, t_b, 1, gw.padding))
+        mixed = h_kept * t_kept + (1 - t_kept) * carry.index_select(1, keep)
         y = carry.index_copy(1, keep, mixed.to(carry.dtype))
         if stats:
             zeros = carry.new_zeros(width, dtype=torch.float32)

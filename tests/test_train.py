@@ -26,6 +26,8 @@ from hwtool.model import (
 )
 from hwtool.train import (
     CHECKPOINT,
+    GATE_SHAPES,
+    GATE_WEIGHTINGS,
     TargetedDropout,
     TrainConfig,
     batch_crop,
@@ -213,6 +215,13 @@ def test_flops_weighting_weighs_blocks_by_what_their_channels_compute():
     assert float(per_channel(params)[1] / per_channel(params)[13]) == pytest.approx(0.25, rel=0.02)
     with pytest.raises(ValueError, match="params, flops, uniform"):
         block_weights(cfg, "latency")
+
+
+def test_cli_offers_exactly_the_gate_shapes_and_weightings_train_knows():
+    """The CLI spells its choices out (it must not import torch to list them): they must stay train's."""
+    params = {p.name: p for p in main.commands["train"].params}
+    assert tuple(params["gate_weighting"].type.choices) == GATE_WEIGHTINGS
+    assert tuple(params["gate_shape"].type.choices) == GATE_SHAPES
 
 
 def test_train_cli_records_the_gate_shape_and_weighting(cifar_path, tmp_path):

@@ -244,10 +244,10 @@ def bake_masks(model: HighwayNet, masks: list[torch.Tensor]) -> None:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`. To a GPU through pinned memory without waiting: a plain copy from
-    pageable memory waits for the GPU to finish all it was given, so that the host can never run
-    ahead of it; one such copy a training step halves the speed of a small network."""
-    if device.type != "cuda":
+    """A tensor on `device`; from the host to a GPU through pinned memory without waiting: a plain
+    copy from pageable memory waits for the GPU to finish all it was given, so that the host
+    cannot prepare the next step while the GPU computes this one."""
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -14,20 +14,13 @@ from phase 1's log and wall time and phase 2's log. Bad arguments or files: one 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import torch
 
-from hwtool.train import load_checkpoint
+from hwtool.train import load_checkpoint, save_checkpoint
 
 USAGE = "usage: device_checkpoint.py slim SRC DST [--half] | restore SRC DST | epochs LOG1 WALL1 LOG2 LEFT MOST"
-
-
-def _save_atomic(obj: dict, dst: str) -> None:
-    tmp = f"{dst}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, dst)
 
 
 def slim(src: str, dst: str, half: bool) -> None:
@@ -38,13 +31,13 @@ def slim(src: str, dst: str, half: bool) -> None:
         ckpt["model"] = {
             k: v.half() if v.is_floating_point() and v.abs().max() < big else v for k, v in ckpt["model"].items()
         }
-    _save_atomic(ckpt, dst)
+    save_checkpoint(ckpt, dst)
 
 
 def restore(src: str, dst: str) -> None:
     ckpt = load_checkpoint(src)
     ckpt["model"] = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    _save_atomic(ckpt, dst)
+    save_checkpoint(ckpt, dst)
 
 
 def epochs(log1: str, wall1: float, log2: str, left: float, most: int) -> int:

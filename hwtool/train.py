@@ -277,7 +277,7 @@ class TargetedDropout:
             event = torch.cuda.Event()
             event.record()
         else:
-            host = flat.clone()
+            host = flat  # a new tensor (cat), not a view of the gates
         self._pending.append((host, event, sizes, masks))
         while len(self._pending) > self.lag:
             self._fold()
@@ -438,7 +438,9 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
+def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, renamed into place: never a half-written checkpoint."""
+    path = Path(path)
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -549,14 +551,14 @@ def train(
     )
     log: list[dict] = []
     start_epoch = 0
-    masks: list[torch.Tensor] | None = None
+    masks: list[torch.Tensor] | None = None  # fine-tuning's kept channels, on the host (0/1 per block)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         log = list(ckpt["log"])
         start_epoch = ckpt["epoch"] + 1
         if ckpt.get("keep") is not None:
-            masks = [torch.tensor(k, dtype=torch.float32, device=device) for k in ckpt["keep"]]
+            masks = [torch.tensor(k, dtype=torch.float32) for k in ckpt["keep"]]
     elif cfg.init is not None:
         masks = _start_from(model, cfg, train_set, device)
     dropout = None
@@ -590,12 +592,11 @@ def train(
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
     # The training set lives where the network does (150 MB of uint8 for CIFAR-10), so a step's
-    # batch is gathered there: no copy a step for a GPU to wait on. The masks that stay (fine-tuning)
-    # are kept on the host too, and their channels' indices on the device, found once.
+    # batch is gathered there: no copy a step for a GPU to wait on. The indices of the channels
+    # fine-tuning keeps are put there once.
     images = to_device(torch.from_numpy(train_set.images), device)
     labels = to_device(torch.from_numpy(train_set.labels), device)
-    host_masks = None if masks is None else [m.cpu() for m in masks]
-    fixed_kept = None if masks is None else kept_indices(host_masks, device)
+    fixed_kept = None if masks is None else kept_indices(masks, device)
     if not quiet and resume:
         # A resumed run records how this call runs it (e.g. --compile) even if nothing is left to train.
         atomic_write_files({out / "config.json": json_file_bytes(cfg.to_dict(), indent=2)})
@@ -612,14 +613,13 @@ def train(
         for epoch in range(start_epoch, cfg.epochs):
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             g_drop = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 7_919)
-            perm = torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size]
-            perm_on = to_device(perm, device)
+            perm = to_device(torch.randperm(len(train_set), generator=g)[: steps_per_epoch * cfg.batch_size], device)
             task = progress.add_task("", total=steps_per_epoch, epoch=f"{epoch + 1}/{cfg.epochs}", stats="")
             seen, correct, loss_sum, gate_sum, kd_sum, t0 = 0, 0, 0.0, 0.0, 0.0, time.perf_counter()
             sums, shown = None, 0  # this epoch's running sums on the device; steps the bar shows
             for i in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + i
-                idx = perm_on[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
                 # Augment the whole global batch with the shared generator (on the device), then
                 # take this rank's part.
                 x = batch_crop(batch_flip_lr(to_input(images[idx]), g), g)
@@ -631,13 +631,13 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(cfg, step, total)
                 lam = penalty_at(cfg, step, total)
-                step_masks, step_kept = host_masks, fixed_kept  # on the host; their indices on the device
+                step_masks, step_kept = masks, fixed_kept  # on the host; their indices on the device
                 if dropout is not None:
                     if cfg.targeted_keep is not None and step >= drop_from:
                         dropout.remove_to(cfg.model, budget_at(cfg, step, total, full_params, fixed_params))
                     drops = dropout.masks(g_drop) if step >= drop_from else None
                     if drops is not None:
-                        step_masks = drops if host_masks is None else [a * b for a, b in zip(host_masks, drops)]
+                        step_masks = drops if masks is None else [a * b for a, b in zip(masks, drops)]
                         step_kept = kept_indices(step_masks, device)
                 with _autocast(device, cfg.bf16):
                     logits, gates, silences = net(
@@ -707,7 +707,7 @@ def train(
                 dropout.settle()
             dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > drop_from)
             if dead is not None:
-                bake_masks(model, dead if host_masks is None else [a * b for a, b in zip(host_masks, dead)])
+                bake_masks(model, dead if masks is None else [a * b for a, b in zip(masks, dead)])
             test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
             entry = {
                 "epoch": epoch + 1,
@@ -753,7 +753,7 @@ def train(
                 # The run folder is written with the first checkpoint: a run that fails before it
                 # (a diverged loss) leaves nothing behind.
                 out.mkdir(parents=True, exist_ok=True)
-                _save_atomic(ckpt, out / CHECKPOINT)
+                save_checkpoint(ckpt, out / CHECKPOINT)
                 atomic_write_files(
                     {
                         out / "config.json": json_file_bytes(cfg.to_dict(), indent=2),
@@ -773,7 +773,8 @@ def train(
 
 
 def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: torch.device) -> list | None:
-    """Load cfg.init's weights; with cfg.prune_threshold, the masks of the channels that stay (baked in)."""
+    """Load cfg.init's weights; with cfg.prune_threshold, the masks of the channels that stay (baked
+    in), on the host."""
     start = load_start(cfg.init)
     if HighwayConfig.from_dict(start["config"]["model"]) != cfg.model:
         raise ValueError(f"{cfg.init} holds a different network shape than this run's; fine-tune with its own")
@@ -781,7 +782,7 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
     if cfg.prune_threshold is None:
         return None
     x = to_input(train_set.images[: cfg.calib_images], device)
-    masks = gate_masks(model, x, cfg.prune_threshold)
+    masks = [m.cpu() for m in gate_masks(model, x, cfg.prune_threshold)]
     bake_masks(model, masks)
     return masks
 

@@ -17,7 +17,8 @@
 # BUDGET (default 550) is the seconds the command may take (the call's limit is 600): each phase is
 # stopped by `timeout` where it would run past it, keeping its last epoch's checkpoint. Epochs from
 # the environment: E1 (phase 1, default 100), E2 (phase 2, 2), E3 (phase 3: default, what fits,
-# at most E3MAX, 80), and P3 (phase 3's extra options). Seen on an H200: phase 1 at batch 512 about
+# at most E3MAX, 80), P1 and P3 (phase 1's and phase 3's extra options; e.g. P1=--compile, which
+# fuses phase 1's batch norms and element-wise ops on a GPU: not yet tried on one). Seen on an H200: phase 1 at batch 512 about
 # 1.8 to 2.2 s an epoch, phases 2 and 3 at batch 128 13 to 25 s an epoch (targeted dropout's work is
 # per step), hence batch 512 for phase 3 with the LR scaled with it (0.08; P3 comes after keep()'s
 # own options, and the last value of an option given twice wins). Seen on an H100 (the run shipped,
@@ -83,6 +84,7 @@ out=${OUT:?set OUT to the folder that comes back}
 runs=${RUNS:-runs}
 budget=${BUDGET:-550}
 read -r -a tiny <<<"${TINY:-}"
+read -r -a p1 <<<"${P1:-}"
 read -r -a p3 <<<"${P3:---batch-size 512 --lr 0.08 --cutout 12 --targeted-keep-by 0.3}"
 source benchmarks/train_phase.sh
 mkdir -p "$runs" "$out"
@@ -126,7 +128,7 @@ if [[ -n ${BASE:-} ]]; then  # phase 1 carried (prepare with BASE_FROM), not mad
     note "phase 1: carried from $BASE"
     wall1=0
 else
-    bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${tiny[@]}"
+    bounded 60 phase "$runs/dev-base" --epochs "${E1:-100}" "${recipe[@]}" --gate-penalty 0.5 --silence-penalty 0.5 "${p1[@]}" "${tiny[@]}"
     wall1=$((SECONDS - start))
     note "phase 1: ${E1:-100} epochs in $wall1 s"
     give dev-base

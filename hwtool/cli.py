@@ -176,6 +176,16 @@ _cutout_option = click.option(
 )
 
 
+_ema_option = click.option(
+    "--ema",
+    type=_Number(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Keep a moving average of the weights (and batch-norm statistics) with this decay per step, "
+    "e.g. 0.999; the checkpoint, its test accuracy and its export are the average's (0: off).",
+)
+
+
 def _distill_options(fn):
     fn = click.option(
         "--distill-temperature",
@@ -281,6 +291,7 @@ def _distill_options(fn):
 @click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
 @_cutout_option
+@_ema_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--fp32/--mixed",
@@ -311,6 +322,7 @@ def train(
     depth,
     limit,
     cutout,
+    ema,
     seed,
     fp32,
     compile_,
@@ -341,6 +353,7 @@ def train(
         depth=depth,
         limit=limit,
         cutout=cutout,
+        ema=ema,
         seed=seed,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,
@@ -379,6 +392,7 @@ def _summary(ckpt: dict, out: str) -> None:
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train and test on the first N images.")
 @_cutout_option
+@_ema_option
 @click.option(
     "--fp32/--mixed",
     default=None,
@@ -399,6 +413,7 @@ def finetune(
     count,
     limit,
     cutout,
+    ema,
     fp32,
     compile_,
     teacher,
@@ -425,6 +440,7 @@ def finetune(
         calib_images=count,
         limit=limit,
         cutout=cutout,
+        ema=ema,
         bf16=None if fp32 is None else not fp32,
         compile=compile_,
         teacher=teacher,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import math
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from hwtool.data import Split, load_cifar10
 from hwtool.model import (
@@ -68,6 +70,7 @@ class TrainConfig:
     teacher: str | None = None  # distil from this trained network's logits (a checkpoint or unpruned ONNX model)
     distill_weight: float = 0.5  # α, with a teacher: loss = (1 − α)·CE + α·distillation term
     distill_temperature: float = 4.0  # τ: both logits are divided by τ before the softmax
+    ema: float = 0.0  # decay of a moving average of the weights kept beside them, per step (0: off)
     seed: int = 0
     bf16: bool = True  # bf16 autocast on CPU (mixed precision on CUDA)
     channels_last: bool = True
@@ -438,6 +441,40 @@ def evaluate_torch(
     return correct / len(split), (gate_sums / len(split)).tolist()
 
 
+class WeightAverage:
+    """An exponential moving average of a network's weights and batch-norm statistics, updated
+    after each optimizer step: a copy of the network whose tensors follow the trained ones with
+    decay min(decay, (1 + step) / (10 + step)), so that early steps, far from where training ends,
+    are soon forgotten."""
+
+    def __init__(self, model: HighwayNet, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the weight average's decay must lie in (0, 1), not {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+        pairs = zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
+        self._pairs = [(a, b) for a, b in pairs]
+        self._floats = [(a, b) for a, b in self._pairs if a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Fold in the trained network as it is after optimizer step `step` (0-based, across epochs)."""
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_([a for a, _ in self._floats], [b for _, b in self._floats], 1.0 - d)
+
+    @torch.no_grad()
+    def sync_counters(self) -> None:
+        """Copy the integer buffers (batch norms' step counters), which are not averaged."""
+        for a, b in self._pairs:
+            if not a.is_floating_point():
+                a.copy_(b)
+
+
+def _host_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside `path`, renamed into place: never a half-written checkpoint."""
     path = Path(path)
@@ -523,6 +560,8 @@ def train(
         raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {cfg.gate_shape!r}")
     if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
         raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise ValueError(f"the weight average's decay must lie in [0, 1) (0: off), not {cfg.ema}")
 
     teacher, teacher_kept, teacher_sha = None, None, None
     if cfg.teacher is not None:
@@ -553,7 +592,7 @@ def train(
     start_epoch = 0
     masks: list[torch.Tensor] | None = None  # fine-tuning's kept channels, on the host (0/1 per block)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
         opt.load_state_dict(ckpt["optimizer"])
         log = list(ckpt["log"])
         start_epoch = ckpt["epoch"] + 1
@@ -561,6 +600,11 @@ def train(
             masks = [torch.tensor(k, dtype=torch.float32) for k in ckpt["keep"]]
     elif cfg.init is not None:
         masks = _start_from(model, cfg, train_set, device)
+    average = None
+    if cfg.ema > 0:
+        average = WeightAverage(model, cfg.ema)
+        if ckpt is not None and "train_model" in ckpt:
+            average.model.load_state_dict(ckpt["model"])
     dropout = None
     if cfg.targeted_dropout > 0 or cfg.targeted_keep is not None:
         # On a GPU each step's gate means are folded in one step late (see TargetedDropout.update).
@@ -662,6 +706,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if average is not None:
+                    average.update(step)
                 if dropout is not None:
                     dropout.update(gates, step_masks, world)
                 # Sums stay on the device and are read every SYNC_EVERY steps: reading them each
@@ -701,14 +747,21 @@ def train(
                 dist.all_reduce(sums)
                 total_loss, loss_sum, correct, gate_sum, kd_sum = sums.tolist()
                 seen *= world
-            if masks is not None:
-                bake_masks(model, masks)  # already true up to bf16 rounding; makes it exact
             if dropout is not None:
                 dropout.settle()
             dead = _dead_channels(dropout, (epoch + 1) * steps_per_epoch > drop_from)
-            if dead is not None:
-                bake_masks(model, dead if masks is None else [a * b for a, b in zip(masks, dead)])
-            test_acc, block_gates = evaluate_torch(model, test_set, cfg, device)
+            if dead is not None and masks is not None:
+                dead = [a * b for a, b in zip(masks, dead)]
+            for m in [model] if average is None else [model, average.model]:
+                if masks is not None:
+                    bake_masks(m, masks)  # already true up to bf16 rounding; makes it exact
+                if dead is not None:
+                    bake_masks(m, dead)
+            # The network the checkpoint holds (and export writes) is the average when there is one.
+            if average is not None:
+                average.sync_counters()
+                live_acc, _ = evaluate_torch(model, test_set, cfg, device)
+            test_acc, block_gates = evaluate_torch(model if average is None else average.model, test_set, cfg, device)
             entry = {
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / seen,
@@ -724,6 +777,8 @@ def train(
             }
             if teacher is not None:
                 entry["distill_loss"] = kd_sum / seen
+            if average is not None:
+                entry["test_acc_live"] = live_acc
             if masks is not None:
                 entry["kept_channels"] = [int(m.sum().item()) for m in masks]
             if dropout is not None and dropout.removed is not None:
@@ -737,7 +792,7 @@ def train(
                     f"{entry['img_per_s']:.0f} img/s"
                 )
                 ckpt = {
-                    "model": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                    "model": _host_state(model if average is None else average.model),
                     "optimizer": opt.state_dict(),
                     "epoch": epoch,
                     "config": cfg.to_dict(),
@@ -750,6 +805,8 @@ def train(
                     if dropout is None or dropout.removed is None
                     else [r.tolist() for r in dropout.removed],
                 }
+                if average is not None:
+                    ckpt["train_model"] = _host_state(model)  # the weights training goes on from
                 # The run folder is written with the first checkpoint: a run that fails before it
                 # (a diverged loss) leaves nothing behind.
                 out.mkdir(parents=True, exist_ok=True)

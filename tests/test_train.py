@@ -94,8 +94,9 @@ def test_train_cli_smoke(cifar_path, tmp_path):
         (),
         ("--targeted-keep", "0.4", "--targeted-keep-by", "0.9", "--cutout", "8"),
         ("--teacher", str(Path(__file__).parent / "data" / "small_gated.pt")),
+        ("--ema", "0.9"),
     ],
-    ids=["plain", "budget", "teacher"],
+    ids=["plain", "budget", "teacher", "ema"],
 )
 def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     """A 2-epoch run killed after epoch 1 and resumed ends with the weights of an uninterrupted run.
@@ -135,8 +136,11 @@ def test_resume_after_a_kill_is_exact(cifar_path, tmp_path, extra):
     if "--targeted-keep" in extra:
         assert 0 < sum(map(sum, a["removed_channels"])) < sum(map(len, a["removed_channels"]))
         assert a["config"]["cutout"] == b["config"]["cutout"] == 8
-    for k in a["model"]:
-        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
+    # with --ema, "model" is the average and "train_model" the weights training goes on from
+    assert ("train_model" in a) == ("train_model" in b) == ("--ema" in extra)
+    for state in ("model", "train_model") if "--ema" in extra else ("model",):
+        for k in a[state]:
+            torch.testing.assert_close(b[state][k], a[state][k], rtol=0, atol=0, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=0, atol=0)
     strip = ("img_per_s", "seconds")

@@ -4,7 +4,9 @@
     python benchmarks/device_checkpoint.py restore OUT.pt RUN/checkpoint.pt
     python benchmarks/device_checkpoint.py epochs LOG1 WALL1 LOG2 LEFT MOST
 
-slim drops the optimizer state (half the file) and, with --half, stores the float weights as
+slim drops the optimizer state (half the file) and, for a run with --ema, the trained weights
+beside the average (the average is the run's result; neither is needed but to resume), and, with
+--half, stores the float weights as
 float16 (a tensor whose values float16 cannot hold stays float32); restore writes them back as
 float32, a checkpoint `hwtool export` and `hwtool train --from/--teacher` read. Both write their
 output atomically. epochs prints how many epochs of phase 3 (at most MOST) fit in LEFT seconds,
@@ -26,6 +28,7 @@ USAGE = "usage: device_checkpoint.py slim SRC DST [--half] | restore SRC DST | e
 def slim(src: str, dst: str, half: bool) -> None:
     ckpt = load_checkpoint(src)
     ckpt.pop("optimizer", None)
+    ckpt.pop("train_model", None)
     if half:
         big = torch.finfo(torch.float16).max / 2
         ckpt["model"] = {

@@ -48,6 +48,17 @@ def test_full_precision_slim_keeps_the_weights_exactly(tiny_checkpoint, tmp_path
     assert all(torch.equal(full["model"][k], stored["model"][k]) for k in full["model"])
 
 
+def test_slim_keeps_the_average_of_a_run_with_ema_and_drops_its_trained_weights(tiny_checkpoint, tmp_path):
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    trained = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    src, slim = tmp_path / "ema.pt", tmp_path / "slim.pt"
+    torch.save({**ckpt, "train_model": trained}, src)
+    _run("slim", src, slim)
+    stored = torch.load(slim, weights_only=True)
+    assert "train_model" not in stored and "optimizer" not in stored
+    assert all(torch.equal(ckpt["model"][k], stored["model"][k]) for k in ckpt["model"])
+
+
 def test_phase3_epochs_fit_the_time_left(tmp_path):
     log1, log2 = tmp_path / "p1.json", tmp_path / "p2.json"
     log1.write_text(json.dumps([{"seconds": 4.0}] * 100))  # 100 epochs in 450 s of wall time

@@ -20,7 +20,10 @@
 # at most E3MAX, 80), P1 and P3 (phase 1's and phase 3's extra options; e.g. P1=--compile, which
 # fuses phase 1's batch norms and element-wise ops on a GPU: not yet tried on one). Seen on an H200: phase 1 at batch 512 about
 # 1.8 to 2.2 s an epoch, phases 2 and 3 at batch 128 13 to 25 s an epoch (targeted dropout's work is
-# per step), hence batch 512 for phase 3 with the LR scaled with it (0.08; P3 comes after keep()'s
+# per step), hence batch 512 for phase 3 with the LR scaled with it (0.08), and a moving average
+# of its weights (--ema 0.998, about five epochs' steps at batch 512: on the CPU the average led
+# the trained weights at every epoch of a fine-tune, so a phase the bound stops early still ends
+# near its best; the checkpoint and export are the average, slim drops the trained weights; P3 comes after keep()'s
 # own options, and the last value of an option given twice wins). Seen on an H100 (the run shipped,
 # benchmarks/results/gpu/d100-device.txt): phase 1 448 s (about 13,000 img/s), phase 2 18 to 25 s
 # an epoch, phase 3 at batch 512 4 to 9 s; so on an H100 give phase 1 fewer epochs (E1) or expect a
@@ -85,7 +88,7 @@ runs=${RUNS:-runs}
 budget=${BUDGET:-550}
 read -r -a tiny <<<"${TINY:-}"
 read -r -a p1 <<<"${P1:-}"
-read -r -a p3 <<<"${P3:---batch-size 512 --lr 0.08 --cutout 12 --targeted-keep-by 0.3}"
+read -r -a p3 <<<"${P3:---batch-size 512 --lr 0.08 --cutout 12 --targeted-keep-by 0.3 --ema 0.998}"
 source benchmarks/train_phase.sh
 mkdir -p "$runs" "$out"
 nvidia-smi --query-gpu=name --format=csv,noheader >"$runs/dev-gpu.txt" 2>/dev/null || echo none >"$runs/dev-gpu.txt"

@@ -370,8 +370,9 @@ def _summary(ckpt: dict, out: str) -> None:
         return
     last = ckpt["log"][-1]
     kept = f" with {sum(last['kept_channels'])} transform channels kept" if "kept_channels" in last else ""
+    live = f" (the weight average; the trained weights {last['test_acc_live']:.4f})" if "test_acc_live" in last else ""
     path = Path(out) / "checkpoint.pt"
-    console.print(f"test accuracy {last['test_acc']:.4f} after {last['epoch']} epochs{kept}; checkpoint {path}")
+    console.print(f"test accuracy {last['test_acc']:.4f}{live} after {last['epoch']} epochs{kept}; checkpoint {path}")
 
 
 @main.command()

@@ -453,22 +453,23 @@ class WeightAverage:
         self.decay = decay
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
-        pairs = zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
-        self._pairs = [(a, b) for a, b in pairs]
-        self._floats = [(a, b) for a, b in self._pairs if a.is_floating_point()]
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values(), strict=True))
+        # The tensors each step folds in, listed once: the average's and the trained network's.
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._trained = [b for a, b in pairs if a.is_floating_point()]
+        self._counters = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the trained network as it is after optimizer step `step` (0-based, across epochs)."""
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_([a for a, _ in self._floats], [b for _, b in self._floats], 1.0 - d)
+        torch._foreach_lerp_(self._averaged, self._trained, 1.0 - d)
 
     @torch.no_grad()
     def sync_counters(self) -> None:
         """Copy the integer buffers (batch norms' step counters), which are not averaged."""
-        for a, b in self._pairs:
-            if not a.is_floating_point():
-                a.copy_(b)
+        for a, b in self._counters:
+            a.copy_(b)
 
 
 def _host_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -250,7 +250,7 @@ def cpu_name() -> str:
 def session_options(threads: int | None, profile_prefix: str | None = None) -> ort.SessionOptions:
     """The one set of options every benchmarked model gets."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors come back as exceptions, reported in one line
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -14,8 +16,9 @@ from rich.console import Console
 console = Console(stderr=True)
 out = Console()
 
-# Errors that bad input raises; they become one line and exit status 2. Everything else is a bug
-# and keeps its traceback.
+# Errors that bad input raises; they become one line and exit status 2, as do other OSErrors (a
+# path the system refuses) and ONNX Runtime failing to run a model (see friendly). Everything else
+# is a bug and keeps its traceback.
 # FloatingPointError: training diverged (the message says to lower --lr).
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -26,6 +29,31 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _os_message(e: OSError) -> str:
+    """An operating-system error on a path (name too long, not a folder, disk full, ...) as one line."""
+    if e.errno is None or not e.strerror:  # raised by hwtool itself, with its own message
+        return _first_line(e)
+    where = f" {e.filename}" if e.filename is not None else ""
+    return f"cannot use{where}: {e.strerror[0].lower()}{e.strerror[1:]}; check the path"
+
+
+def _runtime_message(e: Exception) -> str:
+    """ONNX Runtime failing to run a model that loaded (a size fixed inside it, say) as one line."""
+    msg = _first_line(e)
+    if msg.startswith("[ONNXRuntimeError] : "):  # "[ONNXRuntimeError] : 1 : FAIL : what happened"
+        msg = msg.split(" : ", 3)[-1]
+    # ORT's failed checks name its source file and function before saying what went wrong
+    msg = re.sub(r"/onnxruntime_src/\S+:\d+ .*? was false\. ", "", msg)
+    hint = ""
+    if "shape" in msg.lower() or "dimension" in msg.lower():
+        hint = "; a size fixed inside the model (a Reshape to a constant shape?) needs a re-export with dynamic sizes"
+    return f"ONNX Runtime could not run the model: {msg}{hint}"
+
+
 def friendly(fn):
     """Turn user errors into a one-line message and a non-zero exit, with no traceback."""
 
@@ -34,8 +62,10 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except _USER_ERRORS as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {_first_line(e)}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            click.echo(f"error: {_os_message(e)}", err=True)
             sys.exit(2)
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] in ("torch", "onnxscript"):
@@ -45,6 +75,12 @@ def friendly(fn):
                 )
                 sys.exit(2)
             raise
+        except Exception as e:
+            # ONNX Runtime's own errors (checked by name: this module does not import it)
+            if not type(e).__module__.startswith("onnxruntime."):
+                raise
+            click.echo(f"error: {_runtime_message(e)}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -161,6 +197,12 @@ def _one_line(e: click.UsageError) -> click.ClickException:
 @click.version_option(package_name="hwtool")
 def main() -> None:
     """hwtool: train, prune, quantize and benchmark highway networks as ONNX models."""
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr, without the source line Python would print under it."""
+    click.echo(f"warning: {message}", err=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,7 +504,6 @@ def finetune(
 def export(checkpoint, output, exporter, opset, data, as_json):
     """Export CHECKPOINT to ONNX, run the checker and compare ORT with PyTorch."""
     import logging
-    import warnings
 
     from hwtool.export import export_checkpoint
     from hwtool.runtime import check_outputs
@@ -732,7 +773,11 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N test samples.")
 @click.option("--no-refit", is_flag=True, help="The paper's plain drop.")
 @click.option("--refit-gates-only", is_flag=True, help="Refit the kept gates only, as prune --refit-gates-only.")
-@click.option("--latency", is_flag=True, help="Also measure ORT CPU latency (batch 1 and 64).")
+@click.option(
+    "--latency",
+    is_flag=True,
+    help="Also measure ORT CPU latency (batch 1 and 64; a model whose batch is fixed at 1 or 64 at that one).",
+)
 @click.option("--csv", "csv_path", type=click.Path(), default=None, help="Default: MODEL.sweep.csv.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Default: MODEL.sweep.json.")
 @click.option("--png", type=click.Path(), default=None, help="Default: MODEL.sweep.png.")

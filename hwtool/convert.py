@@ -33,10 +33,12 @@ from hwtool.runtime import (
     atomic_write_files,
     atomic_write_model,
     check_outputs,
+    fixed_batch,
     load_model,
     make_session,
     model_bytes,
     run_all,
+    whole_batches,
 )
 
 TARGETS = ("portable", "arm", "amd64")
@@ -99,7 +101,7 @@ def random_feed(sess: ort.InferenceSession, batch: int = 2, seed: int = 0) -> di
 
 def _session_options(target: str, save_to: Path | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors come back as exceptions, reported in one line
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Arm CPUs run int8 QDQ kernels well; x86 prefers them fused to uint8. Same switch ORT's tool uses.
     opts.add_session_config_entry("session.qdqisint8allowed", "1" if target == "arm" else "0")
@@ -126,7 +128,9 @@ def convert_to_ort(
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
     src = Path(model_path)
-    load_model(src)  # clear errors for missing or broken files before ORT's own
+    # Clear errors for missing or broken files before ORT's own; ORT then gets the model as read,
+    # its external weights in it (ORT's own reading refuses small external tensors).
+    serialized = load_model(src).SerializeToString()
     check_outputs([output], [src])
     dst = Path(output) if output is not None else src.with_suffix(".ort")
     if dst.suffix != ".ort":
@@ -139,7 +143,7 @@ def convert_to_ort(
         tmp_ort, tmp_cfg = Path(tmp, dst.name), Path(tmp, config.name)
         try:
             ort.InferenceSession(
-                str(src), _session_options(target, tmp_ort), providers=["CPUExecutionProvider"],
+                serialized, _session_options(target, tmp_ort), providers=["CPUExecutionProvider"],
                 disabled_optimizers=disabled,
             )  # fmt: skip
         except Exception as e:
@@ -149,7 +153,7 @@ def convert_to_ort(
         # The header names the model it was made from: name the published file, not the temporary.
         tmp_cfg.write_text(tmp_cfg.read_text().replace(str(tmp_ort), str(dst)))
         # Verify before publishing: a .ort that does not load or disagrees is never written.
-        diff, batch, nodes = verify(src, tmp_ort, target)
+        diff, batch, nodes = verify(serialized, tmp_ort, target)
         atomic_write_files({dst: tmp_ort.read_bytes(), config: tmp_cfg.read_bytes()})
     return ConvertResult(
         source=str(src),
@@ -166,9 +170,13 @@ def convert_to_ort(
     )
 
 
-def verify(onnx_path: str | os.PathLike, ort_path: str | os.PathLike, target: str = "portable", batch: int = 2):
-    """(max abs output difference, batch used, node count) of the ORT model vs the ONNX model."""
-    ref = ort.InferenceSession(str(onnx_path), _session_options(target), providers=["CPUExecutionProvider"])
+def verify(
+    onnx_model: str | os.PathLike | bytes, ort_path: str | os.PathLike, target: str = "portable", batch: int = 2
+):
+    """(max abs output difference, batch used, node count) of the ORT model vs the ONNX model (a
+    path, or the model serialized)."""
+    src = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    ref = ort.InferenceSession(src, _session_options(target), providers=["CPUExecutionProvider"])
     opts = _session_options(target)
     opts.add_session_config_entry("session.load_model_format", "ORT")
     try:
@@ -225,12 +233,18 @@ class HalfResult:
         return asdict(self)
 
 
+def _weight_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The main graph's weights: its initializers and the values of its Constant nodes."""
+    consts = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    return [*model.graph.initializer, *consts]
+
+
 def _weight_counts(model: onnx.ModelProto) -> tuple[int, int, int]:
     """(float32 weights, how many float16 cannot hold: beyond its range, under its smallest step)."""
     from onnx import numpy_helper
 
     total = clamped = flushed = 0
-    for t in model.graph.initializer:
+    for t in _weight_tensors(model):
         if t.data_type == onnx.TensorProto.FLOAT:
             v = np.abs(numpy_helper.to_array(t))
             total += v.size
@@ -281,9 +295,8 @@ def convert_to_float16(
         raise ModelError(f"{src} is quantized (int8); convert the float32 model to float16 instead")
     half = onnx.TensorProto.FLOAT16
     io = [*model.graph.input, *model.graph.output]
-    if any(v.type.tensor_type.elem_type == half for v in io) or any(
-        t.data_type == half for t in model.graph.initializer
-    ):
+    weights_half = any(t.data_type == half for t in _weight_tensors(model))
+    if weights_half or any(v.type.tensor_type.elem_type == half for v in io):
         raise ModelError(f"{src} is already float16")
     weights, clamped, flushed = _weight_counts(model)
     if weights == 0:
@@ -294,7 +307,9 @@ def convert_to_float16(
     new = make_session(converted)
     if x is None:
         x = _as_samples(random_feed(ref))
-    diff, rel, agree = output_errors(run_all(ref, x, 64), run_all(new, x, 64))
+    x = whole_batches(model, x, "verification samples")
+    batch = fixed_batch(model) or 64
+    diff, rel, agree = output_errors(run_all(ref, x, batch), run_all(new, x, batch))
     atomic_write_model(converted, dst)
     return HalfResult(
         source=str(src),

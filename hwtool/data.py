@@ -6,11 +6,13 @@ start in seconds. Nothing here imports torch: the deployment side uses it withou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import pickle
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,8 +272,27 @@ def load_cifar10(path: str | os.PathLike, use_cache: bool = True) -> dict[str, S
             pass  # a damaged cache is rebuilt below
     splits = _read_dir(p) if p.is_dir() else _read_tar(p)
     if use_cache:
+        _write_cache(cache, splits)
+    return splits
+
+
+class CacheWarning(UserWarning):
+    """The decoded images could not be cached: they are decoded again next time."""
+
+
+def _write_cache(cache: Path, splits: dict[str, Split]) -> None:
+    """Cache the decoded splits, atomically; a cache that cannot be written is only a warning."""
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+    try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, **{f"{s}_{k}": getattr(v, k) for s, v in splits.items() for k in ("images", "labels")})
         os.replace(tmp, cache)
-    return splits
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(
+            f"could not cache the decoded images in {cache.parent} ({e.strerror or e}); "
+            "set HWTOOL_CACHE to a writable folder to decode them once",
+            CacheWarning,
+            stacklevel=3,
+        )

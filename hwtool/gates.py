@@ -20,6 +20,7 @@ from hwtool.runtime import (
     input_specs,
     make_session,
     run_batched,
+    whole_batches,
 )
 
 GATE_METADATA = "hwtool.gate_means"
@@ -219,6 +220,7 @@ def measure_gates(
     With keep_outputs, also returns each of the model's outputs for all of x (for verification).
     """
     batch = fixed_batch(model) or batch
+    x = whole_batches(model, x)
     gate_names = [b.gate for b in blocks]
     own = [o.name for o in model.graph.output]
     sess = make_session(model, threads=threads, extra_outputs=gate_names)

@@ -55,6 +55,7 @@ from hwtool.runtime import (
     make_session,
     run_all,
     symbolic_sizes,
+    whole_batches,
 )
 
 WRITE_BACKS = ("auto", "gather", "scatter", "conv")
@@ -714,9 +715,7 @@ def prune(
     original, blocks = (given, blocks) if blocks is not None else highway_model(given)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
-        if len(calib) < fixed:
-            raise ValueError(f"the model has a fixed batch of {fixed}; pass at least {fixed} calibration images")
-        calib = calib[: len(calib) - len(calib) % fixed]
+        calib = whole_batches(original, calib)
         cfg = replace(cfg, batch=fixed)
     ref_outputs = reference if reference is None or calib is None else [r[: len(calib)] for r in reference]
 

@@ -51,7 +51,7 @@ def make_session(
             model = load_model(model)
         model = with_outputs(model, extra_outputs)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: errors come back as exceptions, reported in one line
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -212,6 +212,17 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+def whole_batches(model: onnx.ModelProto, x: Samples, what: str = "calibration samples") -> Samples:
+    """x cut to whole batches where the model's batch is fixed (it runs nothing else), else x as it
+    is; ValueError when x holds less than one batch."""
+    fixed = fixed_batch(model)
+    if not fixed:
+        return x
+    if len(x) < fixed:
+        raise ValueError(f"the model has a fixed batch of {fixed}; pass at least {fixed} {what}")
+    return x[: len(x) - len(x) % fixed]
+
+
 # ORT session input types -> numpy dtypes.
 ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -271,6 +282,8 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
     for out in given:
         if not str(out).strip():
             raise OutputError("an output path is empty; name a file")
+        if str(out).endswith(("/", os.sep)):
+            raise OutputError(f"output {out} names a folder; name a file in it")
         p = Path(out)
         if p.is_dir():
             raise OutputError(f"output {p} is a folder; name a file in it")
@@ -279,7 +292,7 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
         for src in inputs:
             if src is None or not str(src).strip() or not p.exists():
                 continue
-            if Path(src).exists() and os.path.samefile(p, src):
+            if Path(src).exists() and os.path.samefile(p, Path(src)):
                 raise OutputError(f"output {p} is the input {src}; choose another path")
             if str(src).endswith(".onnx"):
                 if str(src) not in weights:

@@ -16,7 +16,16 @@ from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_
 from hwtool.gates import calibration_from_data, measure_gates
 from hwtool.graph import count_flops, count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
-from hwtool.runtime import Inputs, Samples, atomic_write_model, json_file_bytes, load_model, symbolic_sizes
+from hwtool.runtime import (
+    Inputs,
+    Samples,
+    atomic_write_model,
+    fixed_batch,
+    json_file_bytes,
+    load_model,
+    symbolic_sizes,
+    whole_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,13 @@ def sweep(
         if calib is None:
             calib = calibration_from_data(given, data, count=calib_count)
     original, blocks = highway_model(given)  # the row "original" describes the model as given
+    fixed = fixed_batch(original)
+    if latency and fixed not in (None, 1, 64):
+        raise ValueError(
+            f"--latency times batches 1 and 64, and the model's batch is fixed at {fixed}; "
+            f"time its prunes with `hwtool bench --batch {fixed}` instead"
+        )
+    calib = whole_batches(original, calib)  # the gates, the refit and the reference on the same samples
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
@@ -146,7 +162,8 @@ def sweep(
     rows, models = [rows[i] for i in order], [models[i] for i in order]
     if latency:
         # symbolic input dims (a sequence length) are timed at the calibration inputs' sizes
-        rows = _with_latency(rows, models, latency_runs, tuple(symbolic_sizes(given, calib).items()))
+        batches = (fixed,) if fixed else (1, 64)
+        rows = _with_latency(rows, models, latency_runs, tuple(symbolic_sizes(given, calib).items()), batches)
     return rows
 
 
@@ -158,8 +175,11 @@ def quality(rows: list[SweepRow]) -> str:
     return "agreement" if rows[0].agreement is not None else "max_abs_error"
 
 
-def _with_latency(rows: list[SweepRow], models: list, runs: int, dims: tuple = ()) -> list[SweepRow]:
-    """Median ORT CPU latency at batch 1 and 64, all models interleaved in one benchmark."""
+def _with_latency(
+    rows: list[SweepRow], models: list, runs: int, dims: tuple = (), batches: tuple[int, ...] = (1, 64)
+) -> list[SweepRow]:
+    """Median ORT CPU latency at batch 1 and 64 (those of `batches`: a model of a fixed batch runs
+    only its own), all models interleaved in one benchmark."""
     from hwtool.bench import BenchConfig, bench
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,15 +188,13 @@ def _with_latency(rows: list[SweepRow], models: list, runs: int, dims: tuple = (
             p = Path(tmp) / f"m{i}.onnx"
             atomic_write_model(m, p)
             paths.append(str(p))
-        res = bench(paths, BenchConfig(batches=(1, 64), warmup=3, runs=runs, dims=dims))
-        return [
-            replace(
-                r,
-                p50_ms_batch1=res.timing(p, res.timings[0].provider, 1).p50_ms,
-                p50_ms_batch64=res.timing(p, res.timings[0].provider, 64).p50_ms,
-            )
-            for r, p in zip(rows, paths)
-        ]
+        res = bench(paths, BenchConfig(batches=batches, warmup=3, runs=runs, dims=dims))
+        provider = res.timings[0].provider
+
+        def p50(path: str, batch: int) -> float | None:
+            return res.timing(path, provider, batch).p50_ms if batch in batches else None
+
+        return [replace(r, p50_ms_batch1=p50(p, 1), p50_ms_batch64=p50(p, 64)) for r, p in zip(rows, paths)]
 
 
 def csv_bytes(rows: list[SweepRow]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -181,3 +182,39 @@ def test_float16_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path):
         res = CliRunner().invoke(main, ["convert", *map(str, args)])
         assert needle in one_line_error(res), args
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_float16_converts_weights_held_in_constant_nodes(tmp_path):
+    """Some exporters keep weights in Constant nodes, not initializers: they are weights too."""
+    model = build(Spec())
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    nodes += list(model.graph.node)
+    del model.graph.initializer[:]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "c.onnx"))
+    np.save(tmp_path / "x.npy", images(4))
+    res = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "c.onnx"), "--to", "float16", "--calib", str(tmp_path / "x.npy"),
+               "-o", str(tmp_path / "h.onnx"), "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["weights"] > 1000 and rep["top1_agreement"] == 1.0
+    half = onnx.load(str(tmp_path / "h.onnx"))
+    kinds = {a.t.data_type for n in half.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims}
+    assert onnx.TensorProto.FLOAT16 in kinds
+    line = one_line_error(CliRunner().invoke(main, ["convert", str(tmp_path / "h.onnx"), "--to", "float16"]))
+    assert "already float16" in line
+
+
+def test_a_model_with_all_its_tensors_external_converts_to_ort(tmp_path):
+    """Even its small tensors (a torch export's shapes and scalars) stored outside, which ONNX
+    Runtime's own reading of the file refuses: convert hands it the model as read."""
+    source = Path(__file__).parents[1] / "models" / "small-gated.onnx"
+    model = onnx.load(str(source))
+    onnx.save(model, str(tmp_path / "e.onnx"), save_as_external_data=True, location="e.data", size_threshold=0)
+    rep = _convert(tmp_path / "e.onnx", "-o", tmp_path / "e.ort")
+    assert rep["max_abs_diff"] < 1e-4
+    _check_matches(source, tmp_path / "e.ort", images(2))

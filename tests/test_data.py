@@ -10,10 +10,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from click.testing import CliRunner
+from highway_onnx import Spec, build
 from PIL import Image
 
-from hwtool.data import CLASSES, DataError, load_cifar10, safe_unpickle
+from hwtool.cli import main
+from hwtool.data import CLASSES, CacheWarning, DataError, load_cifar10, safe_unpickle
 
 PER_CLASS = {"train": 3, "test": 2}  # images per class in the small trees built from the tarball
 
@@ -338,3 +342,21 @@ def test_an_archive_copied_or_touched_reuses_its_cache(tree, tmp_path, monkeypat
     _tar_gz(tree, copy)
     assert len(load_cifar10(copy)["train"]) == len(splits["train"]) - 1
     assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 2
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(tree, tmp_path, monkeypatch):
+    """The cache is only a speed-up: under a file (or in a folder the system refuses) the images
+    still load, with one warning that says what to set, and no temporary file is left."""
+    (tmp_path / "a-file").write_bytes(b"x")
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(CacheWarning, match="set HWTOOL_CACHE to a writable folder"):
+        splits = load_cifar10(tree)
+    np.testing.assert_array_equal(splits["test"].images, load_cifar10(tree, use_cache=False)["test"].images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cifar"]
+    assert (tmp_path / "a-file").read_bytes() == b"x"
+    # The command line shows it as one line and goes on.
+    onnx.save(build(Spec()), str(tmp_path / "m.onnx"))
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "m.onnx"), "--data", str(tree)])
+    assert res.exit_code == 0, res.output
+    (warning,) = [line for line in res.stderr.splitlines() if "HWTOOL_CACHE" in line]
+    assert warning.startswith("warning: could not cache the decoded images in ")

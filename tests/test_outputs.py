@@ -209,3 +209,90 @@ def test_quantize_writes_nothing_when_measuring_accuracy_fails(work, monkeypatch
     )
     assert "--limit" in line
     assert not (work / "q.onnx").exists()
+
+
+def test_a_path_ending_in_a_slash_is_a_folder_not_a_file(work, monkeypatch):
+    """`-o out/` names a folder: refused, not written as a file called `out`."""
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    for command in ("prune", "quantize", "convert"):
+        args, option = COMMANDS[command]
+        assert "names a folder; name a file in it" in one_line_error(_cli(*args, option, "out/"))
+    assert _snapshot(work) == before
+
+
+def test_a_path_the_system_refuses_gets_one_line(work, monkeypatch):
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    line = one_line_error(_cli("prune", "m.onnx", "--calib", "c.npy", "-o", "a" * 300 + ".onnx"))
+    assert "file name too long; check the path" in line
+    assert _snapshot(work) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# models of a fixed batch, and models ONNX Runtime loads but cannot run
+
+
+def test_a_fixed_batch_model_is_measured_on_whole_batches(work, monkeypatch):
+    """Batch fixed at 3, 8 calibration images: gates, sweep and the float16 check run the 6 that
+    fill whole batches (the 7th and 8th would be a batch ORT refuses)."""
+    onnx.save(build(Spec(removable=REMOVABLE_DEFAULT, batch=3)), str(work / "b3.onnx"))
+    np.save(work / "c8.npy", images(8))
+    monkeypatch.chdir(work)
+    res = _cli("gates", "b3.onnx", "--calib", "c8.npy", "--json", "g.json")
+    assert res.exit_code == 0, res.output
+    assert "6 images" in json.loads((work / "g.json").read_text())[0]["source"]
+    res = _cli("sweep", "b3.onnx", "--calib", "c8.npy", "--thresholds", "0.05", "--json", "s.json")
+    assert res.exit_code == 0, res.output
+    original, pruned = json.loads((work / "s.json").read_text())["rows"]
+    assert pruned["kept_channels"] == original["kept_channels"] - 16  # the 16 removable channels
+    res = _cli("convert", "b3.onnx", "--to", "float16", "--calib", "c8.npy", "-o", "h.onnx", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["verify_samples"] == 6
+    before = _snapshot(work)
+    line = one_line_error(_cli("sweep", "b3.onnx", "--calib", "c8.npy", "--thresholds", "0.05", "--latency"))
+    assert "fixed at 3" in line and "hwtool bench --batch 3" in line
+    np.save(work / "c2.npy", images(2))
+    assert "pass at least 3 calibration samples" in one_line_error(_cli("gates", "b3.onnx", "--calib", "c2.npy"))
+    assert _snapshot(work) == {**before, "c2.npy": (work / "c2.npy").read_bytes()}
+
+
+def test_sweep_latency_of_a_batch_one_model_is_timed_at_batch_one_only(work, monkeypatch):
+    onnx.save(build(Spec(removable=REMOVABLE_DEFAULT, batch=1)), str(work / "b1.onnx"))
+    monkeypatch.chdir(work)
+    res = _cli("sweep", "b1.onnx", "--calib", "c.npy", "--thresholds", "0.05", "--latency", "--json", "s.json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads((work / "s.json").read_text())["rows"]
+    assert all(r["p50_ms_batch1"] > 0 and r["p50_ms_batch64"] is None for r in rows)
+
+
+def test_a_model_that_fails_while_running_gets_one_line_and_writes_nothing(work, monkeypatch, cifar_path):
+    """A batch declared dynamic but fixed inside by a Reshape to [1, ...] (a common export slip)
+    loads, then fails at any other batch: one line from ONNX Runtime's own message, nothing written."""
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Reshape", ["input", "shape"], ["flat"]), h.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "g",
+        [h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
+        [
+            onnx.numpy_helper.from_array(np.array([1, 3072], dtype=np.int64), "shape"),
+            onnx.numpy_helper.from_array(np.full((3072, 10), 1 / 3072, dtype=np.float32), "w"),
+        ],
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(work / "r.onnx"))
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    for args in (
+        ("eval", "r.onnx", "--data", cifar_path, "--limit", "8"),
+        ("bench", "r.onnx", "--runs", "1", "--warmup", "0", "--batch", "4", "--json", "b.json"),
+        ("convert", "r.onnx", "--to", "float16", "--calib", "c.npy", "-o", "h.onnx"),
+    ):
+        res = _cli(*args)
+        line = one_line_error(res)
+        assert line.startswith("error: ONNX Runtime could not run the model:"), line
+        assert "requested shape:{1,3072}" in line and "onnxruntime_src" not in line
+        assert "[E:onnxruntime" not in res.output  # ORT's own log line stays quiet
+    assert _snapshot(work) == before

@@ -327,7 +327,7 @@ def _distill_options(fn):
     "init",
     type=click.Path(),
     default=None,
-    help="Start from this checkpoint's weights (new schedule; its network shape unless --widths/--depth).",
+    help="Start from this checkpoint's (or exported model's) weights and network shape, on a new schedule.",
 )
 @click.option("--widths", default=None, help="Filters per stage.  [default: 64,128,256]")
 @click.option("--depth", type=click.IntRange(1), default=None, help="Blocks per stage.  [default: 6]")
@@ -513,7 +513,10 @@ def export(checkpoint, output, exporter, opset, data, as_json):
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     check_outputs([output], [checkpoint, data])
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # The exporters' own chatter (onnxscript logs a failed opset conversion with its traceback;
+    # export_checkpoint then says in one line what went wrong).
+    for name in ("torch.onnx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore")
     rep = export_checkpoint(checkpoint, output, exporter=exporter, opset=opset, data=data)
     if as_json:

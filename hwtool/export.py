@@ -17,7 +17,7 @@ import torch
 from hwtool.data import CLASSES, load_cifar10
 from hwtool.gates import GATE_METADATA
 from hwtool.model import HighwayConfig, HighwayNet, gate_means
-from hwtool.runtime import atomic_write_model, make_session
+from hwtool.runtime import atomic_write_model, check_outputs, make_session
 from hwtool.train import TrainConfig, build_model, load_checkpoint
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -80,10 +80,16 @@ def export_checkpoint(
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset} is outside the supported range 17..21")
     ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt).float()
-    data = data or ckpt.get("data")
-    if not data or not Path(data).exists():
-        raise FileNotFoundError(f"CIFAR-10 data {data!r} (recorded in the checkpoint) is not there; pass --data PATH")
+    model = build_model(ckpt, checkpoint).float()
+    if data is None:
+        data = ckpt.get("data")
+        if not data or not Path(data).exists():
+            raise FileNotFoundError(
+                f"CIFAR-10 data {data!r} (recorded in the checkpoint) is not there; pass --data PATH"
+            )
+        check_outputs([out], [checkpoint, data])  # the recorded data is an input too
+    elif not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist; pass the CIFAR-10 folder or .tar.gz")
     splits = load_cifar10(data)
     test_x = splits["test"].as_float(compare_images)
     gate_x = splits["train"].as_float(gate_images)
@@ -171,6 +177,11 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     shape = HighwayConfig.from_dict(json.loads(meta["hwtool.model_config"]))
     model = HighwayNet(shape)
     weights = {i.name: i for i in proto.graph.initializer}
+    # The torchscript exporter stores identical tensors once and hands the copies out through
+    # Identity nodes (in graph order, so a copy of a copy resolves too).
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
     located = _layer_inputs(proto.graph, model, set(weights))
     state = {}
     for name, ref in model.state_dict().items():

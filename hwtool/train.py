@@ -377,7 +377,7 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, li
         )
     if not 0 < cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
         raise ValueError("the distillation weight must lie in (0, 1] and its temperature above 0")
-    teacher = build_model(load_start(path)).to(device)
+    teacher = build_model(load_start(path), path).to(device)
     if teacher.cfg.num_classes != cfg.model.num_classes:
         raise ValueError(
             f"teacher {path} has {teacher.cfg.num_classes} classes, this network {cfg.model.num_classes}; "
@@ -497,27 +497,60 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         ) from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise ValueError(f"{path} is not an hwtool checkpoint (no model and config entries)")
+    try:
+        TrainConfig.from_dict(ckpt["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(
+            f"{path} holds no configuration this hwtool reads ({type(e).__name__}: {e}); "
+            "pass a checkpoint.pt that `hwtool train` wrote"
+        ) from None
     return ckpt
+
+
+def load_weights(module: torch.nn.Module, state: dict, source: str | os.PathLike) -> None:
+    """module.load_state_dict(state), a ValueError naming `source` where the weights do not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        said = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
+        said = said if len(said) <= 200 else said[:197] + "..."  # torch lists every key it missed
+        msg = f"the weights in {source} do not fit its network ({said}); pass a checkpoint hwtool wrote"
+        raise ValueError(msg) from None
 
 
 def load_start(path: str | os.PathLike) -> dict:
     """The checkpoint a run starts from (--from, finetune): a checkpoint.pt, or an unpruned ONNX
     model that `hwtool export` wrote, read back as a checkpoint of its weights."""
+    from hwtool.export import checkpoint_from_onnx  # export imports this module
+
     if not Path(path).is_file():
+        what = "is not a file" if Path(path).exists() else "does not exist"
         raise FileNotFoundError(
-            f"{path} does not exist; start from a checkpoint.pt of `hwtool train` or a model of `hwtool export`"
+            f"{path} {what}; start from a checkpoint.pt of `hwtool train` or a model of `hwtool export`"
         )
     if str(path).endswith(".onnx"):
-        from hwtool.export import checkpoint_from_onnx  # export imports this module
-
         return checkpoint_from_onnx(path)
-    return load_checkpoint(path)
+    try:
+        return load_checkpoint(path)
+    except ValueError:
+        if not _is_onnx(path):  # an exported model under another name reads as one
+            raise
+    return checkpoint_from_onnx(path)
 
 
-def build_model(ckpt: dict) -> HighwayNet:
-    """The float32 eval-mode network stored in a checkpoint."""
+def _is_onnx(path: str | os.PathLike) -> bool:
+    import onnx
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # not ONNX either: the checkpoint's own error stands
+        return False
+
+
+def build_model(ckpt: dict, source: str | os.PathLike = "the checkpoint") -> HighwayNet:
+    """The float32 eval-mode network stored in a checkpoint (read from `source`)."""
     model = HighwayNet(HighwayConfig.from_dict(ckpt["config"]["model"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], source)
     return model.eval()
 
 
@@ -548,6 +581,11 @@ def train(
         ckpt = load_checkpoint(path)
         # What the run trains comes from the checkpoint; how it runs (torch.compile) from this call.
         saved = replace(TrainConfig.from_dict(ckpt["config"]), compile=cfg.compile)
+        if "optimizer" not in ckpt or (saved.ema > 0 and "train_model" not in ckpt):
+            raise ValueError(
+                f"{path} holds no optimizer state or trained weights (a slimmed checkpoint?); "
+                "it can be exported or trained --from, not resumed"
+            )
         if saved != cfg and not quiet:
             console.print("[yellow]resuming with the configuration saved in the checkpoint[/]")
         cfg = saved
@@ -593,19 +631,19 @@ def train(
     start_epoch = 0
     masks: list[torch.Tensor] | None = None  # fine-tuning's kept channels, on the host (0/1 per block)
     if ckpt is not None:
-        model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        load_weights(model, ckpt.get("train_model", ckpt["model"]), out / CHECKPOINT)
         opt.load_state_dict(ckpt["optimizer"])
         log = list(ckpt["log"])
         start_epoch = ckpt["epoch"] + 1
         if ckpt.get("keep") is not None:
             masks = [torch.tensor(k, dtype=torch.float32) for k in ckpt["keep"]]
     elif cfg.init is not None:
-        masks = _start_from(model, cfg, train_set, device)
+        masks = _start_from(model, cfg, splits["train"], device)  # gates measured on --count images, not --limit
     average = None
     if cfg.ema > 0:
         average = WeightAverage(model, cfg.ema)
         if ckpt is not None and "train_model" in ckpt:
-            average.model.load_state_dict(ckpt["model"])
+            load_weights(average.model, ckpt["model"], out / CHECKPOINT)
     dropout = None
     if cfg.targeted_dropout > 0 or cfg.targeted_keep is not None:
         # On a GPU each step's gate means are folded in one step late (see TargetedDropout.update).
@@ -633,7 +671,8 @@ def train(
     local_bs = cfg.batch_size // world
     steps_per_epoch = len(train_set) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; lower --batch-size")
+        fix = f"raise --limit to at least {cfg.batch_size}" if cfg.limit is not None else "lower --batch-size"
+        raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; {fix}")
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
     # The training set lives where the network does (150 MB of uint8 for CIFAR-10), so a step's
@@ -832,11 +871,12 @@ def train(
 
 def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: torch.device) -> list | None:
     """Load cfg.init's weights; with cfg.prune_threshold, the masks of the channels that stay (baked
-    in), on the host."""
+    in), on the host, from the gates on the first cfg.calib_images of `train_set` (the whole
+    training split: --limit does not cap them)."""
     start = load_start(cfg.init)
     if HighwayConfig.from_dict(start["config"]["model"]) != cfg.model:
         raise ValueError(f"{cfg.init} holds a different network shape than this run's; fine-tune with its own")
-    model.load_state_dict(start["model"])
+    load_weights(model, start["model"], cfg.init)
     if cfg.prune_threshold is None:
         return None
     x = to_input(train_set.images[: cfg.calib_images], device)
@@ -864,6 +904,9 @@ def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainCon
     return TrainConfig(model=model, init=str(init), prune_threshold=threshold, **base)
 
 
+MAX_PARAMETERS = 2_000_000_000  # a network past this is a typo in --widths or --depth, not a plan
+
+
 def config_from_options(**kw) -> TrainConfig:
     """A TrainConfig from CLI-style options (widths as a tuple, depth, stem).
 
@@ -875,5 +918,12 @@ def config_from_options(**kw) -> TrainConfig:
     if kw.get("init") is not None:
         base = HighwayConfig.from_dict(load_start(kw["init"])["config"]["model"])
     model = replace(base, **model_kw)
+    # Two 3x3 convolutions a block: about 18·w² weights; refused before any memory is asked for.
+    size = sum(18 * w * w * model.depth for w in model.widths)
+    if size > MAX_PARAMETERS:
+        raise ValueError(
+            f"widths {','.join(map(str, model.widths))} with depth {model.depth} make about {size:.3g} parameters, "
+            f"more than the {MAX_PARAMETERS:,} this tool trains; lower --widths or --depth"
+        )
     kw = {k: v for k, v in kw.items() if v is not None}
     return TrainConfig(model=model, **kw)

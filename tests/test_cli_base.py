@@ -55,7 +55,15 @@ def test_train_with_unusable_data(tmp_path, kind, fragment):
 
 def test_train_with_fewer_images_than_a_batch(cifar_path, tmp_path):
     out = tmp_path / "run"
-    assert_one_line_error(_invoke("train", "--data", cifar_path, "--out", out, *TINY, "--limit", "100"), "--batch-size")
+    res = _invoke("train", "--data", cifar_path, "--out", out, *TINY, "--limit", "100")
+    assert_one_line_error(res, "raise --limit to at least")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("shape", [["--widths", "100000"], ["--widths", "9" * 20], ["--depth", "10000000"]])
+def test_train_refuses_a_network_too_big_to_mean_before_allocating_it(cifar_path, tmp_path, shape):
+    out = tmp_path / "run"
+    assert_one_line_error(_invoke("train", "--data", cifar_path, "--out", out, "--epochs", "1", *shape), "parameters")
     assert not out.exists()
 
 

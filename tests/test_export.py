@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -168,8 +171,10 @@ def test_train_from_a_pruned_foreign_or_missing_onnx_model_is_one_line(tiny_onnx
         assert not out.exists()
 
 
-def test_a_model_with_merged_and_dropped_weights_reads_back_exactly(cifar_path, tmp_path):
-    # The dynamo exporter merges identical initializers under one name and drops zero biases: a
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_model_with_merged_and_dropped_weights_reads_back_exactly(cifar_path, tmp_path, exporter):
+    # The dynamo exporter merges identical initializers under one name and drops zero biases; the
+    # torchscript one keeps one of identical tensors and routes the others through Identity nodes: a
     # block trained out entirely (zero transform, gate bias -30) beside one whose BN statistics
     # equal another block's, as in the shipped reference. Its weights must still read back bit for bit.
     from hwtool.export import export_checkpoint
@@ -187,12 +192,37 @@ def test_a_model_with_merged_and_dropped_weights_reads_back_exactly(cifar_path, 
     ckpt = {"model": model.state_dict(), "config": TrainConfig(model=shape).to_dict(), "log": [{}], "data": cifar_path}
     torch.save(ckpt, tmp_path / "checkpoint.pt")
     out = tmp_path / "m.onnx"
-    export_checkpoint(tmp_path / "checkpoint.pt", out, exporter="dynamo", gate_images=64, compare_images=16)
+    export_checkpoint(tmp_path / "checkpoint.pt", out, exporter=exporter, gate_images=64, compare_images=16)
 
     names = {i.name for i in onnx.load(str(out)).graph.initializer}
     gone = {n for n in ckpt["model"] if not n.endswith("num_batches_tracked")} - names
-    assert {"blocks.1.transform.bias", "blocks.2.norm.running_mean"} <= gone  # what the exporter merged or dropped
+    # what the exporter merged, dropped or routed through an Identity
+    assert {"blocks.1.transform.bias", "blocks.2.norm.running_mean"} <= gone
     got = load_start(out)["model"]
     for name, w in ckpt["model"].items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(got[name], w.float()), name
+
+
+def test_export_never_writes_over_the_data_its_checkpoint_records(tiny_checkpoint, cifar_path, tmp_path):
+    """Without --data, export reads the data path in the checkpoint: an input like any other."""
+    data = tmp_path / "data.tar.gz"
+    data.write_bytes(Path(cifar_path).read_bytes())
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    torch.save({**ckpt, "data": str(data)}, tmp_path / "checkpoint.pt")
+    before = data.read_bytes()
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "checkpoint.pt"), "-o", str(data)])
+    assert "is the input" in one_line_error(res)
+    assert data.read_bytes() == before
+
+
+def test_a_refused_opset_prints_one_line_in_a_real_process(tiny_checkpoint, tmp_path):
+    """The exporters log their own failures with tracebacks; the command's stderr is one line."""
+    out = tmp_path / "m.onnx"
+    cmd = [sys.executable, "-m", "hwtool", "export", str(tiny_checkpoint), "-o", str(out), "--opset", "17"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: the dynamo exporter wrote opset 18, not 17; ask for --opset 18 or use --exporter torchscript"
+    ]
+    assert not out.exists()

@@ -162,3 +162,57 @@ def test_train_from_bad_inputs_are_one_line_errors(cifar_path, tmp_path):
     res = run.invoke(main, [*base, "--out", str(tmp_path / "b"), "--from", str(START), "--widths", "8,8,8"])
     assert "different network shape" in one_line_error(res)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_finetune_measures_the_gates_on_count_images_whatever_limit_says(cifar, cifar_path, tmp_path):
+    """--count training images decide what goes, from the whole training split: --limit (what it
+    trains and tests on) does not cap them."""
+    start = build_model(load_checkpoint(START))
+    x = to_input(cifar["train"].images[:512])
+    expected = gate_masks(start, x, 0.03)
+    capped = gate_masks(start, x[:256], 0.03)
+    assert any(not torch.equal(a, b) for a, b in zip(expected, capped))  # the two counts disagree here
+    out = tmp_path / "run"
+    args = ["finetune", str(START), "--data", cifar_path, "--out", str(out), "--threshold", "0.03"]
+    res = CliRunner().invoke(main, [*args, "--epochs", "1", "--limit", "256", "--count", "512"])
+    assert res.exit_code == 0, res.output
+    keep = [torch.tensor(k, dtype=torch.float32) for k in load_checkpoint(out / "checkpoint.pt")["keep"]]
+    assert all(torch.equal(a, b) for a, b in zip(keep, expected))
+
+
+def test_finetune_on_fewer_images_than_a_batch_says_to_raise_limit(cifar_path, tmp_path):
+    args = ["finetune", str(START), "--data", cifar_path, "--out", str(tmp_path / "r"), "--threshold", "0.05"]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--limit", "100"]))
+    assert line == "error: 100 training images make no batch of 128; raise --limit to at least 128"
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoints_that_are_broken_or_slimmed_are_one_line(cifar_path, tmp_path):
+    """A configuration this hwtool cannot read, weights that do not fit their network, and a
+    checkpoint slimmed of its optimizer state (benchmarks/device_checkpoint.py) asked to resume."""
+    good = load_checkpoint(START)
+    torch.save({"model": {}, "config": {"foo": 1}}, tmp_path / "config.pt")
+    torch.save({**good, "model": {k: v for k, v in good["model"].items() if k != "stem.weight"}}, tmp_path / "w.pt")
+    (tmp_path / "slim").mkdir()
+    torch.save({k: v for k, v in good.items() if k != "optimizer"}, tmp_path / "slim" / "checkpoint.pt")
+    run = CliRunner()
+    line = one_line_error(run.invoke(main, ["export", str(tmp_path / "config.pt"), "-o", str(tmp_path / "a.onnx")]))
+    assert "holds no configuration this hwtool reads" in line
+    args = ["finetune", str(tmp_path / "w.pt"), "--data", cifar_path, "--out", str(tmp_path / "b"), *OPTIONS]
+    line = one_line_error(run.invoke(main, args))
+    assert "do not fit its network (Error(s) in loading state_dict for HighwayNet: Missing key(s)" in line
+    assert '"stem.weight"' in line
+    args = ["train", "--data", cifar_path, "--out", str(tmp_path / "slim"), "--resume"]
+    assert "no optimizer state" in one_line_error(run.invoke(main, args))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoint.pt", "config.pt", "slim", "w.pt"]
+
+
+def test_an_exported_model_under_another_name_is_read_as_one(cifar_path, tmp_path):
+    """What --from, --teacher and finetune read is told by its content, not only by `.onnx`."""
+    copy = tmp_path / "small-gated.model"
+    copy.write_bytes((Path(__file__).parents[1] / "models" / "small-gated.onnx").read_bytes())
+    out = tmp_path / "run"
+    args = ["finetune", str(copy), "--data", cifar_path, "--out", str(out), *OPTIONS]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["init"] == str(copy)

@@ -599,6 +599,11 @@ def train(
         raise ValueError(f"gate shape must be one of {', '.join(GATE_SHAPES)}, not {cfg.gate_shape!r}")
     if cfg.targeted_keep is not None and not (0 < cfg.targeted_keep <= 1 and 0 < cfg.targeted_keep_by <= 1):
         raise ValueError("targeted keep and keep-by are fractions in (0, 1]")
+    if cfg.targeted_keep is not None and cfg.targeted_keep_by <= cfg.gate_ramp:
+        raise ValueError(
+            f"the removal runs from the end of the incentive's ramp (--gate-ramp {cfg.gate_ramp}) to "
+            f"--targeted-keep-by {cfg.targeted_keep_by}; give a keep-by after the ramp"
+        )
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"the weight average's decay must lie in [0, 1) (0: off), not {cfg.ema}")
 
@@ -654,6 +659,11 @@ def train(
             dropout.removed = [torch.tensor(r, dtype=torch.bool) for r in ckpt["removed_channels"]]
     full_params = count_parameters(model)
     fixed_params = full_params - sum(block_parameters(cfg.model, block_widths(cfg.model)))
+    if cfg.targeted_keep is not None and cfg.targeted_keep * full_params <= fixed_params:
+        raise ValueError(
+            f"--targeted-keep {cfg.targeted_keep} leaves no channel: the stem, carries and head alone hold "
+            f"{fixed_params / full_params:.1%} of the parameters; keep more than that"
+        )
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

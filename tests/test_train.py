@@ -359,11 +359,22 @@ def test_resume_keeps_the_channels_removed_for_good(cifar_path, tmp_path):
     assert torch.all(build_model(after).blocks[b].transform.weight[c] == 0)
 
 
-def test_train_cli_rejects_an_empty_budget(cifar_path, tmp_path):
+@pytest.mark.parametrize(
+    "budget,says",
+    [
+        (["--targeted-keep", "0"], "targeted-keep"),
+        # the tiny net's stem, carries and head hold about a fifth of it: nothing would be left
+        (["--targeted-keep", "0.05"], "leaves no channel: the stem, carries and head alone hold"),
+        # removal starts where the incentive's ramp ends: a keep-by at or before it never removes
+        (["--targeted-keep", "0.5", "--gate-ramp", "1"], "give a keep-by after the ramp"),
+        (["--targeted-keep", "0.5", "--gate-ramp", "0.5", "--targeted-keep-by", "0.4"], "after the ramp"),
+    ],
+)
+def test_train_cli_rejects_a_budget_it_cannot_run(cifar_path, tmp_path, budget, says):
     result = CliRunner().invoke(
-        main, ["train", "--data", cifar_path, "--out", str(tmp_path / "run"), *TINY_OPTIONS, "--targeted-keep", "0"]
+        main, ["train", "--data", cifar_path, "--out", str(tmp_path / "run"), *TINY_OPTIONS, *budget]
     )
-    assert result.exit_code == 2 and "targeted-keep" in result.output
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
 
 

@@ -576,12 +576,24 @@ CALIB_HELP = (
 )
 
 
+def _unused(names: tuple[str, ...], when: str) -> None:
+    """Refuse options (by parameter name) typed where they do nothing, rather than ignore them."""
+    ctx = click.get_current_context()
+    defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
+    typed = ["--" + n.replace("_", "-") for n in names if ctx.get_parameter_source(n) not in defaults]
+    if typed:
+        it, does = ("it", "does") if len(typed) == 1 else ("them", "do")
+        raise ValueError(f"{' and '.join(typed)} {does} nothing {when}; drop {it}")
+
+
 def _calibration(model_proto, calib, data, count, split):
     """Calibration inputs from --calib or --data (None when neither is given)."""
     from hwtool.gates import calibration_from_data, load_calibration
 
     if calib and data:
         raise ValueError("pass either --calib or --data, not both")
+    if not data:
+        _unused(("count", "split"), "without --data (they pick its calibration images)")
     if calib:
         return load_calibration(model_proto, calib)
     if data:
@@ -804,6 +816,10 @@ def sweep_cmd(
 
     if no_refit and refit_gates_only:
         raise ValueError("pass either --no-refit or --refit-gates-only, not both")
+    if data is None:
+        _unused(("count", "limit"), "without --data")
+    elif calib is not None:
+        _unused(("count",), "with --calib (it picks --data's calibration images)")
     if thresholds is None and budgets is None:
         thresholds = "0,0.01,0.02,0.05,0.1,0.2"
     ths = _floats(thresholds, "--thresholds") if thresholds is not None else ()
@@ -906,6 +922,8 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dim
     from hwtool.runtime import check_outputs
 
     check_outputs([json_path], models)
+    if seconds is not None:
+        _unused(("runs",), "with --seconds (which sets how long each model runs instead)")
     cfg = BenchConfig(
         batches=_ints(batch, "--batch", unique=True),
         threads=threads,
@@ -974,6 +992,11 @@ def quantize_cmd(
     """Static int8 quantization (QDQ, per-channel weights) of MODEL with ONNX Runtime."""
     from hwtool.quantize import QuantizeConfig, quantize
     from hwtool.report import progress_bar
+
+    if data is None:
+        _unused(("count", "limit"), "without --data")
+    elif calib is not None:
+        _unused(("count",), "with --calib (it picks --data's calibration images)")
 
     cfg = QuantizeConfig(
         per_channel=not per_tensor,

@@ -296,3 +296,21 @@ def test_a_model_that_fails_while_running_gets_one_line_and_writes_nothing(work,
         assert "requested shape:{1,3072}" in line and "onnxruntime_src" not in line
         assert "[E:onnxruntime" not in res.output  # ORT's own log line stays quiet
     assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["prune", "m.onnx", "--calib", "c.npy", "--count", "8", "-o", "p.onnx"], "--count does nothing without"),
+        (["gates", "m.onnx", "--split", "test"], "--split does nothing without --data"),
+        (["bench", "m.onnx", "--seconds", "1", "--runs", "5"], "--runs does nothing with --seconds"),
+        (["quantize", "m.onnx", "--calib", "c.npy", "--limit", "5", "-o", "q.onnx"], "--limit does nothing without"),
+        (["sweep", "m.onnx", "--calib", "c.npy", "--count", "5", "--limit", "3"], "--count and --limit do nothing"),
+    ],
+)
+def test_an_option_that_would_do_nothing_is_refused_not_ignored(work, monkeypatch, args, message):
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    line = one_line_error(_cli(*args))
+    assert message in line and line.endswith(("drop it", "drop them"))
+    assert _snapshot(work) == before

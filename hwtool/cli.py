@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import sys
@@ -520,7 +519,7 @@ def export(checkpoint, output, exporter, opset, data, as_json):
     warnings.filterwarnings("ignore")
     rep = export_checkpoint(checkpoint, output, exporter=exporter, opset=opset, data=data)
     if as_json:
-        click.echo(json.dumps(rep.__dict__))  # one line, as --help promises
+        _echo_json(rep.__dict__)  # one line, as --help promises
     else:
         out.print(
             f"wrote {rep.path} ({rep.exporter}, opset {rep.opset}, {rep.parameters:,} parameters); "
@@ -561,7 +560,7 @@ def eval_(model, data, limit, batch, as_json):
     with progress_bar(console, "eval", disable=as_json) as bar:
         res = evaluate(model, data, limit=limit, batch=batch, on_batch=bar)
     if as_json:
-        click.echo(json.dumps(res.__dict__))
+        _echo_json(res.__dict__)
     else:
         out.print(f"{res.model}: top-1 {res.accuracy:.2%} ({res.correct}/{res.samples}) in {res.seconds:.1f} s")
 
@@ -574,6 +573,13 @@ CALIB_HELP = (
     "Calibration inputs in the model's input layout: a .npy array (float32; integers for token ids), "
     "or for a model of several inputs an .npz of one array per input name."
 )
+
+
+def _echo_json(obj) -> None:
+    """One line of strict JSON on stdout (a NaN or infinite figure becomes null)."""
+    from hwtool.runtime import json_text
+
+    click.echo(json_text(obj))
 
 
 def _unused(names: tuple[str, ...], when: str) -> None:
@@ -718,7 +724,7 @@ def prune_cmd(
             )
     atomic_write_model(pruned, dst)
     if as_json:
-        click.echo(json.dumps({"output": str(dst), **report.to_dict()}))
+        _echo_json({"output": str(dst), **report.to_dict()})
     else:
         for table in prune_tables(report):
             out.print(table)
@@ -1018,7 +1024,7 @@ def quantize_cmd(
             on_stage=bar.stage,
         )
     if as_json:
-        click.echo(json.dumps(res.to_dict()))
+        _echo_json(res.to_dict())
         return
     out.print(
         f"wrote {res.output}: {res.bytes_before:,} -> {res.bytes_after:,} bytes ({res.size_ratio:.2f}x), "
@@ -1070,7 +1076,7 @@ def convert_cmd(model, fmt, output, target, half_io, calib, as_json):
 
     res = convert_to_ort(model, output, target=target or "portable")
     if as_json:
-        click.echo(json.dumps(res.to_dict()))
+        _echo_json(res.to_dict())
         return
     ops = sum(len(v) for v in res.operators.values())
     out.print(f"wrote {res.output} ({res.ort_bytes:,} bytes, {res.nodes} nodes) and {res.config} ({ops} operators)")
@@ -1083,7 +1089,7 @@ def _convert_float16(model, output, half_io, calib, as_json):
 
     res = convert_to_float16(model, output, half_io=half_io, calib=calib)
     if as_json:
-        click.echo(json.dumps(res.to_dict()))
+        _echo_json(res.to_dict())
         return
     io = "float16" if res.half_io else "float32"
     out.print(

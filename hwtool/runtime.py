@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -313,9 +314,25 @@ def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[
                 raise OutputError(f"two outputs are the same file {a}; give each its own path")
 
 
+def _finite(obj):
+    """obj with NaN and infinite floats as None: strict JSON has no spelling for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = None) -> str:
+    """`obj` as strict JSON (a NaN or infinite figure, a diverged error say, becomes null)."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
 def json_file_bytes(obj, indent: int | None = 2) -> bytes:
     """`obj` as the bytes of a JSON file: UTF-8, ending in a newline."""
-    return (json.dumps(obj, indent=indent) + "\n").encode()
+    return (json_text(obj, indent) + "\n").encode()
 
 
 def atomic_write_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:

@@ -314,3 +314,15 @@ def test_an_option_that_would_do_nothing_is_refused_not_ignored(work, monkeypatc
     line = one_line_error(_cli(*args))
     assert message in line and line.endswith(("drop it", "drop them"))
     assert _snapshot(work) == before
+
+
+def test_json_is_strict_even_where_a_figure_is_nan():
+    """A diverged error or an unmeasured ratio is null in every JSON hwtool writes or prints, never
+    NaN or Infinity, which strict parsers (browsers, jq, Go, Rust) refuse."""
+    from hwtool.runtime import json_file_bytes, json_text
+
+    doc = {"error": float("nan"), "rows": [{"ratio": float("inf")}, {"ratio": 1.5}], "pair": (2, "x")}
+    want = {"error": None, "rows": [{"ratio": None}, {"ratio": 1.5}], "pair": [2, "x"]}
+    for text in (json_text(doc), json_file_bytes(doc).decode()):
+        assert "NaN" not in text and "Infinity" not in text
+        assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}")) == want

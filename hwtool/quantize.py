@@ -36,6 +36,7 @@ from hwtool.runtime import (
     load_model,
     make_session,
     model_bytes,
+    whole_batches,
 )
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -251,6 +252,7 @@ def quantize(
         source = f"{data} train[:{len(x)}]"
     else:
         raise ValueError("quantize needs calibration images: pass --calib FILE.npy or --data PATH")
+    x = whole_batches(model, x)  # a fixed batch runs full batches only: the report and metadata count those
     test = None if data is None else load_test_set(model, data, limit)  # fails before the slow part
 
     if on_stage:
@@ -281,7 +283,7 @@ def quantize(
         output=str(dst),
         bytes_before=model_bytes(src),
         bytes_after=len(blob),
-        calib_samples=len(x) - len(x) % (fixed_batch(model) or 1),  # a fixed batch takes full batches only
+        calib_samples=len(x),
         calib_source=source,
         preprocessed=preprocessed,
         quantized_nodes=nq,

@@ -138,6 +138,8 @@ def test_calib_file_and_fixed_batch_model(tmp_path, method):
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["calib_samples"] == 8 and report["config"]["method"] == method
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["hwtool.quantize"])
+    assert meta["calib_images"] == 8  # the file records what the report says
     x = images(4, seed=7)
     a, b = _logits(model, x), _logits(out, x)
     assert b.shape == (4, 10)

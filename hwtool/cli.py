@@ -470,12 +470,13 @@ def finetune(
     With --teacher CHECKPOINT (the same file) the pruned network learns from the unpruned one; a
     teacher that finetune itself pruned runs its kept channels only.
     """
-    from hwtool.train import finetune_config
+    from hwtool.train import CHECKPOINT, finetune_config
     from hwtool.train import train as run
 
     cfg = finetune_config(
         checkpoint,
         threshold,
+        resume_from=Path(out) / CHECKPOINT if resume else None,
         epochs=epochs,
         lr=lr,
         gate_penalty=gate_penalty,

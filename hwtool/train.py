@@ -902,12 +902,16 @@ def _auto_precision(kw: dict) -> dict:
     return kw
 
 
-def finetune_config(init: str | os.PathLike, threshold: float, **kw) -> TrainConfig:
+def finetune_config(
+    init: str | os.PathLike, threshold: float, resume_from: str | os.PathLike | None = None, **kw
+) -> TrainConfig:
     """A fine-tuning run of checkpoint `init` with the channels whose mean gate is under `threshold`
-    removed: its network shape, a short low-rate schedule and no incentive unless `kw` says so."""
+    removed: its network shape, a short low-rate schedule and no incentive unless `kw` says so. A
+    run resumed from `resume_from` takes the shape from there: `init` may be gone by then."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold {threshold} is outside [0, 1]; gates are sigmoids")
-    start = load_start(init)
+    resumed = resume_from is not None and Path(resume_from).is_file()
+    start = load_checkpoint(resume_from) if resumed else load_start(init)
     base = {"epochs": 3, "lr": 0.01, "warmup": 0.1, "gate_penalty": 0.0, "silence_penalty": 0.0, "gate_ramp": 0.0}
     base.update({k: v for k, v in _auto_precision(kw).items() if v is not None})
     model = HighwayConfig.from_dict(start["config"]["model"])

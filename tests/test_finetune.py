@@ -216,3 +216,19 @@ def test_an_exported_model_under_another_name_is_read_as_one(cifar_path, tmp_pat
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert load_checkpoint(out / "checkpoint.pt")["config"]["init"] == str(copy)
+
+
+def test_finetune_resumes_after_its_start_checkpoint_is_gone(cifar_path, tmp_path):
+    """What a resumed run trains comes from its own checkpoint, so the file it started from is not
+    needed any more (a start copied in for the run and deleted since, say)."""
+    start = tmp_path / "start.pt"
+    start.write_bytes(START.read_bytes())
+    out = tmp_path / "run"
+    args = ["finetune", str(start), "--data", cifar_path, "--out", str(out), *OPTIONS]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = load_checkpoint(out / "checkpoint.pt")
+    start.unlink()
+    res = CliRunner().invoke(main, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    after = load_checkpoint(out / "checkpoint.pt")
+    assert after["epoch"] == before["epoch"] and after["keep"] == before["keep"]

@@ -84,7 +84,7 @@ def table(name: str) -> str:
     if plain:
         sweep = _load(f"{name}-plain", "sweep")
         plain_epochs = len(_load(f"{name}-plain", "train-log") or []) or "?"
-        r0 = next(r for r in sweep["rows"] if r["threshold"] == 0)
+        r0 = next(r for r in sweep["rows"] if r["threshold"] is None)  # the file as exported, not simplified
         rows.append(
             f"| no incentive (λ = 0, {plain_epochs} epochs) | {r0['bytes'] / 1e6:.2f} | {r0['parameters']:,} | - "
             f"| {r0['flops'] / 1e6:.1f} | {100 * plain['accuracy']:.2f}% ({100 * (plain['accuracy'] - acc[0]):+.2f}) "

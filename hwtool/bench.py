@@ -21,10 +21,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hwtool.graph import count_flops, count_parameters
+from hwtool.graph import count_parameters
 from hwtool.runtime import (
     ModelError,
     atomic_write_bytes,
+    flops_per_sample,
     input_specs,
     json_file_bytes,
     load_model,
@@ -392,11 +393,8 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
             }
         )
         declared = input_specs(model)
-        dims = declared[0].dims
-        fixed = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
         try:
-            flops = count_flops(model, batch=1, sizes=sizes)
-            flops = None if flops is None else flops // fixed
+            flops = flops_per_sample(model, sizes=sizes)
         except Exception:  # shape inference can fail on exotic graphs; FLOPs are then unknown
             flops = None
         ins = tuple((d.name, d.dims) for d in declared)

@@ -225,14 +225,16 @@ def measure_gates(
     own = [o.name for o in model.graph.output]
     sess = make_session(model, threads=threads, extra_outputs=gate_names)
     sums = [np.zeros(b.width, dtype=np.float64) for b in blocks]
+    rows = [0] * len(blocks)  # a gate's rows: the samples, or more where a layer reads flattened rows (N·T)
     outs: list[list[np.ndarray]] = [[] for _ in own]
     for _, res in run_batched(sess, x, batch, outputs=[*own, *gate_names], on_batch=on_batch):
         if keep_outputs:
             for o, r in zip(outs, res):
                 o.append(r)
-        for block, s, t in zip(blocks, sums, res[len(own) :]):
+        for i, (block, s, t) in enumerate(zip(blocks, sums, res[len(own) :])):
             t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
             s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
+            rows[i] += t.shape[0]
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
-    stats = GateStats(tuple(s / len(x) for s in sums), f"calibration ({len(x)} {unit})", len(x))
+    stats = GateStats(tuple(s / max(n, 1) for s, n in zip(sums, rows)), f"calibration ({len(x)} {unit})", len(x))
     return stats, ([np.concatenate(o) for o in outs] if keep_outputs else None)

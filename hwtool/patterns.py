@@ -422,8 +422,10 @@ def block_is_self_contained(g: Graph, block: Block) -> bool:
     """
     layers = [affine(g, block.transform_conv), affine(g, block.gate_conv)]
     matmuls = [layer.node for layer in layers if layer is not None and layer.node != layer.output]  # before a bias Add
-    inside = set(block.mix_nodes) | {block.gate_conv, block.transform_conv, *block.transform_post, *matmuls}
-    internal = [block.transform, block.gate, *[m for m in block.mix_nodes if m != block.output], *matmuls]
+    inside = set(block.mix_nodes) | {block.gate_conv, block.gate, block.transform_conv, *block.transform_post, *matmuls}
+    # the gate's pre-activation too: pruning narrows it as it narrows T
+    internal = [block.transform, block.gate_conv, block.gate, *[m for m in block.mix_nodes if m != block.output]]
+    internal += matmuls
     internal += list(block.transform_post[:-1]) + [block.transform_conv] if block.transform_post else []
     for t in internal:
         if t in g.graph_outputs:

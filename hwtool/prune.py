@@ -33,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
-from hwtool.graph import Graph, attr, count_flops, count_parameters, is_quantized, tensor_shapes
+from hwtool.graph import Graph, attr, count_parameters, is_quantized, tensor_shapes
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
     Affine,
@@ -50,6 +50,7 @@ from hwtool.runtime import (
     Samples,
     as_feed,
     fixed_batch,
+    flops_per_sample,
     input_specs,
     load_model,
     make_session,
@@ -151,6 +152,17 @@ class _Editor:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = Graph(model)
+        # What the surgery names its tensors and nodes by: "hw", or where the model already has such
+        # names (a model pruned before, pruned again) the first "hw_K_" that no name starts with.
+        g = model.graph
+        names = {n for node in g.node for n in (*node.input, *node.output, node.name)}
+        names |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        prefixes = ("hw", *(f"hw_{k}_" for k in range(2, 10_000)))
+        self.prefix = next(p for p in prefixes if not any(n.startswith(p) for n in names))
+
+    def tag(self, block: Block) -> str:
+        """The prefix of every name the surgery gives block's new tensors and nodes."""
+        return f"{self.prefix}{block.index}"
 
     def refresh(self) -> None:
         self.graph = Graph(self.model)
@@ -171,7 +183,8 @@ class _Editor:
 
 
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes whose outputs nobody reads, unused initializers, then sort topologically."""
+    """Drop nodes whose outputs nobody reads, unused initializers (and their graph inputs, where an
+    export listed initializers as inputs), then sort topologically."""
     g = model.graph
     producer = {o: i for i, n in enumerate(g.node) for o in n.output}
     needed = {o.name for o in g.output}
@@ -186,9 +199,14 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
                 needed.add(name)
                 stack.append(name)
     live = [n for n, keep in zip(g.node, is_live) if keep]
+    dropped = {t.name for t in g.initializer if t.name not in needed}
     inits = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(inits)
+    if any(i.name in dropped for i in g.input):  # keep_initializers_as_inputs exports list them as inputs too
+        inputs = [i for i in g.input if i.name not in dropped]
+        del g.input[:]
+        g.input.extend(inputs)
     del g.value_info[:]  # intermediate shapes are stale after surgery; checkers infer them again
     # Kahn's algorithm, stable in the original order.
     produced_by = {o: i for i, n in enumerate(live) for o in n.output}
@@ -274,11 +292,18 @@ class _Runner:
         )
         seg = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         sess = make_session(seg, threads=self.threads)
-        n = len(next(iter(self.values.values())))
+        # Batches of samples. An activation may hold several rows a sample (a fully connected layer
+        # reading [N·T, C] flattened from [N, T, C]): its batch is the same samples' rows.
+        n = len(next(iter(self.inputs.values())))
+        rows = {k: len(self.values[k]) for k in names}
+        if all(r % n == 0 for r in rows.values()):
+            spans = [(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]
+            feeds = [{k: self.values[k][a * rows[k] // n : b * rows[k] // n] for k in names} for a, b in spans]
+        else:  # a leading axis that is not the samples' (sequence first, say): all at once
+            feeds = [{k: self.values[k] for k in names}]
         outs: list[list[np.ndarray]] = [[] for _ in targets]
-        for i in range(0, n, self.batch):
-            res = sess.run(targets, {k: self.values[k][i : i + self.batch] for k in names})
-            for o, r in zip(outs, res):
+        for feed in feeds:
+            for o, r in zip(outs, sess.run(targets, feed)):
                 o.append(r)
         return [np.concatenate(o) for o in outs]
 
@@ -426,8 +451,10 @@ def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int,
         slope = g.const(node.input[1])
         if slope is None:
             raise ValueError(f"PRelu {node.name} has a non-constant slope; cannot prune its block")
-        if slope.size == width:
-            ed.set_input(node, 1, f"{tag}_slope", slope.reshape(width, *slope.shape[1:])[kept] if slope.ndim else slope)
+        if slope.size == width and slope.ndim:
+            # one slope per channel, in whatever broadcastable shape: (C,), (C,1,1), (1,C,1,1), (1,C)
+            axis = next(i for i, d in enumerate(slope.shape) if d == width)
+            ed.set_input(node, 1, f"{tag}_slope", np.take(slope, kept, axis=axis))
 
 
 def _one_hot(kept: np.ndarray, width: int, dtype: np.dtype) -> np.ndarray:
@@ -531,7 +558,7 @@ def _set_bias(ed: _Editor, layer: Affine, node: onnx.NodeProto, bias: np.ndarray
 
 def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray, kind: str):
     """Rewrite one block to its kept channels (or to its carry alone when nothing is kept)."""
-    tag = f"hw{block.index}"
+    tag = ed.tag(block)
     g = ed.graph
     mix = set(block.mix_nodes)
     if len(kept) == 0:
@@ -549,7 +576,14 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     gate = affine(ed.graph, block.gate_conv)
     _set_layer(ed, gate, gate_w, gate_b, f"{tag}_gate")
     if block.gate_depthwise:
-        next(a for a in ed.node(gate.node).attribute if a.name == "group").i = len(kept)
+        conv = ed.node(gate.node)
+        next(a for a in conv.attribute if a.name == "group").i = len(kept)
+        if not block.gate_reads_transform:  # each kept gate reads its own channel of the block input: those only
+            idx = f"{tag}_gate_channels"
+            ed.model.graph.initializer.append(numpy_helper.from_array(kept.astype(np.int64), idx))
+            gather = helper.make_node("Gather", [conv.input[0], idx], [f"{tag}_gate_in"], axis=1, name=f"{tag}_gate_in")
+            ed.model.graph.node.append(gather)
+            conv.input[0] = f"{tag}_gate_in"
     ed.remove_nodes(mix)
     linear = block.channel_axis == -1
     if kind == "auto":
@@ -787,17 +821,19 @@ REFIT_HELD = 8  # activations of a block's size the two runners hold at once, ab
 def refit_samples(model: onnx.ModelProto, blocks: list[Block], calib: Samples | None, cfg: PruneConfig) -> int:
     """How many of the first calibration samples the refit runs on: cfg.refit_images, or fewer
     where a block's activations are so large (high-resolution inputs) that holding them for that
-    many samples would take more than cfg.refit_memory bytes; at least one."""
+    many samples would take more than cfg.refit_memory bytes; at least one, and whole batches of a
+    model whose batch is fixed (its calibration inputs are whole batches already)."""
     if calib is None:
         return 0
     n = min(len(calib), cfg.refit_images)
     shapes = tensor_shapes(model, 1, symbolic_sizes(model, calib))
     tensors = [t for b in blocks for t in (b.transform, b.carry)]
     sizes = [int(np.prod(shapes[t])) for t in tensors if shapes.get(t) and all(d > 0 for d in shapes[t])]
-    if not sizes:
-        return n
-    per_sample = max(sizes) * 4 * REFIT_HELD  # float32 (float16 halves it: a margin)
-    return max(1, min(n, cfg.refit_memory // per_sample))
+    if sizes:
+        per_sample = max(sizes) * 4 * REFIT_HELD  # float32 (float16 halves it: a margin)
+        n = max(1, min(n, cfg.refit_memory // per_sample))
+    fixed = fixed_batch(model)
+    return max(fixed, n - n % fixed) if fixed else n
 
 
 def _follow_reference(
@@ -831,12 +867,12 @@ def _follow_reference(
     carry_errors = None
     if projected:
         carry_errors = _refit_layer(
-            ed, runner, affine(ed.graph, block.carry), carry_ref, None, cfg, f"hw{block.index}_carry"
+            ed, runner, affine(ed.graph, block.carry), carry_ref, None, cfg, f"{ed.tag(block)}_carry"
         )
     errors = None
     if len(kept):
         transform = affine(ed.graph, block.transform_conv)
-        errors = _refit_layer(ed, runner, transform, want, kept, cfg, f"hw{block.index}_refit")
+        errors = _refit_layer(ed, runner, transform, want, kept, cfg, f"{ed.tag(block)}_refit")
     return gate_ref, errors, carry_errors
 
 
@@ -901,7 +937,7 @@ def _prune_at(
         refit_errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
         whole = len(kept) == block.width
         if not whole and not block_is_self_contained(ed.graph, block):
-            whole, note = True, "left whole: H, T or the mix is read outside the block"
+            whole, note = True, "left whole: H, T, the gate pre-activation or the mix is read outside the block"
         if whole:
             if reference_runner is not None:  # both runners go on from this block's output
                 (y,) = runner.compute([block.output])
@@ -1003,8 +1039,8 @@ def _prune_at(
         blocks=reports,
         params_before=count_parameters(given),
         params_after=count_parameters(model),
-        flops_before=count_flops(given, sizes=sizes),
-        flops_after=count_flops(model, sizes=sizes),
+        flops_before=flops_per_sample(given, sizes=sizes),
+        flops_after=flops_per_sample(model, sizes=sizes),
         bytes_before=given.ByteSize(),
         bytes_after=model.ByteSize(),
         max_abs_error=max_abs,
@@ -1044,7 +1080,7 @@ def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float | None:
     return None
 
 
-ONE_HOT_NAME = re.compile(r"hw\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes
+ONE_HOT_NAME = re.compile(r"hw(_\d+_)?\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes
 
 
 def _one_hot_axis(m: np.ndarray) -> int | None:

@@ -213,6 +213,15 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+def flops_per_sample(model: onnx.ModelProto, sizes: dict[str, int] | None = None) -> int | None:
+    """graph.count_flops for one sample: a model whose batch is fixed is counted at that batch (its
+    shapes allow no other), then divided by it."""
+    from hwtool.graph import count_flops
+
+    flops = count_flops(model, batch=1, sizes=sizes)
+    return None if flops is None else flops // (fixed_batch(model) or 1)
+
+
 def whole_batches(model: onnx.ModelProto, x: Samples, what: str = "calibration samples") -> Samples:
     """x cut to whole batches where the model's batch is fixed (it runs nothing else), else x as it
     is; ValueError when x holds less than one batch."""

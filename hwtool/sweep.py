@@ -14,13 +14,14 @@ import onnx
 
 from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_npz, load_test_set
 from hwtool.gates import calibration_from_data, measure_gates
-from hwtool.graph import count_flops, count_parameters
+from hwtool.graph import count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
 from hwtool.runtime import (
     Inputs,
     Samples,
     atomic_write_model,
     fixed_batch,
+    flops_per_sample,
     json_file_bytes,
     load_model,
     symbolic_sizes,
@@ -122,7 +123,7 @@ def sweep(
             channels,
             count_parameters(given),
             given.ByteSize(),
-            count_flops(given, sizes=symbolic_sizes(given, calib)),
+            flops_per_sample(given, sizes=symbolic_sizes(given, calib)),
             accuracy(given, "accuracy original"),
             0.0,
             agreement=top1_agreement(ref[0], ref[0]),  # 1.0 where the first output gives classes

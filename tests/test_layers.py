@@ -543,3 +543,42 @@ def test_verification_covers_every_output_and_class_id_outputs(tmp_path):
     err = float(np.abs(f1.astype(np.float64) - f0).max())
     assert err > 0 and report.max_abs_error == pytest.approx(err, rel=1e-6)
     assert report.top1_agreement == pytest.approx(float((ids0 == ids1).mean()))
+
+
+class _Rows(nn.Module):
+    """Fully connected highway layers over rows flattened from [N, T, C] (x.reshape(-1, C)), as a
+    per-frame speech model often is, then back to [N, T, classes]."""
+
+    def __init__(self, c: int = 12):
+        super().__init__()
+        self.stem, self.fc = nn.Linear(20, c), nn.Linear(c, 3)
+        self.blocks = nn.Sequential(Highway(_linear, c), Highway(_linear, c))
+
+    def forward(self, input):  # the name _export's dynamic batch is given under
+        n, t, d = input.shape
+        return self.fc(self.blocks(self.stem(input.reshape(-1, d)))).reshape(n, t, 3)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_layers_over_flattened_rows_are_measured_and_refitted_per_row(exporter, tmp_path):
+    """A gate's rows are N·T here, not N: its mean is over the rows (a sigmoid's mean stays in
+    [0, 1]), and the refit's batches take the same samples' rows of every activation."""
+    from hwtool.gates import measure_gates
+
+    torch.manual_seed(0)
+    net = _Rows().eval()
+    for block in net.blocks:
+        block.kill(DEAD)
+        _close_half(block)
+    model = _export(net, (7, 20), exporter, tmp_path / "rows.onnx")
+    x = _inputs((7, 20), n=40)
+    blocks = find_blocks(model)
+    stats, _ = measure_gates(model, blocks, x, batch=16)
+    with torch.no_grad():
+        h = torch.relu(net.blocks[0].h(net.stem(torch.from_numpy(x).reshape(-1, 20))))
+        want = torch.sigmoid(net.blocks[0].t(h)).mean(0).double().numpy()
+    np.testing.assert_allclose(stats.means[0], want, atol=1e-5)
+    pruned, report = prune(model, 0.3, calib=x, config=PruneConfig(batch=16))  # live channels go too: refitted
+    assert all(b.kept < 12 for b in report.blocks) and report.max_abs_error < 1.0
+    exact, _ = prune(model, 1e-6, calib=x, config=PruneConfig(batch=16))
+    np.testing.assert_allclose(run(exact, x), run(model, x), atol=1e-5)

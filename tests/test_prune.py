@@ -668,7 +668,7 @@ def test_report_tables_fit_80_columns_without_cutting_numbers():
     from hwtool.report import prune_tables
 
     _, report = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=images(16))
-    note = "left whole: H, T or the mix is read outside the block"
+    note = "left whole: H, T, the gate pre-activation or the mix is read outside the block"
     big = [replace(b, params_before=1_180_160 + b.index, note=note if b.kept == 0 else "") for b in report.blocks]
     for blocks in (big, [replace(big[0], spelling="c + t*(h-c)"), *big[1:]]):
         text = render(*prune_tables(replace(report, blocks=blocks)))
@@ -806,3 +806,130 @@ def test_the_refit_takes_fewer_samples_where_activations_are_large():
     assert any(b.gate_error_refit < b.gate_error_naive for b in capped.blocks if b.gate_error_naive)
     text = " ".join(render(*prune_tables(report)).split())
     assert "refit on the first 10 of 48 calibration samples" in text
+
+
+def test_a_gate_pre_activation_read_outside_its_block_leaves_the_block_whole():
+    """Pruning narrows the gate conv's output with T: a graph output or another node reading it
+    would break, so the block stays whole and the network computes what it did."""
+    from onnx import helper
+
+    x = images(16)
+    base = build(Spec(removable=REMOVABLE_DEFAULT))
+    pre = find_blocks(base)[0].gate_conv
+    as_output = onnx.ModelProto()
+    as_output.CopyFrom(base)
+    as_output.graph.output.append(helper.make_tensor_value_info(pre, onnx.TensorProto.FLOAT, ["N", 8, 32, 32]))
+    read = onnx.ModelProto()
+    read.CopyFrom(base)
+    logits = read.graph.output[0].name
+    next(n for n in read.graph.node if logits in n.output).output[0] = "logits_before"
+    read.graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    read.graph.node.extend(
+        [
+            helper.make_node("ReduceMean", [pre], ["pre_mean"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Unsqueeze", ["pre_mean", "axis1"], ["pre_col"]),
+            helper.make_node("Add", ["logits_before", "pre_col"], [logits]),
+        ]
+    )
+    for model in (as_output, read):
+        onnx.checker.check_model(model, full_check=True)
+        pruned, report = prune(model, 0.05, calib=x)
+        assert report.blocks[0].kept == 8 and report.blocks[2].kept < 12  # the others still pruned
+        onnx.checker.check_model(pruned, full_check=True)
+        np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("write_back", ["gather", "scatter"])
+def test_a_pruned_model_prunes_again(write_back):
+    """Its blocks are found again (their carries now run through the first surgery's Gather): the
+    second surgery names what it adds apart from the first's."""
+    x = images(16)
+    model = build(Spec(removable={0: [1, 4], 1: [0, 1, 2], 2: [2, 3]}))
+    once, first = prune(model, 0.05, calib=x, config=PruneConfig(write_back=write_back))
+    twice, second = prune(once, 0.3, calib=x, config=PruneConfig(write_back=write_back))
+    onnx.checker.check_model(twice, full_check=True)
+    assert second.params_after < first.params_after
+    assert second.max_abs_error == pytest.approx(float(np.abs(run(twice, x) - run(once, x)).max()), abs=1e-5)
+    names = [n for node in twice.graph.node for n in node.output]
+    assert len(names) == len(set(names))
+
+
+def test_a_depthwise_gate_reading_the_block_input_reads_only_the_kept_channels():
+    """T = Sigmoid(depthwise Conv(x)): each kept gate reads its own channel of x, so the narrowed
+    conv is fed those channels alone; the removal of exactly-off channels stays exact."""
+    from onnx import helper
+
+    c, rng = 8, np.random.default_rng(0)
+    wh, bh = rng.normal(0, 0.3, (c, c, 3, 3)).astype("float32"), rng.normal(0, 0.1, c).astype("float32")
+    wt, bt = rng.normal(0, 0.3, (c, 1, 3, 3)).astype("float32"), rng.normal(-1, 0.5, c).astype("float32")
+    wh[[1, 3]], bh[[1, 3]], wt[[1, 3]], bt[[1, 3]] = 0, 0, 0, -40
+    nodes = [
+        helper.make_node("Conv", ["x", "wh", "bh"], ["hc"], pads=[1] * 4),
+        helper.make_node("Relu", ["hc"], ["h"]),
+        helper.make_node("Conv", ["x", "wt", "bt"], ["tc"], pads=[1] * 4, group=c),
+        helper.make_node("Sigmoid", ["tc"], ["t"]),
+        helper.make_node("Sub", ["h", "x"], ["d"]),
+        helper.make_node("Mul", ["t", "d"], ["td"]),
+        helper.make_node("Add", ["x", "td"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", c, 8, 8]) for n in ("x", "y")]
+    inits = [onnx.numpy_helper.from_array(v, n) for v, n in ((wh, "wh"), (bh, "bh"), (wt, "wt"), (bt, "bt"))]
+    graph = helper.make_graph(nodes, "g", io[:1], io[1:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (block,) = find_blocks(model)
+    assert block.gate_depthwise and not block.gate_reads_transform
+    x = rng.normal(size=(8, c, 8, 8)).astype("float32")
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert report.blocks[0].kept == 6
+    onnx.checker.check_model(pruned, full_check=True)
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)
+
+
+def test_a_prelu_slope_in_any_broadcastable_shape_is_sliced_on_its_channel_axis():
+    model = build(Spec(removable=REMOVABLE_DEFAULT, activation="PRelu"))
+    for node in (n for n in model.graph.node if n.op_type == "PRelu"):
+        t = next(t for t in model.graph.initializer if t.name == node.input[1])
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).reshape(1, -1, 1, 1), t.name))
+    onnx.checker.check_model(model, full_check=True)
+    x = images(16)
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)
+
+
+def test_a_fixed_batch_model_is_refitted_on_whole_batches_and_counted_per_sample():
+    """Batch fixed at 3 inside the graph too (a Reshape to [3, ...] after the stem, as some exports
+    write it): the refit runs whole batches, and FLOPs are per sample as for a dynamic batch."""
+    from onnx import helper
+
+    model = build(Spec(removable=REMOVABLE_DEFAULT, batch=3))
+    stem = find_blocks(model)[0].carry
+    for node in model.graph.node:
+        node.input[:] = ["stem_fixed" if i == stem else i for i in node.input]
+    at = next(i for i, n in enumerate(model.graph.node) if stem in n.output)
+    model.graph.node.insert(at + 1, helper.make_node("Reshape", [stem, "stem_shape"], ["stem_fixed"]))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([3, 8, 32, 32], np.int64), "stem_shape"))
+    onnx.checker.check_model(model, full_check=True)
+    x = images(6)
+    _, dynamic = prune(build(Spec(removable=REMOVABLE_DEFAULT)), 1e-6, calib=x)
+    for refit_images in (4, 6):
+        pruned, report = prune(model, 1e-6, calib=x, config=PruneConfig(refit_images=refit_images))
+        assert report.refit_samples in (3, 6) and report.max_abs_error < 1e-4
+        assert (report.flops_before, report.flops_after) == (dynamic.flops_before, dynamic.flops_after)
+
+
+def test_initializers_listed_as_graph_inputs_go_with_their_initializers():
+    """Exports with keep_initializers_as_inputs list every weight as a graph input too: the weights
+    the surgery drops must leave the inputs as well, or the pruned model asks to be fed them."""
+    from onnx import helper
+
+    model = build(Spec(removable=REMOVABLE_DEFAULT))
+    weights = model.graph.initializer
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights)
+    onnx.checker.check_model(model, full_check=True)
+    x = images(16)
+    for simplify in (False, True):
+        pruned, _ = prune(model, 1e-6, calib=x, config=PruneConfig(simplify=simplify))
+        weights = {t.name for t in pruned.graph.initializer}
+        assert [i.name for i in pruned.graph.input if i.name not in weights] == ["input"]
+        np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)

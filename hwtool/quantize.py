@@ -160,6 +160,9 @@ def quantize_model(
         raise ModelError("the model already holds quantization ops; quantize the float model instead")
     if config.ops == "auto":
         config = replace(config, ops=layer_ops(model))
+    # A fixed batch calibrates in whole batches of its own: the metadata records what ran.
+    calib = whole_batches(model, calib)
+    config = replace(config, batch=fixed_batch(model) or config.batch)
     with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         onnx.save(model, src)
@@ -287,7 +290,7 @@ def quantize(
         calib_source=source,
         preprocessed=preprocessed,
         quantized_nodes=nq,
-        config=config,
+        config=replace(config, batch=fixed_batch(model) or config.batch),  # the batch calibration ran at
         seconds=time.perf_counter() - t0,
         **acc,
     )

@@ -141,6 +141,14 @@ def plain_table(title: str, caption: str | None = None) -> Table:
     return Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
 
 
+def _figure(v: float | None, places: int) -> str:
+    """v to `places` decimals, or to two significant digits where those would show less than two
+    (a small fully connected model's MB, MFLOPs and milliseconds); '-' for None."""
+    if v is None:
+        return "-"
+    return f"{v:.2g}" if 0 < abs(v) < 10 ** (1 - places) else f"{v:.{places}f}"
+
+
 def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
     """A rich table of SweepRows, one per threshold (the original first; a row pruned to a budget
     shows the threshold found and '≤' the budget); it fits 80 columns."""
@@ -166,11 +174,11 @@ def sweep_table(rows: list[SweepRow], model: str | os.PathLike) -> Table:
             else f"{r.threshold:.3g} ≤{r.budget * 100:g}%",
             f"{r.kept_channels}/{r.channels}",
             f"{r.parameters:,}",
-            f"{r.bytes / 1e6:.2f}",
-            "-" if r.flops is None else f"{r.flops / 1e6:.1f}",
+            _figure(r.bytes / 1e6, 2),
+            _figure(None if r.flops is None else r.flops / 1e6, 1),
             "-" if value is None else f"{value:.3g}" if measure == "max_abs_error" else f"{value:.2%}",
-            "-" if r.p50_ms_batch1 is None else f"{r.p50_ms_batch1:.2f}",
-            "-" if r.p50_ms_batch64 is None else f"{r.p50_ms_batch64:.1f}",
+            _figure(r.p50_ms_batch1, 2),
+            _figure(r.p50_ms_batch64, 1),
         )
     return table
 

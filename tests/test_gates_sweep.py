@@ -176,6 +176,16 @@ def test_sweep_table_fits_80_columns_without_cutting_numbers():
     text = render(sweep_table(rows, "models/reference.onnx"))
     for cell in ("original", "2688/2688", "8,954,641", "36.10", "650.0", "88.45%", "8.02", "252.1", "589/2688"):
         assert cell in text
+    # A small fully connected model: figures under the columns' decimals keep two significant
+    # digits instead of printing as 0.0 (the JSON holds them whole).
+    small = [
+        SweepRow(None, 24, 24, 1_008, 6_310, 1_872, None, None, 0.0213, 0.0096, agreement=1.0),
+        SweepRow(0.05, 18, 24, 800, 5_770, 1_728, None, 1e-7, 0.0201, 0.0091, agreement=1.0),
+    ]
+    text = render(sweep_table(small, "fc.onnx"))
+    for cell in ("0.0063", "0.0058", "0.0019", "0.0017", "0.021", "0.0096", "0.0091"):
+        assert cell in text, cell
+    assert " 0.0 " not in text and " 0.00 " not in text
 
 
 def test_sweep_searches_for_blocks_once(monkeypatch):

@@ -139,7 +139,13 @@ def test_calib_file_and_fixed_batch_model(tmp_path, method):
     report = json.loads(res.stdout)
     assert report["calib_samples"] == 8 and report["config"]["method"] == method
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["hwtool.quantize"])
-    assert meta["calib_images"] == 8  # the file records what the report says
+    assert meta["calib_images"] == 8 and meta["batch"] == 4 == report["config"]["batch"]  # what ran
+    # called directly, on a ragged count, the int8 model records the whole batches it calibrated on
+    from hwtool.quantize import QuantizeConfig, quantize_model
+
+    qmodel, _ = quantize_model(onnx.load(str(model)), images(10), QuantizeConfig(method=method))
+    meta = json.loads({p.key: p.value for p in qmodel.metadata_props}["hwtool.quantize"])
+    assert (meta["calib_images"], meta["batch"]) == (8, 4)
     x = images(4, seed=7)
     a, b = _logits(model, x), _logits(out, x)
     assert b.shape == (4, 10)

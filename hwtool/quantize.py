@@ -92,15 +92,16 @@ class QuantizeResult:
 
 
 class ArrayReader(CalibrationDataReader):
-    """Feeds calibration inputs to ORT's calibrator in batches (only full batches when `fixed`)."""
+    """Feeds calibration inputs to ORT's calibrator in batches (a fixed-batch model's inputs come
+    cut to whole batches of it: quantize_model)."""
 
-    def __init__(self, inputs: list[tuple[str, np.dtype]], x: Samples, batch: int, fixed: bool = False, on_batch=None):
-        self.inputs, self.x, self.batch, self.fixed, self.on_batch = inputs, x, batch, fixed, on_batch
+    def __init__(self, inputs: list[tuple[str, np.dtype]], x: Samples, batch: int, on_batch=None):
+        self.inputs, self.x, self.batch, self.on_batch = inputs, x, batch, on_batch
         self.i = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         end = self.i + self.batch
-        if self.i >= len(self.x) or (self.fixed and end > len(self.x)):
+        if self.i >= len(self.x):
             return None
         chunk = self.x[self.i : end]
         self.i = end
@@ -113,11 +114,7 @@ class ArrayReader(CalibrationDataReader):
 
 
 def _reader(model: onnx.ModelProto, x: Samples, batch: int, on_batch=None) -> ArrayReader:
-    fixed = fixed_batch(model)
-    if fixed and len(x) < fixed:
-        raise ValueError(f"the model has a fixed batch of {fixed}; give at least {fixed} calibration samples")
-    inputs = [(s.name, s.dtype) for s in input_specs(model)]
-    return ArrayReader(inputs, x, fixed or batch, fixed=bool(fixed), on_batch=on_batch)
+    return ArrayReader([(s.name, s.dtype) for s in input_specs(model)], x, batch, on_batch=on_batch)
 
 
 def _method(name: str) -> CalibrationMethod:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import io
 import math
 import os
 import time
@@ -477,11 +478,11 @@ def _host_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, renamed into place: never a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save in memory, then written atomically (a temporary file of its own beside `path`,
+    renamed into place): never a half-written checkpoint, and nothing left behind when it fails."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_files({path: buf.getbuffer()})
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

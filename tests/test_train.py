@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from hwtool.train import (
     gate_cost,
     load_checkpoint,
     native_mixed_precision,
+    save_checkpoint,
     to_input,
     train,
 )
@@ -557,3 +559,13 @@ def test_ddp_two_cpu_processes(cifar_path, tmp_path):
     assert log[0]["kept_parameters"] <= 0.5 * sum(p.numel() for p in build_model(ckpt).parameters())
     # Only rank 0 writes: one checkpoint, one log, no leftovers from the other process.
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "log.json"]
+
+
+def test_a_checkpoint_that_fails_to_save_leaves_the_last_one_and_no_temporary_file(tmp_path):
+    path = tmp_path / CHECKPOINT
+    save_checkpoint({"model": {"w": torch.ones(3)}, "config": {}}, path)
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a local lambda cannot be pickled
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]

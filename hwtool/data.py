@@ -54,6 +54,13 @@ class Split:
             return self
         return Split(self.images[:n], self.labels[:n])
 
+    def sha256(self) -> str:
+        """The hash of the images and labels: what a run trained on, to tell it from other data."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images, dtype=np.uint8).tobytes())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
     def as_float(self, n: int | None = None) -> np.ndarray:
         """The images as float32 NCHW in [0, 1], the models' input contract."""
         x = self.head(n).images

@@ -620,6 +620,12 @@ def train(
     splits = load_cifar10(data)
     train_set = splits["train"].head(cfg.limit)
     test_set = splits["test"].head(cfg.limit)
+    data_sha = hashlib.sha256(f"{train_set.sha256()}|{test_set.sha256()}".encode()).hexdigest()
+    if ckpt is not None and ckpt.get("data_sha256") not in (None, data_sha):
+        raise ValueError(
+            f"{data} is not the data this run was trained on (its images or labels differ); "
+            f"pass the --data it started with ({ckpt.get('data')}) or start a new run"
+        )
 
     torch.manual_seed(cfg.seed)
     model = HighwayNet(cfg.model).to(device)
@@ -849,6 +855,7 @@ def train(
                     "config": cfg.to_dict(),
                     "log": log,
                     "data": str(data),
+                    "data_sha256": data_sha,
                     "keep": None if masks is None else [m.bool().tolist() for m in masks],
                     "gate_running_means": None if dropout is None else [m.tolist() for m in dropout.means],
                     "teacher_sha256": teacher_sha,

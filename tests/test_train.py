@@ -569,3 +569,46 @@ def test_a_checkpoint_that_fails_to_save_leaves_the_last_one_and_no_temporary_fi
         save_checkpoint({"model": {"w": torch.zeros(3)}, "config": {}, "bad": lambda: 0}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
+
+
+def _small_tree(cifar_path: str, root: Path, swap: bool = False) -> Path:
+    """A train/<class>/, test/<class>/ tree of the tarball's first three JPEGs per class and split;
+    with swap, the first two classes' images trade folders (the same pixels, other labels)."""
+    import tarfile
+
+    names = {}
+    with tarfile.open(cifar_path) as tar:
+        for m in tar:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) == 3:
+                names.setdefault((parts[0], parts[1]), []).append((parts[2], tar.extractfile(m).read()))
+    classes = sorted({c for _, c in names})
+    for (split, cls), files in names.items():
+        if swap and cls in classes[:2]:
+            cls = classes[1 - classes.index(cls)]
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for name, data in sorted(files)[:3]:
+            (root / split / cls / name).write_bytes(data)
+    return root
+
+
+def test_resume_on_other_data_is_refused_and_on_a_copy_of_the_same_goes_on(cifar_path, tmp_path):
+    data = _small_tree(cifar_path, tmp_path / "a")
+    out = tmp_path / "run"
+    _train_cli(str(data), out, "--epochs", "2", "--batch-size", "8")
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    before = (out / CHECKPOINT).read_bytes()
+
+    other = _small_tree(cifar_path, tmp_path / "b", swap=True)
+    args = ["train", "--data", str(other), "--out", str(out), "--resume"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "is not the data this run was trained on" in error
+    assert str(data) in error and "Traceback" not in result.output
+    assert (out / CHECKPOINT).read_bytes() == before
+
+    copy = _small_tree(cifar_path, tmp_path / "c")  # the same images and labels, another path
+    result = CliRunner().invoke(main, ["train", "--data", str(copy), "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out / CHECKPOINT)["epoch"] == ckpt["epoch"]

@@ -25,6 +25,7 @@ from hwtool.graph import count_parameters
 from hwtool.runtime import (
     ModelError,
     atomic_write_bytes,
+    first_line,
     flops_per_sample,
     input_specs,
     json_file_bytes,
@@ -269,8 +270,7 @@ def _session(model: onnx.ModelProto, provider: str, threads: int | None, profile
             model.SerializeToString(), session_options(threads, profile_prefix), providers=[provider]
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"ONNX Runtime cannot load the model with {provider}: {first}") from None
+        raise ModelError(f"ONNX Runtime cannot load the model with {provider}: {first_line(e)}") from None
 
 
 def node_placement(model: onnx.ModelProto, provider: str, feed: dict, threads: int | None = None) -> dict[str, int]:

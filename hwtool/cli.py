@@ -29,6 +29,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _first_line(e: BaseException) -> str:
+    # runtime.first_line, kept here: importing runtime (onnx, onnxruntime) would slow every start
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 

@@ -33,6 +33,7 @@ from hwtool.runtime import (
     atomic_write_files,
     atomic_write_model,
     check_outputs,
+    first_line,
     fixed_batch,
     load_model,
     make_session,
@@ -147,8 +148,7 @@ def convert_to_ort(
                 disabled_optimizers=disabled,
             )  # fmt: skip
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelError(f"ONNX Runtime cannot load {src}: {first}") from None
+            raise ModelError(f"ONNX Runtime cannot load {src}: {first_line(e)}") from None
         ort_tools().create_config_from_models([tmp_ort], tmp_cfg, False)
         # The header names the model it was made from: name the published file, not the temporary.
         tmp_cfg.write_text(tmp_cfg.read_text().replace(str(tmp_ort), str(dst)))
@@ -182,8 +182,7 @@ def verify(
     try:
         sess = ort.InferenceSession(str(ort_path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"the converted ORT model does not load: {first}") from None
+        raise ModelError(f"the converted ORT model does not load: {first_line(e)}") from None
     feed = random_feed(ref, batch=batch)
     want, got = ref.run(None, feed), sess.run(None, feed)
     diff = max(

@@ -60,8 +60,12 @@ def make_session(
     try:
         return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"ONNX Runtime cannot load the model: {first}") from None
+        raise ModelError(f"ONNX Runtime cannot load the model: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def external_files(path: str | os.PathLike) -> list[Path]:

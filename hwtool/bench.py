@@ -407,7 +407,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
         if full in available:
             if full not in wanted:
                 wanted.append(full)
-        else:
+        elif full not in (name for name, _ in skipped):
             skipped.append((full, f"not in this onnxruntime {ort.__version__} build; it comes with {hint}"))
 
     timings, placements = [], []
@@ -464,7 +464,7 @@ def table(result: BenchResult):
 
     from hwtool.report import plain_table
 
-    threads = result.config.threads or f"default of {result.cpu_count} cores"
+    threads = result.config.threads or f"ORT's default (a thread per physical core; {result.cpu_count} logical CPUs)"
     # File names without the .onnx every one of them has, paths if names repeat.
     short = {m.path: Path(m.path).name.removesuffix(".onnx") for m in result.models}
     if len(set(short.values())) < len(short):

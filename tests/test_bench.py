@@ -114,11 +114,12 @@ def test_seconds_mode_gives_every_model_the_same_runs(models, tmp_path):
 def test_missing_provider_is_named_with_its_package(models, tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA")
-    res, out = _bench([models["narrow"], "--provider", "cpu,cuda,xnnpack"], tmp_path)
+    res, out = _bench([models["narrow"], "--provider", "cpu,cuda,xnnpack,CUDAExecutionProvider"], tmp_path)
     assert res.exit_code == 0, res.output
     assert "onnxruntime-gpu" in res.stderr and "mobile build" in res.stderr
+    assert res.stderr.count("skipped CUDAExecutionProvider") == 1  # named twice, said once
     d = json.loads(out.read_text())
-    assert {s[0] for s in d["skipped"]} == {"CUDAExecutionProvider", "XnnpackExecutionProvider"}
+    assert [s[0] for s in d["skipped"]] == ["CUDAExecutionProvider", "XnnpackExecutionProvider"]
     assert {t["provider"] for t in d["timings"]} == {"CPUExecutionProvider"}
 
 

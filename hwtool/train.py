@@ -784,8 +784,14 @@ def train(
                 if (i + 1) % SYNC_EVERY and i + 1 < steps_per_epoch:
                     continue
                 total_loss, loss_sum, correct, gate_sum, kd_sum = sums.tolist()
-                if not math.isfinite(total_loss):
-                    raise FloatingPointError(f"loss became {total_loss} by step {step}; lower --lr")
+                diverged = not math.isfinite(total_loss)
+                if world > 1:  # every process stops together: one stopping alone leaves the rest waiting
+                    flag = torch.tensor([float(diverged)], device=sums.device)
+                    dist.all_reduce(flag)
+                    diverged = flag.item() > 0
+                if diverged:
+                    what = total_loss if not math.isfinite(total_loss) else "nan or infinite in another process"
+                    raise FloatingPointError(f"loss became {what} by step {step}; lower --lr")
                 rate = seen * world / (time.perf_counter() - t0)
                 progress.update(
                     task,

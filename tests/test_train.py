@@ -29,6 +29,7 @@ from hwtool.train import (
     CHECKPOINT,
     GATE_SHAPES,
     GATE_WEIGHTINGS,
+    SYNC_EVERY,
     TargetedDropout,
     TrainConfig,
     batch_crop,
@@ -612,3 +613,45 @@ def test_resume_on_other_data_is_refused_and_on_a_copy_of_the_same_goes_on(cifar
     result = CliRunner().invoke(main, ["train", "--data", str(copy), "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out / CHECKPOINT)["epoch"] == ckpt["epoch"]
+
+
+def _diverge_in_one_process(rank: int, port: int, data: str, out: str) -> None:
+    """One process of a 2-process run whose loss turns NaN in rank 0 alone, at a step where the
+    running sums are read (SYNC_EVERY); each process writes down how it ended."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if rank == 0:  # this process only: spawn started it afresh
+        plain, calls = torch.nn.functional.cross_entropy, [0]
+
+        def poisoned(*args, **kwargs):
+            calls[0] += 1
+            loss = plain(*args, **kwargs)
+            return loss * float("nan") if calls[0] == SYNC_EVERY else loss
+
+        torch.nn.functional.cross_entropy = poisoned
+    cfg = TrainConfig(epochs=1, batch_size=16, limit=1024, model=HighwayConfig(widths=(8, 16, 32), depth=1))
+    try:
+        train(cfg, data, f"{out}/run", console=Console(quiet=True))
+        ended = "finished"
+    except FloatingPointError as e:
+        ended = str(e)
+    Path(f"{out}/ended{rank}.txt").write_text(ended)
+
+
+def test_a_loss_that_diverges_in_one_ddp_process_stops_every_process(cifar_path, tmp_path):
+    ctx = torch.multiprocessing.spawn(
+        _diverge_in_one_process, args=(_free_port(), cifar_path, str(tmp_path)), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:  # a process left waiting for the other: the bug this catches
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a process was still running two minutes after the other stopped")
+    ended = [(tmp_path / f"ended{r}.txt").read_text() for r in (0, 1)]
+    step = SYNC_EVERY - 1
+    assert ended[0] == f"loss became nan by step {step}; lower --lr"
+    assert ended[1] == f"loss became nan or infinite in another process by step {step}; lower --lr"
+    assert not (tmp_path / "run" / CHECKPOINT).exists()  # the epoch never finished

@@ -18,6 +18,7 @@ from hwtool.runtime import (
     Samples,
     fixed_batch,
     input_specs,
+    join_batches,
     make_session,
     run_batched,
     whole_batches,
@@ -237,4 +238,4 @@ def measure_gates(
             rows[i] += t.shape[0]
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
     stats = GateStats(tuple(s / max(n, 1) for s, n in zip(sums, rows)), f"calibration ({len(x)} {unit})", len(x))
-    return stats, ([np.concatenate(o) for o in outs] if keep_outputs else None)
+    return stats, ([join_batches(o) for o in outs] if keep_outputs else None)

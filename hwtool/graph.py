@@ -9,9 +9,33 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """The tensors a subgraph (an If branch, a Loop or Scan body) reads from the scopes around it."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {t.values.name for t in graph.sparse_initializer}
+    local |= {o for n in graph.node for o in n.output}
+    reads = {i for n in graph.node for i in n.input if i}
+    for n in graph.node:
+        for sub in _subgraphs(n):
+            reads |= _outer_reads(sub)
+    return reads - local
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs, then what its subgraphs read from the graph around
+    them (an If whose branches use a tensor of the main graph reads it as surely as an input)."""
+    outer = set().union(*(_outer_reads(g) for g in _subgraphs(node))) if node.attribute else set()
+    return [*node.input, *sorted(outer - set(node.input))]
+
+
 @dataclass
 class Graph:
-    """Index of an ONNX graph: tensor name -> producer node, consumers, initializers."""
+    """Index of an ONNX graph: tensor name -> producer node, consumers (subgraphs' reads included),
+    initializers."""
 
     model: onnx.ModelProto
 
@@ -22,7 +46,7 @@ class Graph:
         for node in g.node:
             for o in node.output:
                 self.producer[o] = node
-            for i in node.input:
+            for i in node_reads(node):
                 self.consumers.setdefault(i, []).append(node)
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         self.graph_outputs = {o.name for o in g.output}

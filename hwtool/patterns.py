@@ -416,21 +416,29 @@ def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):
 
 
 def block_is_self_contained(g: Graph, block: Block) -> bool:
-    """True when H, T and the mix's intermediates are read only inside the block.
+    """True when nothing outside the block reads what pruning narrows (see why_not_self_contained)."""
+    return why_not_self_contained(g, block) is None
 
-    Pruning shrinks those tensors, so a reader outside the block (or a graph output) would break.
-    """
+
+def why_not_self_contained(g: Graph, block: Block) -> str | None:
+    """Why pruning cannot narrow this block's channels, or None when it can: H, T, the gate
+    pre-activation or the mix's intermediates read outside the block (or a graph output), or a
+    step of H's chain before H itself (the transform layer's output, a BN or activation after it)
+    read by the gate layer or the carry, which pruning would narrow under them."""
     layers = [affine(g, block.transform_conv), affine(g, block.gate_conv)]
     matmuls = [layer.node for layer in layers if layer is not None and layer.node != layer.output]  # before a bias Add
+    transform = layers[0]
+    before_bias = [transform.node] if transform is not None and transform.node != transform.output else []
+    chain = [*before_bias, block.transform_conv, *block.transform_post[:-1]]  # H's steps before H
+    gate_input = layers[1].input if layers[1] is not None else None
+    if block.carry in chain or (not block.gate_reads_transform and gate_input in chain):
+        return "left whole: the gate or the carry reads H before its last step, which pruning narrows"
     inside = set(block.mix_nodes) | {block.gate_conv, block.gate, block.transform_conv, *block.transform_post, *matmuls}
     # the gate's pre-activation too: pruning narrows it as it narrows T
     internal = [block.transform, block.gate_conv, block.gate, *[m for m in block.mix_nodes if m != block.output]]
     internal += matmuls
     internal += list(block.transform_post[:-1]) + [block.transform_conv] if block.transform_post else []
     for t in internal:
-        if t in g.graph_outputs:
-            return False
-        for user in g.users(t):
-            if user.output[0] not in inside:
-                return False
-    return True
+        if t in g.graph_outputs or any(user.output[0] not in inside for user in g.users(t)):
+            return "left whole: H, T, the gate pre-activation or the mix is read outside the block"
+    return None

@@ -33,22 +33,24 @@ import onnx
 from onnx import helper, numpy_helper
 
 from hwtool.gates import GateStats, gates_from_metadata, measure_gates
-from hwtool.graph import Graph, attr, count_parameters, is_quantized, tensor_shapes
+from hwtool.graph import Graph, attr, count_parameters, is_quantized, node_reads, tensor_shapes
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
     Affine,
     Block,
     NoHighwayBlockError,
     affine,
-    block_is_self_contained,
     find_blocks,
     gate_response,
     logistic,
+    why_not_self_contained,
 )
 from hwtool.runtime import (
     Inputs,
+    ModelError,
     Samples,
     as_feed,
+    first_line,
     fixed_batch,
     flops_per_sample,
     input_specs,
@@ -194,7 +196,7 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
         if i is None or is_live[i]:
             continue
         is_live[i] = True
-        for name in g.node[i].input:
+        for name in node_reads(g.node[i]):
             if name and name not in needed:
                 needed.add(name)
                 stack.append(name)
@@ -210,7 +212,7 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.value_info[:]  # intermediate shapes are stale after surgery; checkers infer them again
     # Kahn's algorithm, stable in the original order.
     produced_by = {o: i for i, n in enumerate(live) for o in n.output}
-    deps = [{produced_by[x] for x in n.input if x in produced_by} for n in live]
+    deps = [{produced_by[x] for x in node_reads(n) if x in produced_by} for n in live]
     done: set[int] = set()
     order: list[int] = []
     while len(order) < len(live):
@@ -277,7 +279,7 @@ class _Runner:
                 raise ValueError(f"tensor {t} cannot be computed from the model's input")
             if node not in needed_nodes:
                 needed_nodes.append(node)
-            stack.extend(node.input)
+            stack.extend(node_reads(node))
         order = [n for n in self.model.graph.node if n in needed_nodes]
         names = sorted(inputs)
         graph = helper.make_graph(
@@ -900,6 +902,14 @@ def _refit_layer(
     return errors
 
 
+def _known_shapes(model: onnx.ModelProto, calib: Samples | None) -> dict[str, list[int]]:
+    """The tensors' static shapes at batch 1 where shape inference finds them (none where it fails)."""
+    try:
+        return tensor_shapes(model, 1, symbolic_sizes(model, calib))
+    except Exception:  # shape inference can fail on exotic graphs; the checks that use it then pass
+        return {}
+
+
 def _prune_at(
     measured: _Measured, cfg: PruneConfig, timings: dict[str, float], bar: Callable
 ) -> tuple[onnx.ModelProto, PruneReport]:
@@ -923,6 +933,7 @@ def _prune_at(
         projections = {b.carry for b in blocks if affine(unpruned_graph, b.carry) is not None}
     reports: list[BlockReport] = []
     refit_seconds = 0.0
+    shapes = _known_shapes(original, calib)
     for block, means in zip(blocks, gate_stats.means):
         kept = kept_channels(means, cfg.threshold, cfg.round_to)
         before = _block_params(ed.graph, block)
@@ -936,8 +947,11 @@ def _prune_at(
             refit_seconds += time.perf_counter() - ts
         refit_errors = (*(transform_errors or (None, None)), *(carry_errors or (None, None)))
         whole = len(kept) == block.width
-        if not whole and not block_is_self_contained(ed.graph, block):
-            whole, note = True, "left whole: H, T, the gate pre-activation or the mix is read outside the block"
+        if not whole and (why := why_not_self_contained(ed.graph, block)) is not None:
+            whole, note = True, why
+        carry_shape, h_shape = shapes.get(block.carry), shapes.get(block.transform)
+        if not whole and carry_shape is not None and h_shape is not None and carry_shape != h_shape:
+            whole, note = True, f"left whole: the carry {carry_shape} broadcasts against H {h_shape}"
         if whole:
             if reference_runner is not None:  # both runners go on from this block's output
                 (y,) = runner.compute([block.output])
@@ -1017,7 +1031,13 @@ def _prune_at(
         model = _simplify(model)
     model = _one_hots_as_nodes(model)
     timings["simplify"] = time.perf_counter() - t2
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelError(
+            f"the pruned model fails ONNX's checker ({first_line(e)}); nothing was written: a block "
+            "spelling hwtool mishandles, please report it with the model"
+        ) from None
 
     t3 = time.perf_counter()
     max_abs = max_rel = agree = None
@@ -1179,7 +1199,10 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim with its own check; keeps names, dims and metadata."""
     onnxsim = _import_onnxsim()
     meta = [(p.key, p.value) for p in model.metadata_props]
-    simplified, ok = onnxsim.simplify(model)
+    try:
+        simplified, ok = onnxsim.simplify(model)
+    except Exception:  # onnxsim gives up on some graphs (If branches, custom ops): keep the model unsimplified
+        return model
     if not ok:
         return model
     del simplified.metadata_props[:]

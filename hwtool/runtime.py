@@ -271,9 +271,15 @@ def run_batched(sess: ort.InferenceSession, x: Samples, batch: int, outputs: lis
 def run_all(
     sess: ort.InferenceSession, x: Samples, batch: int, outputs: list[str] | None = None, on_batch=None
 ) -> list[np.ndarray]:
-    """Each output of the session (or each of `outputs`) on all of x, run in batches and joined."""
+    """Each output of the session (or each of `outputs`) on all of x, run in batches and joined: a
+    scalar output (a mean over the whole batch, say) becomes one value a batch."""
     parts = [res for _, res in run_batched(sess, x, batch, outputs=outputs, on_batch=on_batch)]
-    return [np.concatenate([res[i] for res in parts]) for i in range(len(parts[0]))]
+    return [join_batches([res[i] for res in parts]) for i in range(len(parts[0]))]
+
+
+def join_batches(values: list[np.ndarray]) -> np.ndarray:
+    """One output's values over consecutive batches, joined; a scalar (one number a batch) stacked."""
+    return np.concatenate(values) if values[0].ndim else np.stack(values)
 
 
 def _chmod_like_new(path: str) -> None:

@@ -129,6 +129,167 @@ def test_a_gate_that_reads_h_through_another_node_is_left_whole():
     np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-6)
 
 
+def _one_block(gate_reads: str = "h", carry: str = "x", extra: list | None = None, outputs=("y",), inits=()):
+    """y = H·T + (1−T)·carry with H = Relu(hc), hc = Conv(x), T = Sigmoid(Conv(gate_reads)), four
+    channels of which gates 1 and 3 are off; extra nodes after it, more outputs and initializers."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    wh, wt = rng.normal(0, 0.5, (2, 4, 4, 1, 1)).astype("float32")
+    wh[[1, 3]] = 0  # H is zero where the gate is off: removing those channels is exact
+    w = [numpy_helper.from_array(wh, "wh"), numpy_helper.from_array(wt, "wt")]
+    bias = numpy_helper.from_array(np.array([0, -40, 0, -40], "float32"), "bt")
+    one = numpy_helper.from_array(np.array(1.0, "float32"), "one")
+    nodes = [
+        helper.make_node("Conv", ["x", "wh"], ["hc"]),
+        helper.make_node("Relu", ["hc"], ["h"]),
+        helper.make_node("Conv", [gate_reads, "wt", "bt"], ["tc"]),
+        helper.make_node("Sigmoid", ["tc"], ["t"]),
+        helper.make_node("Mul", ["h", "t"], ["a"]),
+        helper.make_node("Sub", ["one", "t"], ["u"]),
+        helper.make_node("Mul", ["u", carry], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["y"]),
+        *(extra or []),
+    ]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
+    shapes = {"y": ["N", 4, 8, 8], "s": ["N"], "r": []}
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, shapes[o]) for o in outputs]
+    graph = helper.make_graph(nodes, "g", [x], outs, [*w, bias, one, *inits])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("gate_reads,carry", [("hc", "x"), ("h", "hc")], ids=["gate reads hc", "carry is hc"])
+def test_a_block_that_reads_h_before_its_activation_is_left_whole(gate_reads, carry):
+    """A gate or a carry that reads the transform layer's output before H's activation reads what
+    pruning narrows (it was judged inside the block, and the pruned model did not run)."""
+    model = _one_block(gate_reads, carry)
+    x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)
+    pruned, report = prune(model, threshold=0.01, calib=x)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.blocks[0].kept == 4 and "reads H before its last step" in report.blocks[0].note
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-6)
+
+
+def _if_reading(tensor: str, axes: str) -> list:
+    """An If whose two branches take ReduceMean(tensor, axes) of the main graph's tensors."""
+    from onnx import helper, numpy_helper
+
+    def branch(name: str):
+        nodes = (
+            []
+            if axes == "axes"
+            else [helper.make_node("Constant", [], [axes], value=numpy_helper.from_array(np.array([1, 2, 3])))]
+        )
+        nodes.append(helper.make_node("ReduceMean", [tensor, axes], [f"{name}_o"], keepdims=0))
+        out = helper.make_tensor_value_info(f"{name}_o", onnx.TensorProto.FLOAT, ["N"])
+        return helper.make_graph(nodes, name, [], [out])
+
+    return [
+        helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "one"], ["cond"]),
+        helper.make_node("If", ["cond"], ["s"], then_branch=branch("then"), else_branch=branch("else")),
+    ]
+
+
+@pytest.mark.parametrize("case", ["reads T", "reads a tensor only it reads", "reads y and an initializer"])
+def test_tensors_that_an_if_branch_reads_from_the_main_graph_are_read(case):
+    """A subgraph's reads from the scope around it count as reads: T read only there leaves the
+    block whole, a tensor only a branch reads keeps its producer, the If sorts after what it reads,
+    and an initializer only a branch reads stays (each was lost, or the If judged a non-reader)."""
+    from onnx import helper, numpy_helper
+
+    axes = numpy_helper.from_array(np.array([1, 2, 3]), "axes")
+    extra, inits = {
+        "reads T": (_if_reading("t", "t_axes"), []),
+        "reads a tensor only it reads": (
+            [helper.make_node("Abs", ["y"], ["feat"]), *_if_reading("feat", "f_axes")],
+            [],
+        ),
+        "reads y and an initializer": (_if_reading("y", "axes"), [axes]),
+    }[case]
+    model = _one_block(extra=extra, outputs=("y", "s"), inits=inits)
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)
+    for simplify in (False, True):
+        pruned, report = prune(model, threshold=0.01, calib=x, config=PruneConfig(simplify=simplify))
+        onnx.checker.check_model(pruned, full_check=True)
+        assert report.blocks[0].kept == (4 if case == "reads T" else 2)
+        for got, want in zip(run_all_outputs(pruned, x), run_all_outputs(model, x), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_carry_that_broadcasts_over_space_leaves_the_block_whole(tmp_path):
+    """(1−T)·GlobalAveragePool(x): the carry is [N, C, 1, 1] against H's [N, C, 8, 8], so a removed
+    channel cannot carry it through; with calibration or with gate means from metadata alike (the
+    pruned model did not run, or the checker failed with a traceback)."""
+    from onnx import helper
+
+    from hwtool.gates import GATE_METADATA
+
+    pool = helper.make_node("GlobalAveragePool", ["x"], ["g"])
+    model = _one_block(carry="g")
+    model.graph.node.insert(0, pool)
+    x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)
+    pruned, report = prune(model, threshold=0.01, calib=x)
+    assert report.blocks[0].kept == 4 and "broadcasts against H" in report.blocks[0].note
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-6)
+    model.metadata_props.add(key=GATE_METADATA, value=json.dumps({"blocks": [[0.5, 0.0, 0.5, 0.0]], "images": 8}))
+    onnx.save(model, tmp_path / "m.onnx")
+    res = CliRunner().invoke(
+        main, ["prune", str(tmp_path / "m.onnx"), "--threshold", "0.01", "--no-refit", "-o", str(tmp_path / "p.onnx")]
+    )
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(run(onnx.load(tmp_path / "p.onnx"), x), run(model, x), atol=1e-6)
+
+
+def test_a_pruned_model_that_fails_the_checker_is_one_line_and_not_written(tmp_path, monkeypatch):
+    """Should the surgery ever make an invalid graph, the user gets one line, not a traceback."""
+    import hwtool.prune as prune_module
+
+    def broken(model):
+        model.graph.node.append(onnx.helper.make_node("Relu", ["nowhere"], ["y2"]))
+        return model
+
+    monkeypatch.setattr(prune_module, "_one_hots_as_nodes", broken)
+    model = build(Spec(removable=REMOVABLE))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", images(8))
+    out = tmp_path / "p.onnx"
+    args = [
+        "prune",
+        str(tmp_path / "m.onnx"),
+        "--threshold",
+        "1e-6",
+        "--calib",
+        str(tmp_path / "x.npy"),
+        "-o",
+        str(out),
+    ]
+    line = one_line_error(CliRunner().invoke(main, args))
+    assert "fails ONNX's checker" in line and "nothing was written" in line
+    assert not out.exists()
+
+
+def test_a_model_with_a_scalar_output_prunes_and_verifies():
+    """A second output that is one number a batch (a mean over everything) is compared batch by
+    batch (joining the batches' outputs failed: zero-dimensional arrays cannot be concatenated)."""
+    from onnx import helper
+
+    model = _one_block(extra=[helper.make_node("ReduceMean", ["y"], ["r"], keepdims=0)], outputs=("y", "r"))
+    x = np.random.default_rng(1).random((20, 4, 8, 8), dtype=np.float32)
+    pruned, report = prune(model, threshold=0.01, calib=x, config=PruneConfig(batch=8))
+    assert report.blocks[0].kept == 2 and report.max_abs_error < 1e-5
+    for got, want in zip(run_all_outputs(pruned, x), run_all_outputs(model, x), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def run_all_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
 @pytest.mark.parametrize("bn_before,bn_after", [(True, False), (False, True)])
 def test_parameter_count_falls_by_exactly_what_was_removed(bn_before, bn_after):
     spec = Spec(removable=REMOVABLE, bn_before=bn_before, bn_after=bn_after)

@@ -518,7 +518,7 @@ def _write_back(
 def _block_params(g: Graph, block: Block) -> int:
     """Float weights of the block's transform and gate layers and their per-channel post nodes."""
     n = 0
-    for name in (block.transform_conv, block.gate_conv):
+    for name in dict.fromkeys((block.transform_conv, block.gate_conv)):  # one layer when H and T share it
         layer = affine(g, name)
         n += layer.weight.size + (0 if layer.bias is None else layer.bias.size)
     for t in block.transform_post:

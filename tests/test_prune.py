@@ -283,6 +283,39 @@ def test_a_model_with_a_scalar_output_prunes_and_verifies():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_a_block_whose_gate_and_transform_share_a_conv_counts_it_once():
+    """H = Relu(hc), T = Sigmoid(hc) from one conv: the block's parameter counts are the model's
+    (the layer was counted as transform and again as gate)."""
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(0, 0.5, (4, 4, 1, 1)).astype("float32")
+    w[[1, 3]] = 0
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array([0.1, -40, 0.2, -40], "float32"), "b"),
+        numpy_helper.from_array(np.array(1.0, "float32"), "one"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["hc"]),
+        helper.make_node("Relu", ["hc"], ["h"]),
+        helper.make_node("Sigmoid", ["hc"], ["t"]),
+        helper.make_node("Mul", ["h", "t"], ["a"]),
+        helper.make_node("Sub", ["one", "t"], ["u"]),
+        helper.make_node("Mul", ["u", "x"], ["c"]),
+        helper.make_node("Add", ["a", "c"], ["y"]),
+    ]
+    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4, 8, 8]) for n in ("x", "y")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", io[:1], io[1:], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)
+    pruned, report = prune(model, threshold=0.01, calib=x)
+    (block,) = report.blocks
+    assert (block.params_before, block.params_after) == (20, 10)  # 4 or 2 filters of 4 weights and a bias
+    assert report.params_before == 21 and report.params_after <= 11  # the model: the block and the 1 of 1 − T
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-6)
+
+
 def run_all_outputs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 

@@ -103,10 +103,15 @@ def safe_unpickle(data: bytes) -> object:
 def _batch_to_split(obj: object, name: str) -> Split:
     if not isinstance(obj, dict) or b"data" not in obj or not (b"labels" in obj or b"fine_labels" in obj):
         raise DataError(f"{name} is not a CIFAR-10 batch (no data/labels entries)")
-    data = np.asarray(obj[b"data"], dtype=np.uint8)
-    labels = np.asarray(obj.get(b"labels", obj.get(b"fine_labels")), dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{name}: expected data of shape (N, 3072) and N labels, got {data.shape}")
+    try:
+        data = np.asarray(obj[b"data"], dtype=np.uint8)
+        labels = np.asarray(obj.get(b"labels", obj.get(b"fine_labels")), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:  # entries of the wrong kind, labels out of range
+        raise DataError(f"{name} is not a CIFAR-10 batch ({e}): its data must be uint8, its labels integers") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels) or len(data) == 0:
+        raise DataError(f"{name}: expected data of shape (N, 3072) and N labels, N > 0, got {data.shape}")
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
+        raise DataError(f"{name}: labels run from {labels.min()} to {labels.max()}, CIFAR-10's from 0 to 9")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return Split(np.ascontiguousarray(images), labels)
 
@@ -137,7 +142,7 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"corrupt image {name}: {e}; replace or remove it") from None
     if arr.shape != (32, 32, 3):
         raise DataError(f"image {name} is {arr.shape[1]}x{arr.shape[0]}, CIFAR-10 images are 32x32")
@@ -172,6 +177,8 @@ def _tree_to_splits(entries: dict[str, dict[str, list[tuple[str, bytes]]]]) -> d
             for name, data in sorted(classes[cls]):
                 images.append(_decode(data, name))
                 labels.append(label)
+        if not images:
+            raise DataError(f"{split}/<class>/ folders hold no images ({', '.join(IMAGE_SUFFIXES)}); fill them")
         labels_arr = np.asarray(labels, dtype=np.int64)
         order = _interleave(labels_arr)
         out[split] = Split(np.stack(images)[order], labels_arr[order])
@@ -201,7 +208,7 @@ def _read_dir(root: Path) -> dict[str, Split]:
 def _read_tar(path: Path) -> dict[str, Split]:
     try:
         tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, OSError, EOFError) as e:  # EOFError: a gzip header cut short
         raise DataError(
             f"{path} is not a readable tar archive ({type(e).__name__}); "
             "pass CIFAR-10 as a .tar.gz, its unpacked folder, or cifar-10-python.tar.gz"

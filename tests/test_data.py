@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from cli_errors import one_line_error
 from click.testing import CliRunner
 from highway_onnx import Spec, build
 from PIL import Image
@@ -280,17 +281,57 @@ def test_nine_class_folders_are_refused(tmp_path, real_files):
         load_cifar10(root, use_cache=False)
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty folder", "text file", "truncated archive"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty folder", "text file", "truncated archive", "gzip header cut short", "gzip of garbage"]
+)
 def test_unusable_paths_are_data_errors(tmp_path, cifar_path, kind):
-    path = tmp_path / "data"
+    path = tmp_path / "data.tar.gz"
     if kind == "empty folder":
         path.mkdir()
     elif kind == "text file":
         path.write_text("airplane,automobile\n")
     elif kind == "truncated archive":
         path.write_bytes(Path(cifar_path).read_bytes()[:300_000])
+    elif kind == "gzip header cut short":  # tarfile raised EOFError, which click printed as "Aborted!"
+        path.write_bytes(Path(cifar_path).read_bytes()[:100])
+    elif kind == "gzip of garbage":
+        path.write_bytes(b"\x1f\x8b" + b"garbage" * 20)
     with pytest.raises(DataError):
         load_cifar10(path, use_cache=False)
+    if kind != "missing":
+        line = one_line_error(CliRunner().invoke(main, ["train", "--data", str(path), "--out", str(tmp_path / "r")]))
+        assert str(path) in line or "image" in line
+
+
+def test_an_image_too_large_to_decode_safely_is_a_data_error(tree):
+    """PIL refuses images past its decompression-bomb limit with an error of its own kind."""
+    big = Image.new("1", (20_000, 20_000))
+    big.save(tree / "test" / "cat" / "bomb.png", optimize=True)
+    with pytest.raises(DataError, match=r"corrupt image .*bomb\.png"):
+        load_cifar10(tree, use_cache=False)
+
+
+def test_class_folders_without_images_are_refused_with_what_to_do(tmp_path):
+    for split in ("train", "test"):
+        for cls in CLASSES:
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+    with pytest.raises(DataError, match="hold no images"):
+        load_cifar10(tmp_path / "d", use_cache=False)
+
+
+@pytest.mark.parametrize(
+    "entry,value",
+    [(b"data", {"not": "an array"}), (b"labels", [2**70] * 12), (b"labels", [10] * 12), (b"data", np.zeros((0, 3072)))],
+    ids=["data a dict", "a label past int64", "a label past 9", "no rows"],
+)
+def test_malformed_python_batches_are_data_errors(tmp_path, entry, value):
+    batches = _python_batches()
+    batches["test_batch"][entry] = value
+    if entry == b"data" and isinstance(value, np.ndarray):
+        batches["test_batch"][b"labels"] = []
+    folder = _write_python_layout(tmp_path, batches)
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(folder, use_cache=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import sys
 import warnings
@@ -14,6 +15,9 @@ from rich.console import Console
 
 console = Console(stderr=True)
 out = Console()
+
+# ONNX Runtime threads: far more than the machine has cores only slows it (tens of thousands hang it).
+THREADS = click.IntRange(1, max(256, 4 * (os.cpu_count() or 1)))
 
 # Errors that bad input raises; they become one line and exit status 2, as do other OSErrors (a
 # path the system refuses) and ONNX Runtime failing to run a model (see friendly). Everything else
@@ -66,6 +70,10 @@ def friendly(fn):
             sys.exit(2)
         except OSError as e:
             click.echo(f"error: {_os_message(e)}", err=True)
+            sys.exit(2)
+        except MemoryError as e:  # numpy names the array it could not allocate
+            what = f" ({_first_line(e)})" if str(e).strip() else ""
+            click.echo(f"error: out of memory{what}; use a smaller --batch or fewer samples", err=True)
             sys.exit(2)
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] in ("torch", "onnxscript"):
@@ -665,7 +673,7 @@ def _calib_options(fn):
     default=None,
     help="Fail, writing nothing, if the max abs output error on the calibration inputs is larger.",
 )
-@click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads.")
+@click.option("--threads", type=THREADS, default=None, help="ONNX Runtime threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly
 def prune_cmd(
@@ -896,9 +904,7 @@ def _quantize_ops(text: str) -> tuple[str, ...] | str | None:
 @main.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--batch", default="1,64", show_default=True, help="Comma-separated batch sizes.")
-@click.option(
-    "--threads", type=click.IntRange(1), default=None, help="Intra-op threads (default: ORT's, one per core)."
-)
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads (default: ORT's, one per core).")
 @click.option(
     "--warmup", type=click.IntRange(0), default=10, show_default=True, help="Untimed runs per model and batch."
 )
@@ -915,7 +921,7 @@ def _quantize_ops(text: str) -> tuple[str, ...] | str | None:
     show_default=True,
     help="Comma-separated: cpu, cuda, tensorrt, openvino, xnnpack, coreml, nnapi, directml, qnn, ...",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random input.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random input.")
 @click.option(
     "--dims",
     default=None,

@@ -259,12 +259,9 @@ def half_model(model: onnx.ModelProto, half_io: bool = False) -> onnx.ModelProto
     from hwtool.prune import cleanup
 
     module = "onnxruntime.transformers.float16"
-    # onnxruntime.transformers puts its own folder on sys.path when imported; leave sys.path as it was
-    path = list(sys.path)
-    try:
-        converter = importlib.import_module(module)
-    finally:
-        sys.path[:] = path
+    # onnxruntime.transformers appends its own folder to sys.path when first imported, and its modules
+    # (those onnxruntime.quantization imports too) find each other there: leave it in place.
+    converter = importlib.import_module(module)
     logging.getLogger(module).setLevel(logging.ERROR)  # it warns about each value it clamps
     converted = converter.convert_float_to_float16(
         model, min_positive_val=HALF_TINY, max_finite_val=HALF_MAX, keep_io_types=not half_io
@@ -289,6 +286,11 @@ def convert_to_float16(
     src = Path(model_path)
     model = load_model(src)
     dst = Path(output) if output is not None else src.with_name(src.stem + ".fp16.onnx")
+    if dst.suffix == ".ort":
+        raise ValueError(
+            f"output {dst} ends in .ort, which ONNX Runtime reads as its own format: name the float16 "
+            "ONNX model .onnx (and convert it with --to ort for an .ort file)"
+        )
     check_outputs([dst], [src, calib])
     if is_quantized(model):
         raise ModelError(f"{src} is quantized (int8); convert the float32 model to float16 instead")

@@ -114,6 +114,11 @@ def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | 
 def predictions(output: np.ndarray) -> np.ndarray:
     """Class ids from a model's first output: argmax of class scores [N, classes], or class ids [N]."""
     if output.ndim == 2 and output.dtype.kind == "f":
+        if not np.isfinite(output).all():  # argmax of NaN scores is class 0: a made-up accuracy
+            raise ModelError(
+                "the model's class scores are NaN or infinite on the test inputs: check that they are scaled "
+                "as the model expects and that its weights are finite"
+            )
         return output.argmax(1)
     if output.ndim == 1 and output.dtype.kind in "iu":
         return output.astype(np.int64)
@@ -133,6 +138,8 @@ def accuracy_onnx(
         test = TestSet(test.as_float(), test.labels, "CIFAR-10")
     batch = fixed_batch(model) or batch
     sess = make_session(model, threads=threads)
+    if len(test) == 0:
+        raise ModelError(f"the test set {test.source} holds no samples; pass one that does")
     n = len(test) - len(test) % batch if fixed_batch(model) else len(test)
     if n == 0:
         raise ModelError(

@@ -96,6 +96,9 @@ def load_samples(
                 arrays = {k: loaded[k] for k in loaded.files}
     except Exception as e:
         raise ValueError(f"{p} is not a readable .npy or .npz array ({type(e).__name__}); expected {want}") from None
+    for k, v in (arrays or {}).items():  # a member that is not a .npy file comes back as its raw bytes
+        if not isinstance(v, np.ndarray):
+            raise ValueError(f"{p}[{k}] is not an array numpy saved; expected {want}")
     found = None
     if labels is not None:
         if arrays is None or labels not in arrays:
@@ -238,4 +241,10 @@ def measure_gates(
             rows[i] += t.shape[0]
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
     stats = GateStats(tuple(s / max(n, 1) for s, n in zip(sums, rows)), f"calibration ({len(x)} {unit})", len(x))
+    broken = [b.index for b, m in zip(blocks, stats.means) if not np.isfinite(m).all()]
+    if broken:
+        raise ModelError(
+            f"the gates of block(s) {', '.join(map(str, broken))} are NaN or infinite on these {len(x)} calibration "
+            f"{unit}: check that they are scaled as the model expects and that its weights are finite"
+        )
     return stats, ([join_batches(o) for o in outs] if keep_outputs else None)

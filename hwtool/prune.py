@@ -19,6 +19,7 @@ went before it) is left as it was, so such a prune stays exact.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -1082,9 +1083,15 @@ def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float, 
     largest magnitude); the agreement of the first output, its argmax when it is class scores
     [N, classes], itself when it is class ids [N] (integers), else None."""
     max_abs = max_rel = 0.0
-    for a, b in zip(ref, new, strict=True):
+    for i, (a, b) in enumerate(zip(ref, new, strict=True)):
         if a.dtype.kind == "f":
-            diff = float(np.abs(b.astype(np.float64) - a.astype(np.float64)).max(initial=0.0))
+            if not np.isfinite(a).all():  # NaN against NaN would count as agreement
+                raise ModelError(
+                    f"the original model's output {i} is NaN or infinite on these inputs, so nothing can be "
+                    "compared with it: check that they are scaled as the model expects and that its weights are finite"
+                )
+            d = np.abs(b.astype(np.float64) - a.astype(np.float64))
+            diff = float(d.max(initial=0.0)) if np.isfinite(d).all() else math.inf
             max_abs = max(max_abs, diff)
             max_rel = max(max_rel, diff / max(float(np.abs(a).max(initial=0.0)), 1e-12))
     return max_abs, max_rel, top1_agreement(ref[0], new[0])

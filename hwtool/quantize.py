@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from hwtool.runtime import (
     as_feed,
     atomic_write_bytes,
     check_outputs,
+    first_line,
     fixed_batch,
     input_specs,
     load_model,
@@ -136,7 +138,8 @@ def _quiet_quantizer():
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # numpy on NaN ranges: the error says it better
             yield
     finally:
         root.setLevel(level)
@@ -174,17 +177,25 @@ def quantize_model(
                 preprocessed = True
             except Exception:  # pre-processing is an optimisation; the raw graph quantizes too
                 preprocessed = False
-        quantize_static(
-            str(pre if preprocessed else src),
-            str(dst),
-            _reader(model, calib, config.batch, on_batch),
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(config.ops) if config.ops else None,
-            calibrate_method=_method(config.method),
-        )
+        try:
+            quantize_static(
+                str(pre if preprocessed else src),
+                str(dst),
+                _reader(model, calib, config.batch, on_batch),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=list(config.ops) if config.ops else None,
+                calibrate_method=_method(config.method),
+            )
+        except ValueError as e:
+            if "not finite" not in str(e):
+                raise
+            raise ModelError(
+                f"the model's activations are NaN or infinite on the calibration inputs ({first_line(e)}): "
+                "check that they are scaled as the model expects and that its weights are finite"
+            ) from None
         out = onnx.load(str(dst))
     onnx.checker.check_model(out)
     # Record how the model was made, beside the metadata the float model carried.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +179,28 @@ def test_float16_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path):
         (model, "--calib", tmp_path / "c.npy"): "--calib is for --to float16",
         (model, "--to", "float16", "--calib", tmp_path / "missing.npy"): "does not exist",
         (model, "--to", "float16", "-o", model): "",
+        (model, "--to", "float16", "-o", tmp_path / "h.ort"): "name the float16 ONNX model .onnx",
     }
     for args, needle in cases.items():
         res = CliRunner().invoke(main, ["convert", *map(str, args)])
         assert needle in one_line_error(res), args
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_quantize_works_after_float16_in_the_same_process(tmp_path):
+    """The float16 converter's import put ORT's transformers folder on sys.path and hwtool took it
+    off again, so onnxruntime.quantization, imported later, could not find its modules."""
+    code = (
+        "import numpy as np, onnx, sys; sys.path.insert(0, 'tests');"
+        "from highway_onnx import Spec, build, images;"
+        "from hwtool.convert import half_model;"
+        "m = build(Spec(widths=(16,))); half_model(m);"
+        "from hwtool.quantize import quantize_model;"
+        "quantize_model(m, images(8)); print('ok')"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_float16_converts_weights_held_in_constant_nodes(tmp_path):

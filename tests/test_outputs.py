@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,11 @@ def test_convert_refuses_when_its_config_path_is_a_folder(work, monkeypatch):
         (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "c.npy", "--ops", "Foo"], "no Foo node to quantize"),
         (["quantize", "m.onnx", "-o", "q.onnx", "--calib", "c.npy", "--ops", "Conv,"], "has an empty item"),
         (["eval", "m.onnx", "--data", "c.npy"], "pass CIFAR-10 as a .tar.gz"),
+        (["gates", "m.onnx", "--calib", "raw.npz"], "raw.npz[input] is not an array numpy saved"),
+        (["prune", "m.onnx", "--calib", "c.npy", "--threads", "100000", "-o", "p.onnx"], "not in the range 1<=x<="),
+        (["bench", "m.onnx", "--threads", "100000"], "not in the range 1<=x<="),  # it hung
+        (["bench", "m.onnx", "--seed", "-1"], "'--seed': -1 is not in the range"),
+        (["bench", "m.onnx", "--batch", "100000000"], "out of memory (Unable to allocate"),
     ],
 )
 def test_bad_values_get_one_line(work, monkeypatch, args, message):
@@ -178,9 +184,42 @@ def test_bad_values_get_one_line(work, monkeypatch, args, message):
     x[3, 1, 2, 3] = np.nan
     np.save(work / "nan.npy", x)
     np.savez(work / "c.npz", images(8), images(8))  # two arrays for a one-input model
+    with zipfile.ZipFile(work / "raw.npz", "w") as z:  # a member named .npy that is not one
+        z.writestr("input.npy", b"garbage")
     monkeypatch.chdir(work)
     before = _snapshot(work)
     assert message in one_line_error(_cli(*args))
+    assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["prune", "m.onnx", "--calib", "huge.npy", "-o", "p.onnx"], "gates of block(s) 0, 1, 2 are NaN or infinite"),
+        (["sweep", "m.onnx", "--calib", "huge.npy", "--data", "DATA", "--thresholds", "0.05"], "are NaN or infinite"),
+        (["gates", "m.onnx", "--calib", "huge.npy", "--json", "g.json"], "are NaN or infinite"),
+        (
+            ["convert", "m.onnx", "--to", "float16", "--calib", "huge.npy", "-o", "h.onnx"],
+            "output 0 is NaN or infinite",
+        ),
+        (["quantize", "m.onnx", "--calib", "huge.npy", "-o", "q.onnx"], "activations are NaN or infinite"),
+        (["prune", "nan.onnx", "--calib", "c.npy", "-o", "p.onnx"], "are NaN or infinite"),
+        (["eval", "nan.onnx", "--data", "test.npz"], "class scores are NaN or infinite"),
+    ],
+)
+def test_inputs_or_weights_that_overflow_inside_the_model_get_one_line(work, monkeypatch, cifar_path, args, message):
+    """Finite calibration inputs far out of range (3e38) overflow in the first layers, and a NaN
+    weight poisons everything after it: prune removed every channel and reported no error (NaN
+    against NaN counted as agreement), convert reported 100% agreement, eval 10% accuracy."""
+    np.save(work / "huge.npy", np.full((8, 3, 32, 32), 3e38, np.float32))
+    model = onnx.load(work / "m.onnx")
+    bias = next(t for t in model.graph.initializer if t.dims == [8])  # the first per-channel vector
+    bias.CopyFrom(onnx.numpy_helper.from_array(np.full(8, np.nan, np.float32), bias.name))
+    onnx.save(model, work / "nan.onnx")
+    np.savez(work / "test.npz", inputs=images(8), labels=np.arange(8) % 2)
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    assert message in one_line_error(_cli(*[cifar_path if a == "DATA" else a for a in args]))
     assert _snapshot(work) == before
 
 

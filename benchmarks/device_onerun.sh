@@ -24,6 +24,7 @@
 # TINY ("--limit 512 --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/device_common.sh
 tarball=.devdata/cifar10-jpeg.tar.gz
 read -r -a variants <<<"${VARIANTS:-a b}"
 common=(--batch-size 512 --lr 0.4 --cutout 12 --ema 0.998 --mixed --gate-penalty 1 --gate-shape sqrt
@@ -33,9 +34,7 @@ ONERUN_b=${ONERUN_b:---gate-ramp 0.3 --targeted-keep-by 0.7}
 
 case "${1:-run}" in
 prepare)
-    mkdir -p .devdata
-    grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >>.git/info/exclude
-    cp "${2:-../shared/data/cifar10-jpeg.tar.gz}" "$tarball"
+    device_prepare "${2:-}"
     echo "$tarball ready; move models/reference.onnx aside for the call"
     exit 0
     ;;
@@ -47,26 +46,18 @@ unpack)
         [[ -f $from/one-$name.pt.gz ]] || continue
         mkdir -p "$runs/one-$name"
         gunzip -c "$from/one-$name.pt.gz" >"$runs/one-$name/checkpoint.pt"
-        ${HWTOOL:-hwtool} export "$runs/one-$name/checkpoint.pt" -o "$runs/one-$name.onnx" \
-            --data "${4:-../shared/data/cifar10-jpeg.tar.gz}"
+        device_export "$runs/one-$name/checkpoint.pt" "$runs/one-$name.onnx" "${4:-}"
     done
     exit 0
     ;;
 run) ;;
-*)
-    echo "usage: $0 [prepare [TARBALL] | run | unpack FILES_AT [RUNS]]" >&2
-    exit 2
-    ;;
+*) device_usage ;;
 esac
 
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HWTOOL_CACHE=${HWTOOL_CACHE:-/tmp/hwtool-cache}
+device_env
 hw=${HWTOOL:-python3 -m hwtool}
-out=${OUT:?set OUT to the folder that comes back}
-runs=${RUNS:-runs}
-budget=${BUDGET:-550}
 probe=${PROBE:-3}
 read -r -a tiny <<<"${TINY:-}"
-mkdir -p "$runs" "$out"
 note() { echo "$*" | tee -a "$runs/one-plan.txt"; }
 stamp() { while IFS= read -r line; do echo "$SECONDS $line"; done; }  # each line with the second it came
 options() { local v="ONERUN_$1"; read -r -a opts <<<"${!v}"; }    # opts: variant $1's own options

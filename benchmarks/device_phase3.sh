@@ -22,15 +22,14 @@
 # TINY ("--limit 512") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/device_common.sh
 tarball=.devdata/cifar10-jpeg.tar.gz
 start=.devdata/reference.onnx.gz
 read -r -a lrs <<<"${LRS:-0.16 0.08}"
 
 case "${1:-run}" in
 prepare)
-    mkdir -p .devdata
-    grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >>.git/info/exclude
-    cp "${2:-../shared/data/cifar10-jpeg.tar.gz}" "$tarball"
+    device_prepare "${2:-}"
     gzip -c models/reference.onnx >"$start.tmp" && mv "$start.tmp" "$start"
     echo "$tarball and $start ready; move models/reference.onnx aside for the call"
     exit 0
@@ -42,29 +41,21 @@ unpack)
     for lr in "${lrs[@]}"; do
         [[ -f $from/dev-p3-$lr.pt.gz ]] || continue
         gunzip -c "$from/dev-p3-$lr.pt.gz" >"$runs/dev-p3-$lr/checkpoint.pt"
-        ${HWTOOL:-hwtool} export "$runs/dev-p3-$lr/checkpoint.pt" -o "$runs/dev-p3-$lr.onnx" \
-            --data "${4:-../shared/data/cifar10-jpeg.tar.gz}"
+        device_export "$runs/dev-p3-$lr/checkpoint.pt" "$runs/dev-p3-$lr.onnx" "${4:-}"
     done
     exit 0
     ;;
 run) ;;
-*)
-    echo "usage: $0 [prepare [TARBALL] | run | unpack FILES_AT [RUNS]]" >&2
-    exit 2
-    ;;
+*) device_usage ;;
 esac
 
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HWTOOL_CACHE=${HWTOOL_CACHE:-/tmp/hwtool-cache}
+device_env
 export hw=${HWTOOL:-python3 -m hwtool} data=$tarball
-out=${OUT:?set OUT to the folder that comes back}
-runs=${RUNS:-runs}
-budget=${BUDGET:-550}
 probe=${PROBE:-3}
 read -r -a tiny <<<"${TINY:-}"
 read -r -a p3 <<<"${P3:---batch-size 512 --cutout 12 --targeted-keep-by 0.3 --ema 0.998 --mixed}"
 source benchmarks/train_phase.sh
 export -f phase keep
-mkdir -p "$runs" "$out"
 note() { echo "$*" | tee -a "$runs/dev-p3-plan.txt"; }
 stamp() { while IFS= read -r line; do echo "$SECONDS $line"; done; }  # each line with the second it came
 : >"$runs/dev-p3-plan.txt"

@@ -38,6 +38,7 @@
 # --widths 8,16,32 --depth 1") tries the script out on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmarks/device_common.sh
 data=.devdata/cifar10-jpeg.tar.gz
 part_name() {  # part_name RUN: the file its slim checkpoint travels as (the baseline's in float16)
     if [[ $1 == dev-base ]]; then echo "$1.half.pt"; else echo "$1.pt"; fi
@@ -45,9 +46,7 @@ part_name() {  # part_name RUN: the file its slim checkpoint travels as (the bas
 
 case "${1:-run}" in
 prepare)
-    mkdir -p .devdata
-    grep -qx '/.devdata/' .git/info/exclude 2>/dev/null || echo '/.devdata/' >>.git/info/exclude
-    cp "${2:-../shared/data/cifar10-jpeg.tar.gz}" "$data"
+    device_prepare "${2:-}"
     if [[ -n ${BASE_FROM:-} ]]; then  # a baseline made before, to carry instead of making it again
         python3 benchmarks/device_checkpoint.py slim "$BASE_FROM" .devdata/base.half.pt --half
         echo ".devdata/base.half.pt ready: run with BASE=.devdata/base.half.pt to skip phase 1"
@@ -57,7 +56,6 @@ prepare)
     ;;
 unpack)
     from=$2 runs=${3:-runs}
-    hw=${HWTOOL:-hwtool}
     for run in dev-base dev-keep; do
         mkdir -p "$runs/$run"
         name=$(part_name "$run")
@@ -69,28 +67,21 @@ unpack)
     tar -xzf "$from/dev-logs.tar.gz" -C "$runs"
     for run in dev-base dev-keep; do
         [[ -f $runs/$run/checkpoint.pt ]] || continue
-        $hw export "$runs/$run/checkpoint.pt" -o "$runs/$run.onnx" --data "${4:-../shared/data/cifar10-jpeg.tar.gz}"
+        device_export "$runs/$run/checkpoint.pt" "$runs/$run.onnx" "${4:-}"
     done
     echo "wrote the models above (dev-base.onnx from float16 weights widened back) and the logs under $runs/dev-*"
     exit 0
     ;;
 run) ;;
-*)
-    echo "usage: $0 [prepare [TARBALL] | run | unpack FILES_AT [RUNS]]" >&2
-    exit 2
-    ;;
+*) device_usage ;;
 esac
 
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HWTOOL_CACHE=${HWTOOL_CACHE:-/tmp/hwtool-cache}
+device_env
 hw=${HWTOOL:-python3 -m hwtool}
-out=${OUT:?set OUT to the folder that comes back}
-runs=${RUNS:-runs}
-budget=${BUDGET:-550}
 read -r -a tiny <<<"${TINY:-}"
 read -r -a p1 <<<"${P1:-}"
 read -r -a p3 <<<"${P3:---batch-size 512 --lr 0.08 --cutout 12 --targeted-keep-by 0.3 --ema 0.998}"
 source benchmarks/train_phase.sh
-mkdir -p "$runs" "$out"
 nvidia-smi --query-gpu=name --format=csv,noheader >"$runs/dev-gpu.txt" 2>/dev/null || echo none >"$runs/dev-gpu.txt"
 left() { echo $((budget - SECONDS)); }
 note() { echo "$*" | tee -a "$runs/dev-plan.txt"; }

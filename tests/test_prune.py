@@ -100,27 +100,8 @@ def test_a_gate_that_reads_the_input_loses_only_its_rows_and_is_not_refitted(spe
 def test_a_gate_that_reads_h_through_another_node_is_left_whole():
     """T = Sigmoid(Conv(Neg(H))) is found by its mix as a gate that does not read H directly, but it
     does read H: pruning must not narrow H under it. The block is left whole, the output unchanged."""
-    from onnx import helper
-
-    rng = np.random.default_rng(0)
-    w = [onnx.numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 1, 1)).astype("float32"), n) for n in ("wh", "wt")]
-    bias = onnx.numpy_helper.from_array(np.array([0, -40, 0, -40], "float32"), "bt")  # two gates off
-    one = onnx.numpy_helper.from_array(np.array(1.0, "float32"), "one")
-    nodes = [
-        helper.make_node("Conv", ["x", "wh"], ["hc"]),
-        helper.make_node("Relu", ["hc"], ["h"]),
-        helper.make_node("Neg", ["h"], ["nh"]),
-        helper.make_node("Conv", ["nh", "wt", "bt"], ["tc"]),
-        helper.make_node("Sigmoid", ["tc"], ["t"]),
-        helper.make_node("Mul", ["h", "t"], ["a"]),
-        helper.make_node("Sub", ["one", "t"], ["u"]),
-        helper.make_node("Mul", ["u", "x"], ["b"]),
-        helper.make_node("Add", ["a", "b"], ["y"]),
-    ]
-    io = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 4, 8, 8]) for n in ("x", "y")]
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", io[:1], io[1:], [*w, bias, one]), opset_imports=[helper.make_opsetid("", 17)]
-    )
+    model = _one_block(gate_reads="nh")
+    model.graph.node.insert(2, onnx.helper.make_node("Neg", ["h"], ["nh"]))  # after Relu, before the gate conv
     (block,) = find_blocks(model)
     assert not block.gate_reads_transform
     x = np.random.default_rng(1).random((8, 4, 8, 8), dtype=np.float32)

@@ -95,17 +95,47 @@ def opset_version(model: onnx.ModelProto) -> int:
     return 1
 
 
+# Inputs of quantized ops that hold a scale or a zero point (quantization constants, not weights),
+# and those that hold an int32 bias (weights, stored as integers).
+QUANT_CONSTANTS = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "ConvInteger": (2, 3),
+    "MatMulInteger": (2, 3),
+}
+INT32_WEIGHTS = {"DequantizeLinear": (0,), "QLinearConv": (8,)}
+
+
 def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements in float initializers (and float Constant nodes) of the main graph."""
-    n = 0
+    """Weights of the main graph: elements of float initializers (and float Constant nodes), of int8
+    and uint8 ones (quantized weights) and of int32 ones read as biases (DequantizeLinear,
+    QLinearConv); not a quantized model's scales and zero points, so that a model counts the same
+    weights before and after int8 quantization."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    bytes8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    reads: dict[str, list[tuple[str, int]]] = {}  # tensor -> (op, input position) of each reader
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            reads.setdefault(name, []).append((node.op_type, i))
+
+    def counted(name: str, data_type: int) -> bool:
+        uses = reads.get(name, [])
+        if uses and all(i in QUANT_CONSTANTS.get(op, ()) for op, i in uses):
+            return False  # a scale or zero point
+        if data_type == onnx.TensorProto.INT32:
+            return any(i in INT32_WEIGHTS.get(op, ()) for op, i in uses)
+        return data_type in floats or data_type in bytes8
+
+    n = 0
     for t in model.graph.initializer:
-        if t.data_type in floats or t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+        if counted(t.name, t.data_type):
             n += int(np.prod(t.dims)) if t.dims else 1
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
-                if a.name == "value" and a.t.data_type in floats:
+                if a.name == "value" and counted(node.output[0], a.t.data_type):
                     n += int(np.prod(a.t.dims)) if a.t.dims else 1
     return n
 
@@ -149,10 +179,14 @@ def tensor_shapes(model: onnx.ModelProto, batch: int, sizes: dict[str, int] | No
     return shapes
 
 
+UNCOUNTED_OPS = ("Einsum", "RNN", "GRU", "LSTM", "Attention", "MultiHeadAttention")  # heavy ops not counted
+
+
 def count_flops(model: onnx.ModelProto, batch: int = 1, sizes: dict[str, int] | None = None) -> int | None:
-    """Multiply-accumulates ×2 of Conv, ConvInteger, Gemm and MatMul for one batch of `batch`, other
-    symbolic input dimensions (a sequence length) sized by `sizes`; None when some of those layers
-    cannot be sized (a symbolic dimension left unsized).
+    """Multiply-accumulates ×2 of Conv, ConvTranspose, Gemm and MatMul (and their integer and
+    QLinear forms) for one batch of `batch`, other symbolic input dimensions (a sequence length) sized
+    by `sizes`; None when some of those layers cannot be sized (a symbolic dimension left unsized) or
+    the graph holds a heavy op the count does not know (Einsum, recurrent layers, attention).
 
     Elementwise work (the gate mix, BN, activations) is left out; it is a few percent here.
     """
@@ -171,12 +205,19 @@ def count_flops(model: onnx.ModelProto, batch: int = 1, sizes: dict[str, int] | 
             if not (y and w):
                 return None
             total += 2 * int(np.prod(y)) * int(np.prod(w[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
+        elif node.op_type in ("Gemm", "MatMul", "MatMulInteger", "QLinearMatMul"):
             a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
             if not (a and y):
                 return None
             k = a[0] if (node.op_type == "Gemm" and attr(node, "transA", 0)) else a[-1]
             total += 2 * int(np.prod(y)) * k
+        elif node.op_type == "ConvTranspose":  # each input element meets C_out/group filters of k·k
+            x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if not (x and w):
+                return None
+            total += 2 * int(np.prod(x)) * int(np.prod(w[1:]))
+        elif node.op_type in UNCOUNTED_OPS:
+            return None  # a layer whose work this count does not know: unknown, not zero
     return total
 
 

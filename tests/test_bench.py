@@ -111,6 +111,29 @@ def test_seconds_mode_gives_every_model_the_same_runs(models, tmp_path):
     assert d["config"]["seconds"] == 0.05
 
 
+def test_flops_of_transposed_convs_and_unknown_heavy_ops():
+    """ConvTranspose is counted (each input element meets C_out/group filters), a graph with a heavy
+    op the count does not know (Einsum) is unknown, not free (both were counted as zero)."""
+    from onnx import helper, numpy_helper
+
+    def model(node, inputs, weight, out_shape):
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)],
+            [numpy_helper.from_array(np.ones(weight, np.float32), "w")],
+        )
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+    up = model(
+        helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2]), [("x", [1, 4, 5, 5])], (4, 2, 3, 3), None
+    )
+    assert count_flops(up) == 2 * (4 * 5 * 5) * (2 * 3 * 3)
+    linear = model(helper.make_node("Einsum", ["x", "w"], ["y"], equation="nc,kc->nk"), [("x", [1, 8])], (10, 8), None)
+    assert count_flops(linear) is None
+
+
 def test_missing_provider_is_named_with_its_package(models, tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA")

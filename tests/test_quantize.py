@@ -15,6 +15,7 @@ from highway_onnx import Spec, build, images, to_float16
 from onnx import numpy_helper
 
 from hwtool.cli import main
+from hwtool.graph import count_flops, count_parameters
 from hwtool.runtime import make_session
 
 
@@ -166,6 +167,13 @@ def test_pruned_model_quantizes(tmp_path):
     x = images(16, seed=3)
     a, b = _logits(pruned, x), _logits(out, x)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.98
+    # The int8 file holds the same weights (int8 behind DequantizeLinear, int32 biases, the float
+    # ones left as they were); its scales and zero points are not weights (they were counted, the
+    # int32 biases were not, and the pruned + int8 row read more parameters than the pruned one).
+    float_model, int8_model = onnx.load(pruned), onnx.load(out)
+    assert any(t.data_type == onnx.TensorProto.INT32 for t in int8_model.graph.initializer)
+    assert count_parameters(int8_model) == count_parameters(float_model)
+    assert count_flops(int8_model) == count_flops(float_model)
 
 
 def test_bad_calibration_gives_one_line_error_naming_the_shape(tmp_path):

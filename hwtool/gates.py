@@ -70,6 +70,36 @@ def load_calibration(model: onnx.ModelProto, path: str | os.PathLike) -> Samples
     return load_samples(model, path)[0]
 
 
+def check_samples(model: onnx.ModelProto, x, role: str = "calibration") -> Samples:
+    """In-memory inputs (an array, or for a model of several inputs a dict or `Inputs` of one array
+    per input name) checked as `load_calibration` checks a file's: the Python API's calib."""
+    specs = input_specs(model)
+    if isinstance(x, Inputs):
+        x = x.arrays
+
+    def narrowed(a):  # float64, numpy's default, taken as float32 (a file of it is refused instead)
+        return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float64 else a
+
+    x = {k: narrowed(v) for k, v in x.items()} if isinstance(x, dict) else narrowed(x)
+    if isinstance(x, dict):
+        if not all(isinstance(v, np.ndarray) for v in x.values()):
+            raise TypeError(f"{role} inputs must be numpy arrays, one per input name")
+        names = [s.name for s in specs]
+        if sorted(x) != sorted(names):
+            raise ValueError(f"{role} inputs are named {sorted(x)}; the model's inputs are {names}")
+        checked = {s.name: _checked_array(f"{role}[{s.name!r}]", x[s.name], s, role) for s in specs}
+        if len({len(a) for a in checked.values()}) != 1:
+            raise ValueError(f"the {role} arrays hold different numbers of samples; give each the same")
+        return Inputs(checked)
+    if not isinstance(x, np.ndarray):
+        raise TypeError(
+            f"{role} inputs must be a numpy array (or a dict of them by input name), not {type(x).__name__}"
+        )
+    if len(specs) != 1:
+        raise ValueError(f"the model has {len(specs)} inputs; pass a dict of one array per input name")
+    return _checked_array("(in memory)", x, specs[0], role)
+
+
 def load_samples(
     model: onnx.ModelProto, path: str | os.PathLike, role: str = "calibration", labels: str | None = None
 ) -> tuple[Samples, np.ndarray | None]:

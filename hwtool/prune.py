@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from hwtool.gates import GateStats, gates_from_metadata, measure_gates
+from hwtool.gates import GateStats, check_samples, gates_from_metadata, measure_gates
 from hwtool.graph import Graph, attr, count_parameters, is_quantized, node_reads, tensor_shapes
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
@@ -47,7 +47,6 @@ from hwtool.patterns import (
     why_not_self_contained,
 )
 from hwtool.runtime import (
-    Inputs,
     ModelError,
     Samples,
     as_feed,
@@ -94,6 +93,34 @@ class PruneConfig:
     batch: int = 64  # calibration batch
     threads: int | None = None  # ORT intra-op threads (None: ORT's default)
     seed: int = 0  # position sampling for the fit
+
+    def __post_init__(self) -> None:
+        """Refuse values that would prune wrongly, or fail later with an error naming nothing."""
+
+        def number(name: str, low: float, high: float = math.inf, integer: bool = False) -> None:
+            v = getattr(self, name)
+            kind = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise TypeError(f"PruneConfig.{name} must be a number, not {type(v).__name__}")
+            if not math.isfinite(v):
+                raise ValueError(f"PruneConfig.{name} is {v}; give a finite number")
+            if not low <= v <= high:
+                raise ValueError(f"PruneConfig.{name} is {v}; it must lie in [{low}, {high}]")
+
+        number("threshold", -math.inf)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold} is outside [0, 1]; gates are sigmoids")
+        number("ridge", 0.0)
+        for name in ("max_rows", "refit_images", "refit_memory", "round_to", "batch"):
+            number(name, 1, integer=True)
+        if self.threads is not None:
+            number("threads", 1, integer=True)
+        if self.budget is not None:
+            number("budget", -math.inf)
+            if not 0.0 < self.budget <= 1.0:
+                raise ValueError(f"budget {self.budget} is not a fraction in (0, 1] of the model's parameters")
+        if self.write_back not in WRITE_BACKS:
+            raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {self.write_back!r}")
 
 
 @dataclass(frozen=True)
@@ -712,7 +739,7 @@ def _as_2d(layer: Affine, *arrays: np.ndarray) -> list[np.ndarray]:
 
 def prune(
     model_or_path: onnx.ModelProto | str | os.PathLike,
-    threshold: float = 0.05,
+    threshold: float | None = None,
     calib: Samples | dict[str, np.ndarray] | None = None,
     config: PruneConfig | None = None,
     gate_stats: GateStats | None = None,
@@ -732,20 +759,19 @@ def prune(
     original's outputs on calib (each, in graph order), if already known (saves one pass). blocks: the model's
     blocks as `highway_model` found them in it, if already known (saves the search).
     """
-    cfg = config or PruneConfig(threshold=threshold)
-    if isinstance(calib, dict):
-        calib = Inputs(calib)
-    if config is not None and threshold != cfg.threshold:
-        cfg = replace(cfg, threshold=threshold)
+    if config is not None and not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be a PruneConfig, not {type(config).__name__}")
+    if not isinstance(model_or_path, (onnx.ModelProto, str, os.PathLike)):
+        raise TypeError(f"the model must be an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
+    cfg = config or PruneConfig()
+    if threshold is not None:  # given here, it wins over the config's
+        cfg = replace(cfg, threshold=float(threshold) if isinstance(threshold, np.floating) else threshold)
     if budget is not None:
-        cfg = replace(cfg, budget=budget)
-    if not 0.0 <= cfg.threshold <= 1.0:
-        raise ValueError(f"threshold {cfg.threshold} is outside [0, 1]; gates are sigmoids")
-    if cfg.budget is not None and not 0.0 < cfg.budget <= 1.0:
-        raise ValueError(f"budget {cfg.budget} is not a fraction in (0, 1] of the model's parameters")
-    if cfg.write_back not in WRITE_BACKS:
-        raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {cfg.write_back!r}")
+        cfg = replace(cfg, budget=float(budget) if isinstance(budget, np.floating) else budget)
+    cfg = replace(cfg, threshold=float(cfg.threshold), budget=None if cfg.budget is None else float(cfg.budget))
     original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    if calib is not None:
+        calib = check_samples(original, calib)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     given = original  # reported and verified against; blocks may be found only in its simplification
@@ -768,7 +794,10 @@ def prune(
     if gate_stats is None:
         raise ValueError("no gate statistics: pass calibration inputs (--calib FILE.npy or --data PATH)")
     if cfg.refit and calib is None:
-        raise ValueError("the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH, or --no-refit")
+        raise ValueError(
+            "the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH (calib= in Python), "
+            "or --no-refit (PruneConfig(refit=False))"
+        )
     timings["calibration"] = time.perf_counter() - t0
     measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs)
     if cfg.budget is None:

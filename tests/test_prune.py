@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -808,6 +809,66 @@ def test_cli_round_to(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert [b["kept"] for b in json.loads(res.output)["blocks"]] == [8, 0, 8]
+
+
+def test_python_api_takes_the_threshold_from_the_config_unless_given_and_as_numpy_scalars():
+    """PruneConfig(threshold=t) is the threshold unless prune() is given one (the argument's default
+    0.05 always won over the config's); a numpy scalar is taken as a float, so the report is JSON."""
+    from hwtool.runtime import json_text
+
+    model, x = build(Spec(removable=REMOVABLE)), images(8)
+    everything = PruneConfig(threshold=1.0, simplify=False)
+    assert prune(model, calib=x, config=everything)[1].threshold == 1.0
+    assert prune(model, 1e-6, calib=x, config=everything)[1].threshold == 1e-6
+    _, report = prune(model, np.float32(1e-6), calib=x)
+    assert type(report.threshold) is float and [b.kept for b in report.blocks] == [5, 0, 7]
+    assert json.loads(json_text(report.to_dict()))["threshold"] == pytest.approx(1e-6)
+    _, report = prune(model, calib=x, budget=np.float64(0.5))
+    assert json.loads(json_text(report.to_dict()))["budget"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "field,value,error",
+    [
+        ("ridge", float("nan"), "PruneConfig.ridge is nan"),  # it returned a model of NaN outputs
+        ("ridge", -1.0, "PruneConfig.ridge is -1.0"),
+        ("refit_images", 0, "PruneConfig.refit_images is 0"),
+        ("batch", 0, "PruneConfig.batch is 0"),
+        ("max_rows", 0, "PruneConfig.max_rows is 0"),
+        ("round_to", 0, "PruneConfig.round_to is 0"),
+        ("threads", -2, "PruneConfig.threads is -2"),
+        ("threshold", -1.0, "threshold -1.0 is outside [0, 1]"),
+        ("threshold", float("nan"), "PruneConfig.threshold is nan"),
+        ("threshold", "0.05", "PruneConfig.threshold must be a number, not str"),
+        ("budget", 0.0, "budget 0.0 is not a fraction"),
+        ("write_back", "nope", "write-back must be one of"),
+    ],
+)
+def test_a_prune_config_refuses_values_that_would_prune_wrongly(field, value, error):
+    with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+        PruneConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "calib,error",
+    [
+        ((images(8) * 255).astype(np.uint8), "is uint8; expected float32"),  # it pruned on pixel values 0..255
+        ({"input": images(8), "extra": images(8)}, "the model's inputs are ['input']"),
+        (images(8)[0], "has shape [3, 32, 32]"),
+        ([[0.0]], "must be a numpy array"),
+    ],
+    ids=["uint8 pixels", "an extra name", "no batch axis", "a list"],
+)
+def test_python_api_checks_calibration_arrays_as_the_command_checks_files(calib, error):
+    model = build(Spec(removable=REMOVABLE))
+    with pytest.raises((ValueError, TypeError), match=re.escape(error)):
+        prune(model, 0.05, calib=calib)
+    with pytest.raises(TypeError, match="config must be a PruneConfig, not dict"):
+        prune(model, 0.05, calib=images(8), config={"threshold": 0.05})
+    with pytest.raises(TypeError, match="an onnx.ModelProto or a path, not int"):
+        prune(3, 0.05, calib=images(8))
+    # float64, numpy's default, is taken as float32
+    assert prune(model, 1e-6, calib=images(8).astype(np.float64))[1].blocks[0].kept == 5
 
 
 def test_python_api_takes_a_path(tmp_path):

@@ -367,6 +367,8 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
     Providers this ONNX Runtime build lacks are skipped and listed in `skipped`.
     """
     check_config(cfg)
+    if isinstance(paths, (str, os.PathLike)):  # one model (a string is not a list of its characters)
+        paths = [paths]
     if not paths:
         raise ValueError("give at least one model")
     t_start = time.perf_counter()

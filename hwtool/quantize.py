@@ -62,6 +62,13 @@ class QuantizeConfig:
     # batch 1, 1.24x against 1.35x at batch 64; benchmarks/results/quantize_methods.json).
     ops: tuple[str, ...] | str | None = "auto"
     preprocess: bool = True  # run ORT's quant_pre_process (shape inference + basic graph fusions) first
+
+    def __post_init__(self) -> None:
+        if self.activations not in ("uint8", "int8"):
+            raise ValueError(f"activations must be uint8 or int8, not {self.activations!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+
     batch: int = 64  # calibration images per ORT run (a fixed-batch model uses its own batch)
     threads: int | None = None  # ORT threads for the accuracy runs
 
@@ -231,10 +238,6 @@ def quantize(
     t0 = time.perf_counter()
     check_outputs([output], [model_path, calib, data])
     src, dst = Path(model_path), Path(output)
-    if config.activations not in ("uint8", "int8"):
-        raise ValueError(f"activations must be uint8 or int8, not {config.activations!r}")
-    if config.method not in METHODS:
-        raise ValueError(f"unknown calibration method {config.method!r}; use one of {', '.join(METHODS)}")
     model = load_model(src)
     if is_quantized(model):
         raise ModelError(f"{src} already holds quantization ops; quantize the float model instead")

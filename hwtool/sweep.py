@@ -13,11 +13,10 @@ import numpy as np
 import onnx
 
 from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_npz, load_test_set
-from hwtool.gates import calibration_from_data, measure_gates
+from hwtool.gates import calibration_from_data, check_samples, measure_gates
 from hwtool.graph import count_parameters
 from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
 from hwtool.runtime import (
-    Inputs,
     Samples,
     atomic_write_model,
     fixed_batch,
@@ -70,6 +69,8 @@ def sweep(
     `calib` in its own layout) the rows compare with the original on the calibration inputs only:
     top-1 agreement and max abs error. Each of `budgets` adds a row pruned at the lowest threshold
     that keeps at most that fraction of the parameters (`PruneConfig.budget`)."""
+    thresholds = (thresholds,) if isinstance(thresholds, (int, float)) else tuple(thresholds)  # one, or several
+    budgets = (budgets,) if isinstance(budgets, (int, float)) else tuple(budgets)
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
             raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
@@ -87,8 +88,8 @@ def sweep(
         where = data.source if isinstance(data, TestSet) else data
         raise calibration_needed(where)
     given = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    if isinstance(calib, dict):
-        calib = Inputs(calib)
+    if calib is not None:
+        calib = check_samples(given, calib)
     test = None
     if isinstance(data, TestSet):
         test = data.head(limit)

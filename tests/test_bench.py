@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from highway_onnx import Spec, build
 from rendering import render
 
-from hwtool.bench import BenchConfig, _time_interleaved, random_input, resolve_provider, summarize
+from hwtool.bench import BenchConfig, _time_interleaved, bench, random_input, resolve_provider, summarize
 from hwtool.cli import main
 from hwtool.graph import count_flops, count_parameters
 
@@ -132,6 +132,12 @@ def test_flops_of_transposed_convs_and_unknown_heavy_ops():
     assert count_flops(up) == 2 * (4 * 5 * 5) * (2 * 3 * 3)
     linear = model(helper.make_node("Einsum", ["x", "w"], ["y"], equation="nc,kc->nk"), [("x", [1, 8])], (10, 8), None)
     assert count_flops(linear) is None
+
+
+def test_bench_from_python_takes_one_path_as_one_model(models):
+    """bench("m.onnx") iterated over the string's characters ("a model is listed twice")."""
+    result = bench(str(models["narrow"]), BenchConfig(batches=(1,), warmup=0, runs=1))
+    assert [m.path for m in result.models] == [str(models["narrow"])]
 
 
 def test_missing_provider_is_named_with_its_package(models, tmp_path):

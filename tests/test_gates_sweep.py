@@ -204,3 +204,18 @@ def test_sweep_searches_for_blocks_once(monkeypatch):
     monkeypatch.setattr(hwtool.prune, "_simplify", lambda m: calls.append(1) or simplify(m))
     rows = sweep(model, None, (0.01, 0.02, 0.05), calib=images(16))
     assert [r.kept_channels for r in rows] == [28, 12, 12, 12] and len(calls) == 1 + 3
+
+
+def test_sweep_from_python_takes_one_threshold_and_checks_its_calibration():
+    """sweep(model, None, 0.05, calib=x) is one threshold (a lone float was iterated over); a list
+    as calib is refused by name (AttributeError deep inside), uint8 pixels are refused as the
+    command refuses a file of them."""
+    from hwtool.sweep import sweep
+
+    model, x = build(Spec(removable=REMOVABLE_DEFAULT)), images(8)
+    rows = sweep(model, None, 1e-6, calib=x)
+    assert [r.threshold for r in rows] == [None, 1e-6] and rows[1].kept_channels < rows[0].kept_channels
+    with pytest.raises(TypeError, match="must be a numpy array"):
+        sweep(model, None, 0.05, calib=x.tolist())
+    with pytest.raises(ValueError, match="is uint8"):
+        sweep(model, None, 0.05, calib=(x * 255).astype(np.uint8))

@@ -211,3 +211,14 @@ def test_refuses_to_overwrite_input_or_requantize(tmp_path):
         onnx.save(to_float16(build(Spec(widths=(8,))), keep_io=keep_io), half)
         res = CliRunner().invoke(main, ["quantize", str(half), "-o", str(tmp_path / "h8.onnx"), "--calib", str(calib)])
         assert "float16 model" in one_line_error(res) and not (tmp_path / "h8.onnx").exists()
+
+
+def test_a_quantize_config_refuses_unknown_settings_where_it_is_made():
+    """QuantizeConfig(activations="UINT8") quantized with int8 activations through quantize_model,
+    which skipped the check quantize() made."""
+    from hwtool.quantize import QuantizeConfig
+
+    with pytest.raises(ValueError, match="activations must be uint8 or int8, not 'UINT8'"):
+        QuantizeConfig(activations="UINT8")
+    with pytest.raises(ValueError, match="unknown calibration method 'max'"):
+        QuantizeConfig(method="max")

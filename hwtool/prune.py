@@ -19,6 +19,7 @@ went before it) is left as it was, so such a prune stays exact.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -1255,3 +1256,4 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(prune)  # what help() and inspect.signature(hwtool.prune) show

@@ -882,6 +882,9 @@ def test_python_api_takes_a_path(tmp_path):
 
     assert hwtool.prune(src, 1e-6, calib=images(8))[1].params_after == report.params_after
     assert module.PruneConfig().threshold == 0.05
+    import inspect
+
+    assert list(inspect.signature(hwtool.prune).parameters)[:4] == ["model_or_path", "threshold", "calib", "config"]
 
 
 def test_onnxsim_is_imported_without_torch_and_torch_still_imports_after():

@@ -385,6 +385,20 @@ def train(
     from hwtool.train import config_from_options
     from hwtool.train import train as run
 
+    ignored = _typed(TRAIN_SETTINGS) if resume and (Path(out) / "checkpoint.pt").is_file() else []
+    if ignored:  # what the run trains comes from its checkpoint; only how it runs from this call
+        click.echo(
+            f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
+            err=True,
+        )
+        init = teacher = None  # the checkpoint's own are used (and checked): these are not read
+    if teacher is None:
+        _unused(("distill_weight", "distill_temperature"), "without --teacher")
+    if targeted_keep is None:
+        _unused(("targeted_keep_by",), "without --targeted-keep")
+    if not targeted_dropout and targeted_keep is None:
+        _unused(("targeted_threshold",), "without --targeted-dropout or --targeted-keep")
+
     cfg = config_from_options(
         epochs=epochs,
         batch_size=batch_size,
@@ -412,6 +426,15 @@ def train(
         distill_temperature=distill_temperature,
     )
     _summary(run(cfg, data, out, resume=resume, console=console), out)
+
+
+# train's options that set what a run trains (a resumed run takes them from its checkpoint)
+TRAIN_SETTINGS = (
+    "epochs", "batch_size", "lr", "gate_penalty", "gate_weighting", "gate_shape", "silence_penalty",
+    "targeted_dropout", "targeted_threshold", "targeted_keep", "targeted_keep_by", "gate_ramp", "init",
+    "widths", "depth", "limit", "cutout", "ema", "seed", "fp32", "teacher", "distill_weight",
+    "distill_temperature",
+)  # fmt: skip
 
 
 def _summary(ckpt: dict, out: str) -> None:
@@ -592,11 +615,17 @@ def _echo_json(obj) -> None:
     click.echo(json_text(obj))
 
 
-def _unused(names: tuple[str, ...], when: str) -> None:
-    """Refuse options (by parameter name) typed where they do nothing, rather than ignore them."""
+def _typed(names: tuple[str, ...]) -> list[str]:
+    """Those of the options (by parameter name) typed on the command line, as spelled there."""
     ctx = click.get_current_context()
     defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
-    typed = ["--" + n.replace("_", "-") for n in names if ctx.get_parameter_source(n) not in defaults]
+    flags = {p.name: p.opts[0] for p in ctx.command.params}  # a parameter's first spelling: --from for init
+    return [flags.get(n, "--" + n.replace("_", "-")) for n in names if ctx.get_parameter_source(n) not in defaults]
+
+
+def _unused(names: tuple[str, ...], when: str) -> None:
+    """Refuse options (by parameter name) typed where they do nothing, rather than ignore them."""
+    typed = _typed(names)
     if typed:
         it, does = ("it", "does") if len(typed) == 1 else ("them", "do")
         raise ValueError(f"{' and '.join(typed)} {does} nothing {when}; drop {it}")

@@ -327,7 +327,7 @@ def budget_at(cfg: TrainConfig, step: int, total: int, full: int, fixed: int) ->
     when the incentive is at full strength to `targeted_keep_by` of the steps, the kept fraction
     falls as keep + (1 − keep)(1 − s)³, fast at first and gently at the end, then stays."""
     start = int(cfg.gate_ramp * total)
-    end = max(start + 1, int(cfg.targeted_keep_by * total))
+    end = max(start + 1, min(int(cfg.targeted_keep_by * total), total - 1))  # keep-by 1: the last step
     s = min(1.0, max(0.0, (step - start) / (end - start)))
     frac = cfg.targeted_keep + (1 - cfg.targeted_keep) * (1 - s) ** 3
     return int(frac * full) - fixed
@@ -559,6 +559,8 @@ def train(
     cfg: TrainConfig, data: str, out: str | os.PathLike, resume: bool = False, console: Console | None = None
 ) -> dict:
     """Train (or resume) a run in `out`; returns the final checkpoint dict."""
+    if not str(out).strip():
+        raise ValueError("the run folder (--out) is empty; name a folder")
     out = Path(out)
     # The folder is made with the first checkpoint; a path that could not hold it fails here, before any work.
     check_outputs([out / CHECKPOINT], [])
@@ -582,13 +584,13 @@ def train(
         ckpt = load_checkpoint(path)
         # What the run trains comes from the checkpoint; how it runs (torch.compile) from this call.
         saved = replace(TrainConfig.from_dict(ckpt["config"]), compile=cfg.compile)
+        if cfg.prune_threshold is not None and saved.prune_threshold is None:
+            raise ValueError(f"{out} holds a train run, not a fine-tuning run; resume it with `hwtool train --resume`")
         if "optimizer" not in ckpt or (saved.ema > 0 and "train_model" not in ckpt):
             raise ValueError(
                 f"{path} holds no optimizer state or trained weights (a slimmed checkpoint?); "
                 "it can be exported or trained --from, not resumed"
             )
-        if saved != cfg and not quiet:
-            console.print("[yellow]resuming with the configuration saved in the checkpoint[/]")
         cfg = saved
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
@@ -692,6 +694,13 @@ def train(
         raise ValueError(f"{len(train_set)} training images make no batch of {cfg.batch_size}; {fix}")
     total = steps_per_epoch * cfg.epochs
     drop_from = int(cfg.gate_ramp * total)  # targeted dropout starts when the incentive is at full strength
+    if cfg.targeted_keep is not None and drop_from >= total - 1:
+        raise ValueError(
+            f"the removal would start at step {drop_from + 1} of {total} (--gate-ramp {cfg.gate_ramp}), "
+            "too late to reach --targeted-keep; lower --gate-ramp or train more epochs"
+        )
+    if cfg.targeted_dropout > 0 and drop_from >= total:
+        raise ValueError(f"--gate-ramp {cfg.gate_ramp} leaves targeted dropout no step; lower it")
     # The training set lives where the network does (150 MB of uint8 for CIFAR-10), so a step's
     # batch is gathered there: no copy a step for a GPU to wait on. The indices of the channels
     # fine-tuning keeps are put there once.
@@ -791,6 +800,8 @@ def train(
                     diverged = flag.item() > 0
                 if diverged:
                     what = total_loss if not math.isfinite(total_loss) else "nan or infinite in another process"
+                    if world > 1:  # every process stops here together: leave the group before the error
+                        dist.destroy_process_group()
                     raise FloatingPointError(f"loss became {what} by step {step}; lower --lr")
                 rate = seen * world / (time.perf_counter() - t0)
                 progress.update(

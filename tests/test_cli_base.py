@@ -77,7 +77,7 @@ def test_train_resume_from_a_corrupt_checkpoint(cifar_path, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 half a zip file")
-    assert_one_line_error(_invoke("train", "--data", cifar_path, "--out", out, *TINY, "--resume"), "checkpoint")
+    assert_one_line_error(_invoke("train", "--data", cifar_path, "--out", out, "--resume"), "checkpoint")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
 
 

@@ -113,8 +113,8 @@ def test_resuming_with_a_changed_teacher_is_refused(cifar_path, tmp_path):
     assert res.exit_code == 0, res.output
     before = (out / CHECKPOINT).read_bytes()
 
-    assert _train(cifar_path, out, *run, "--resume").exit_code == 0  # the same teacher: fine
+    assert _train(cifar_path, out, "--resume").exit_code == 0  # the same teacher: fine
     shutil.copy(out / CHECKPOINT, teacher)  # another network under the teacher's name
-    line = one_line_error(_train(cifar_path, out, *run, "--resume"))
+    line = one_line_error(_train(cifar_path, out, "--resume"))
     assert "changed" in line and "teacher.pt" in line
     assert (out / CHECKPOINT).read_bytes() == before

@@ -610,6 +610,8 @@ def train(
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"the weight average's decay must lie in [0, 1) (0: off), not {cfg.ema}")
 
+    if cfg.teacher is not None and ckpt is None:  # saved as an absolute path: a resume from elsewhere finds it
+        cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))
     teacher, teacher_kept, teacher_sha = None, None, None
     if cfg.teacher is not None:
         teacher, teacher_kept, teacher_sha = load_teacher(cfg, device)

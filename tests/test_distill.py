@@ -118,3 +118,19 @@ def test_resuming_with_a_changed_teacher_is_refused(cifar_path, tmp_path):
     line = one_line_error(_train(cifar_path, out, "--resume"))
     assert "changed" in line and "teacher.pt" in line
     assert (out / CHECKPOINT).read_bytes() == before
+
+
+def test_a_run_taught_by_a_teacher_named_by_a_relative_path_resumes_from_another_folder(
+    cifar_path, tmp_path, monkeypatch
+):
+    """The teacher's path was saved as typed, so a resume from another working folder failed with
+    "teacher teacher.pt does not exist"."""
+    shutil.copy(TEACHER, tmp_path / "teacher.pt")
+    monkeypatch.chdir(tmp_path)
+    res = _train(cifar_path, tmp_path / "run", *STUDENT, "--epochs", "1", "--limit", "256", "--teacher", "teacher.pt")
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["config"]["teacher"] == str(tmp_path / "teacher.pt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = _train(cifar_path, tmp_path / "run", "--resume")
+    assert res.exit_code == 0, res.output

@@ -41,7 +41,13 @@ from hwtool.runtime import (
     whole_batches,
 )
 
-METHODS = ("minmax", "entropy", "percentile")
+# Activation range calibration, by the name the config and the command take.
+CALIBRATIONS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+METHODS = tuple(CALIBRATIONS)
 
 
 @dataclass(frozen=True)
@@ -62,15 +68,14 @@ class QuantizeConfig:
     # batch 1, 1.24x against 1.35x at batch 64; benchmarks/results/quantize_methods.json).
     ops: tuple[str, ...] | str | None = "auto"
     preprocess: bool = True  # run ORT's quant_pre_process (shape inference + basic graph fusions) first
+    batch: int = 64  # calibration images per ORT run (a fixed-batch model uses its own batch)
+    threads: int | None = None  # ORT threads for the accuracy runs
 
     def __post_init__(self) -> None:
         if self.activations not in ("uint8", "int8"):
             raise ValueError(f"activations must be uint8 or int8, not {self.activations!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
-
-    batch: int = 64  # calibration images per ORT run (a fixed-batch model uses its own batch)
-    threads: int | None = None  # ORT threads for the accuracy runs
 
 
 @dataclass(frozen=True)
@@ -124,17 +129,6 @@ class ArrayReader(CalibrationDataReader):
 
 def _reader(model: onnx.ModelProto, x: Samples, batch: int, on_batch=None) -> ArrayReader:
     return ArrayReader([(s.name, s.dtype) for s in input_specs(model)], x, batch, on_batch=on_batch)
-
-
-def _method(name: str) -> CalibrationMethod:
-    table = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
-    if name not in table:
-        raise ValueError(f"unknown calibration method {name!r}; use one of {', '.join(METHODS)}")
-    return table[name]
 
 
 @contextlib.contextmanager
@@ -194,7 +188,7 @@ def quantize_model(
                 activation_type=QuantType.QUInt8 if config.activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=list(config.ops) if config.ops else None,
-                calibrate_method=_method(config.method),
+                calibrate_method=CALIBRATIONS[config.method],
             )
         except ValueError as e:
             if "not finite" not in str(e):

@@ -96,7 +96,8 @@ class PruneConfig:
     seed: int = 0  # position sampling for the fit
 
     def __post_init__(self) -> None:
-        """Refuse values that would prune wrongly, or fail later with an error naming nothing."""
+        """Refuse values that would prune wrongly, or fail later with an error naming nothing; numbers
+        given as numpy scalars become Python ones (the report is JSON)."""
 
         def number(name: str, low: float, high: float = math.inf, integer: bool = False) -> None:
             v = getattr(self, name)
@@ -107,6 +108,7 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.{name} is {v}; give a finite number")
             if not low <= v <= high:
                 raise ValueError(f"PruneConfig.{name} is {v}; it must lie in [{low}, {high}]")
+            object.__setattr__(self, name, int(v) if integer else float(v))  # frozen: set once, here
 
         number("threshold", -math.inf)
         if not 0.0 <= self.threshold <= 1.0:
@@ -766,10 +768,9 @@ def prune(
         raise TypeError(f"the model must be an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
     cfg = config or PruneConfig()
     if threshold is not None:  # given here, it wins over the config's
-        cfg = replace(cfg, threshold=float(threshold) if isinstance(threshold, np.floating) else threshold)
+        cfg = replace(cfg, threshold=threshold)
     if budget is not None:
-        cfg = replace(cfg, budget=float(budget) if isinstance(budget, np.floating) else budget)
-    cfg = replace(cfg, threshold=float(cfg.threshold), budget=None if cfg.budget is None else float(cfg.budget))
+        cfg = replace(cfg, budget=budget)
     original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     if calib is not None:
         calib = check_samples(original, calib)
@@ -800,7 +801,7 @@ def prune(
             "or --no-refit (PruneConfig(refit=False))"
         )
     timings["calibration"] = time.perf_counter() - t0
-    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs)
+    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs, _known_shapes(original, calib))
     if cfg.budget is None:
         return _prune_at(measured, cfg, timings, bar)
     return _prune_to_budget(measured, cfg, timings, bar)
@@ -810,7 +811,8 @@ def prune(
 class _Measured:
     """A model ready for surgery: as given (reported and verified against), as its blocks were
     found in (maybe simplified), its blocks, their gate means, the calibration inputs (None: no
-    refit, no verification) and the given model's outputs on them, if known."""
+    refit, no verification), the given model's outputs on them, if known, and the static shapes of
+    the model the blocks were found in (at the calibration inputs' sizes; `_known_shapes`)."""
 
     given: onnx.ModelProto
     original: onnx.ModelProto
@@ -818,6 +820,7 @@ class _Measured:
     gate_stats: GateStats
     calib: Samples | None
     reference: list[np.ndarray] | None
+    shapes: dict[str, list[int]]
 
 
 def _prune_to_budget(
@@ -851,15 +854,23 @@ def _prune_to_budget(
 REFIT_HELD = 8  # activations of a block's size the two runners hold at once, about
 
 
-def refit_samples(model: onnx.ModelProto, blocks: list[Block], calib: Samples | None, cfg: PruneConfig) -> int:
+def refit_samples(
+    model: onnx.ModelProto,
+    blocks: list[Block],
+    calib: Samples | None,
+    cfg: PruneConfig,
+    shapes: dict[str, list[int]] | None = None,
+) -> int:
     """How many of the first calibration samples the refit runs on: cfg.refit_images, or fewer
     where a block's activations are so large (high-resolution inputs) that holding them for that
     many samples would take more than cfg.refit_memory bytes; at least one, and whole batches of a
-    model whose batch is fixed (its calibration inputs are whole batches already)."""
+    model whose batch is fixed (its calibration inputs are whole batches already). `shapes`: the
+    model's static shapes at batch 1, if already known."""
     if calib is None:
         return 0
     n = min(len(calib), cfg.refit_images)
-    shapes = tensor_shapes(model, 1, symbolic_sizes(model, calib))
+    if shapes is None:
+        shapes = tensor_shapes(model, 1, symbolic_sizes(model, calib))
     tensors = [t for b in blocks for t in (b.transform, b.carry)]
     sizes = [int(np.prod(shapes[t])) for t in tensors if shapes.get(t) and all(d > 0 for d in shapes[t])]
     if sizes:
@@ -953,7 +964,7 @@ def _prune_at(
     model = onnx.ModelProto()
     model.CopyFrom(original)
     ed = _Editor(model)
-    refit_n = refit_samples(original, blocks, calib, cfg) if cfg.refit else 0
+    refit_n = refit_samples(original, blocks, calib, cfg, measured.shapes) if cfg.refit else 0
     runner = _Runner(model, calib[:refit_n], cfg.batch, cfg.threads) if cfg.refit else None
     reference_runner = None
     if runner is not None and cfg.refit_transforms:
@@ -964,7 +975,6 @@ def _prune_at(
         projections = {b.carry for b in blocks if affine(unpruned_graph, b.carry) is not None}
     reports: list[BlockReport] = []
     refit_seconds = 0.0
-    shapes = _known_shapes(original, calib)
     for block, means in zip(blocks, gate_stats.means):
         kept = kept_channels(means, cfg.threshold, cfg.round_to)
         before = _block_params(ed.graph, block)
@@ -980,7 +990,7 @@ def _prune_at(
         whole = len(kept) == block.width
         if not whole and (why := why_not_self_contained(ed.graph, block)) is not None:
             whole, note = True, why
-        carry_shape, h_shape = shapes.get(block.carry), shapes.get(block.transform)
+        carry_shape, h_shape = measured.shapes.get(block.carry), measured.shapes.get(block.transform)
         if not whole and carry_shape is not None and h_shape is not None and carry_shape != h_shape:
             whole, note = True, f"left whole: the carry {carry_shape} broadcasts against H {h_shape}"
         if whole:

@@ -631,6 +631,15 @@ def _unused(names: tuple[str, ...], when: str) -> None:
         raise ValueError(f"{' and '.join(typed)} {does} nothing {when}; drop {it}")
 
 
+def _data_options_used(data, calib) -> None:
+    """sweep's and quantize's --count and --limit: what they pick exists only with --data, and
+    --count (calibration images from --data) not with --calib either."""
+    if data is None:
+        _unused(("count", "limit"), "without --data")
+    elif calib is not None:
+        _unused(("count",), "with --calib (it picks --data's calibration images)")
+
+
 def _calibration(model_proto, calib, data, count, split):
     """Calibration inputs from --calib or --data (None when neither is given)."""
     from hwtool.gates import calibration_from_data, load_calibration
@@ -861,10 +870,7 @@ def sweep_cmd(
 
     if no_refit and refit_gates_only:
         raise ValueError("pass either --no-refit or --refit-gates-only, not both")
-    if data is None:
-        _unused(("count", "limit"), "without --data")
-    elif calib is not None:
-        _unused(("count",), "with --calib (it picks --data's calibration images)")
+    _data_options_used(data, calib)
     if thresholds is None and budgets is None:
         thresholds = "0,0.01,0.02,0.05,0.1,0.2"
     ths = _floats(thresholds, "--thresholds") if thresholds is not None else ()
@@ -1036,11 +1042,7 @@ def quantize_cmd(
     from hwtool.quantize import QuantizeConfig, quantize
     from hwtool.report import progress_bar
 
-    if data is None:
-        _unused(("count", "limit"), "without --data")
-    elif calib is not None:
-        _unused(("count",), "with --calib (it picks --data's calibration images)")
-
+    _data_options_used(data, calib)
     cfg = QuantizeConfig(
         per_channel=not per_tensor,
         activations=activations,

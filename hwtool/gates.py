@@ -87,17 +87,14 @@ def check_samples(model: onnx.ModelProto, x, role: str = "calibration") -> Sampl
         names = [s.name for s in specs]
         if sorted(x) != sorted(names):
             raise ValueError(f"{role} inputs are named {sorted(x)}; the model's inputs are {names}")
-        checked = {s.name: _checked_array(f"{role}[{s.name!r}]", x[s.name], s, role) for s in specs}
-        if len({len(a) for a in checked.values()}) != 1:
-            raise ValueError(f"the {role} arrays hold different numbers of samples; give each the same")
-        return Inputs(checked)
+        return _checked_inputs("calib", x, specs, role)
     if not isinstance(x, np.ndarray):
         raise TypeError(
             f"{role} inputs must be a numpy array (or a dict of them by input name), not {type(x).__name__}"
         )
     if len(specs) != 1:
         raise ValueError(f"the model has {len(specs)} inputs; pass a dict of one array per input name")
-    return _checked_array("(in memory)", x, specs[0], role)
+    return _checked_array("calib", x, specs[0], role)
 
 
 def load_samples(
@@ -156,11 +153,19 @@ def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec], ro
     if missing or extra:
         what = f"lacks input {missing[0]!r}" if missing else f"holds {extra[0]!r}, not an input of the model"
         raise ValueError(f"{role} {p} {what}; save one array per input with {_savez_hint(specs, labels)}")
-    checked = {s.name: _checked_array(f"{p}[{s.name}]", arrays[s.name], s, role) for s in specs}
+    return _checked_inputs(str(p), arrays, specs, role)
+
+
+def _checked_inputs(where: str, arrays: dict[str, np.ndarray], specs: list[InputSpec], role: str) -> Inputs:
+    """One array per input (`arrays` names exactly the model's inputs), each checked against its
+    input, as Inputs if all hold the same number of samples; `where` names them in messages."""
+    checked = {s.name: _checked_array(f"{where}[{s.name}]", arrays[s.name], s, role) for s in specs}
     lengths = {n: len(a) for n, a in checked.items()}
     if len(set(lengths.values())) != 1:
         counts = ", ".join(f"{n} {k}" for n, k in lengths.items())
-        raise ValueError(f"the arrays of {role} {p} hold different numbers of samples ({counts}); give each the same")
+        raise ValueError(
+            f"the arrays of {role} {where} hold different numbers of samples ({counts}); give each the same"
+        )
     return Inputs(checked)
 
 

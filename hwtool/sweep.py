@@ -71,12 +71,12 @@ def sweep(
     that keeps at most that fraction of the parameters (`PruneConfig.budget`)."""
     thresholds = (thresholds,) if isinstance(thresholds, (int, float)) else tuple(thresholds)  # one, or several
     budgets = (budgets,) if isinstance(budgets, (int, float)) else tuple(budgets)
-    for t in thresholds:
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold {t} is outside [0, 1]; gates are sigmoids")
     for b in budgets:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"budget {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
+    # One prune setting a row, each checked as it is made (a threshold outside [0, 1] is refused here).
+    settings = [replace(config, threshold=t, budget=None) for t in thresholds]
+    settings += [replace(config, budget=b) for b in budgets]
     if not thresholds and not budgets:
         raise ValueError("give at least one threshold or budget")
     if data is None and calib is None:
@@ -131,8 +131,6 @@ def sweep(
         )
     ]
     models = [given]
-    settings = [replace(config, threshold=t, budget=None) for t in thresholds]
-    settings += [replace(config, budget=b) for b in budgets]
     for cfg in settings:
         pruned, rep = prune(
             original,

@@ -16,6 +16,16 @@ device_export() {  # device_export CHECKPOINT ONNX [DATA]: a checkpoint that cam
     ${HWTOOL:-hwtool} export "$1" -o "$2" --data "${3:-../shared/data/cifar10-jpeg.tar.gz}"
 }
 
+device_unpack() {  # device_unpack FROM RUNS DATA NAME...: each NAME.pt.gz that came back into RUNS/NAME/, exported
+    local from=$1 runs=$2 data=$3 name
+    for name in "${@:4}"; do
+        [[ -f $from/$name.pt.gz ]] || continue
+        mkdir -p "$runs/$name"
+        gunzip -c "$from/$name.pt.gz" >"$runs/$name/checkpoint.pt"
+        device_export "$runs/$name/checkpoint.pt" "$runs/$name.onnx" "$data"
+    done
+}
+
 device_env() {  # there: hwtool from this tree, its data cache, $out (what comes back), $runs, $budget
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HWTOOL_CACHE=${HWTOOL_CACHE:-/tmp/hwtool-cache}
     out=${OUT:?set OUT to the folder that comes back}

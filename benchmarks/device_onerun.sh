@@ -42,12 +42,7 @@ unpack)
     from=$2 runs=${3:-runs}
     mkdir -p "$runs"
     tar -xzf "$from/one-logs.tar.gz" -C "$runs"
-    for name in "${variants[@]}"; do
-        [[ -f $from/one-$name.pt.gz ]] || continue
-        mkdir -p "$runs/one-$name"
-        gunzip -c "$from/one-$name.pt.gz" >"$runs/one-$name/checkpoint.pt"
-        device_export "$runs/one-$name/checkpoint.pt" "$runs/one-$name.onnx" "${4:-}"
-    done
+    device_unpack "$from" "$runs" "${4:-}" "${variants[@]/#/one-}"
     exit 0
     ;;
 run) ;;

@@ -38,11 +38,7 @@ unpack)
     from=$2 runs=${3:-runs}
     mkdir -p "$runs"
     tar -xzf "$from/dev-p3-logs.tar.gz" -C "$runs"
-    for lr in "${lrs[@]}"; do
-        [[ -f $from/dev-p3-$lr.pt.gz ]] || continue
-        gunzip -c "$from/dev-p3-$lr.pt.gz" >"$runs/dev-p3-$lr/checkpoint.pt"
-        device_export "$runs/dev-p3-$lr/checkpoint.pt" "$runs/dev-p3-$lr.onnx" "${4:-}"
-    done
+    device_unpack "$from" "$runs" "${4:-}" "${lrs[@]/#/dev-p3-}"
     exit 0
     ;;
 run) ;;

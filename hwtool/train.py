@@ -795,13 +795,13 @@ def train(
                 if (i + 1) % SYNC_EVERY and i + 1 < steps_per_epoch:
                     continue
                 total_loss, loss_sum, correct, gate_sum, kd_sum = sums.tolist()
-                diverged = not math.isfinite(total_loss)
+                diverged = here = not math.isfinite(total_loss)
                 if world > 1:  # every process stops together: one stopping alone leaves the rest waiting
-                    flag = torch.tensor([float(diverged)], device=sums.device)
+                    flag = torch.tensor([float(here)], device=sums.device)
                     dist.all_reduce(flag)
                     diverged = flag.item() > 0
                 if diverged:
-                    what = total_loss if not math.isfinite(total_loss) else "nan or infinite in another process"
+                    what = total_loss if here else "nan or infinite in another process"
                     if world > 1:  # every process stops here together: leave the group before the error
                         dist.destroy_process_group()
                     raise FloatingPointError(f"loss became {what} by step {step}; lower --lr")

@@ -385,19 +385,24 @@ def train(
     from hwtool.train import config_from_options
     from hwtool.train import train as run
 
-    ignored = _typed(TRAIN_SETTINGS) if resume and (Path(out) / "checkpoint.pt").is_file() else []
+    resuming = resume and (Path(out) / "checkpoint.pt").is_file()
+    # On a resume --teacher says where the run's teacher lives now (its file checked unchanged).
+    teacher_at = teacher if resuming else None
+    ignored = [name for name in _typed(TRAIN_SETTINGS) if name != "--teacher"] if resuming else []
     if ignored:  # what the run trains comes from its checkpoint; only how it runs from this call
         click.echo(
             f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
             err=True,
         )
+    if resuming:
         init = teacher = None  # the checkpoint's own are used (and checked): these are not read
-    if teacher is None:
-        _unused(("distill_weight", "distill_temperature"), "without --teacher")
-    if targeted_keep is None:
-        _unused(("targeted_keep_by",), "without --targeted-keep")
-    if not targeted_dropout and targeted_keep is None:
-        _unused(("targeted_threshold",), "without --targeted-dropout or --targeted-keep")
+    else:
+        if teacher is None:
+            _unused(("distill_weight", "distill_temperature"), "without --teacher")
+        if targeted_keep is None:
+            _unused(("targeted_keep_by",), "without --targeted-keep")
+        if not targeted_dropout and targeted_keep is None:
+            _unused(("targeted_threshold",), "without --targeted-dropout or --targeted-keep")
 
     cfg = config_from_options(
         epochs=epochs,
@@ -425,7 +430,7 @@ def train(
         distill_weight=distill_weight,
         distill_temperature=distill_temperature,
     )
-    _summary(run(cfg, data, out, resume=resume, console=console), out)
+    _summary(run(cfg, data, out, resume=resume, console=console, teacher_at=teacher_at), out)
 
 
 # train's options that set what a run trains (a resumed run takes them from its checkpoint)
@@ -522,7 +527,9 @@ def finetune(
         distill_weight=distill_weight,
         distill_temperature=distill_temperature,
     )
-    _summary(run(cfg, data, out, resume=resume, console=console), out)
+    # On a resume --teacher says where the run's teacher lives now (its file checked unchanged).
+    teacher_at = teacher if resume and (Path(out) / CHECKPOINT).is_file() else None
+    _summary(run(cfg, data, out, resume=resume, console=console, teacher_at=teacher_at), out)
 
 
 @main.command()

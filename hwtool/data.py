@@ -281,13 +281,31 @@ def load_cifar10(path: str | os.PathLike, use_cache: bool = True) -> dict[str, S
     if use_cache and cache.exists():
         try:
             with np.load(cache) as z:
-                return {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in ("train", "test")}
+                cached = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in ("train", "test")}
+            if all(_is_split(v) for v in cached.values()):
+                return cached
         except Exception:
             pass  # a damaged cache is rebuilt below
     splits = _read_dir(p) if p.is_dir() else _read_tar(p)
     if use_cache:
         _write_cache(cache, splits)
     return splits
+
+
+def _is_split(split: Split) -> bool:
+    """Whether a cached split is what decoding gives: uint8 (N, 32, 32, 3) images and as many
+    int64 labels in [0, 10), N > 0 (anything else in the cache file is rebuilt, not trusted)."""
+    images, labels = split.images, split.labels
+    return (
+        images.dtype == np.uint8
+        and images.ndim == 4
+        and images.shape[1:] == (32, 32, 3)
+        and labels.dtype == np.int64
+        and labels.shape == (len(images),)
+        and len(labels) > 0
+        and int(labels.min()) >= 0
+        and int(labels.max()) < 10
+    )
 
 
 class CacheWarning(UserWarning):

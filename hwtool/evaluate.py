@@ -159,15 +159,21 @@ def accuracy_onnx(
 
 
 def evaluate(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | onnx.ModelProto,
     data: str,
     limit: int | None = None,
     batch: int = 256,
     on_batch=None,
 ) -> EvalResult:
-    """Top-1 accuracy of an ONNX file on the first `limit` samples of a test set (`load_test_set`)."""
-    model = load_model(model_path)
+    """Top-1 accuracy of an ONNX file, or a model already loaded (`prune`'s, say), on the first
+    `limit` samples of a test set (`load_test_set`)."""
+    if isinstance(model_path, onnx.ModelProto):
+        model, name = model_path, f"<in-memory model of {len(model_path.graph.node)} nodes>"
+    elif isinstance(model_path, (str, os.PathLike)):
+        model, name = load_model(model_path), str(model_path)
+    else:
+        raise TypeError(f"the model must be an onnx.ModelProto or a path, not {type(model_path).__name__}")
     test = load_test_set(model, data, limit)
     t0 = time.perf_counter()
     correct, preds = accuracy_onnx(model, test, batch=batch, on_batch=on_batch)
-    return EvalResult(str(model_path), test.source, correct / len(preds), correct, len(preds), time.perf_counter() - t0)
+    return EvalResult(name, test.source, correct / len(preds), correct, len(preds), time.perf_counter() - t0)

@@ -170,7 +170,9 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise
     except Exception as e:  # onnx raises DecodeError and others on files that are not ONNX
-        raise ValueError(f"{path} is not an ONNX model ({type(e).__name__})") from None
+        raise ValueError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}); export it again with `hwtool export`"
+        ) from None
     meta = {p.key: p.value for p in proto.metadata_props}
     if "hwtool.model_config" not in meta:
         raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")

@@ -589,7 +589,7 @@ def _set_bias(ed: _Editor, layer: Affine, node: onnx.NodeProto, bias: np.ndarray
             node.attribute.extend(keep)
 
 
-def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray, kind: str):
+def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray | None, kind: str):
     """Rewrite one block to its kept channels (or to its carry alone when nothing is kept)."""
     tag = ed.tag(block)
     g = ed.graph
@@ -1041,6 +1041,8 @@ def _prune_at(
                 )
                 gate_w = gate_w.reshape(len(kept), len(kept), *weight.shape[2:])
                 refit_seconds += time.perf_counter() - ts
+        if gate.bias is None and err_refit is None:  # not refit: a gate without a bias gets none
+            gate_b = None
         _prune_block(ed, block, kept, gate_w, gate_b, cfg.write_back)
         if runner is not None:
             ts = time.perf_counter()

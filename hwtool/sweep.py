@@ -71,6 +71,8 @@ def sweep(
     that keeps at most that fraction of the parameters (`PruneConfig.budget`)."""
     thresholds = (thresholds,) if isinstance(thresholds, (int, float)) else tuple(thresholds)  # one, or several
     budgets = (budgets,) if isinstance(budgets, (int, float)) else tuple(budgets)
+    if config.budget is not None:  # each row's budget comes from `budgets`; one in config was dropped unread
+        raise ValueError(f"sweep takes budgets as budgets=({config.budget},), not in its config; move it there")
     for b in budgets:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"budget {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")

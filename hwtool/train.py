@@ -365,17 +365,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def load_teacher(cfg: TrainConfig, device: torch.device) -> tuple[HighwayNet, list[torch.Tensor] | None, str]:
+def load_teacher(
+    cfg: TrainConfig, device: torch.device, resumed: bool = False
+) -> tuple[HighwayNet, list[torch.Tensor] | None, str]:
     """The frozen eval-mode teacher network of cfg.teacher (any width and depth, the same classes),
     the indices of the channels fine-tuning did not bake off in it (kept_indices; None if none were:
     a pruned teacher then runs its kept channels only) and the SHA-256 of its file, which a resumed
     run checks."""
     path = Path(cfg.teacher)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"teacher {path} does not exist; "
-            "pass a checkpoint.pt of `hwtool train` or an unpruned model of `hwtool export`"
+        what = "is not a file" if path.exists() else "does not exist"
+        fix = (
+            "restore it, or give its new place with --teacher"
+            if resumed
+            else "pass a checkpoint.pt of `hwtool train` or an unpruned model of `hwtool export`"
         )
+        raise FileNotFoundError(f"teacher {path} {what}; {fix}")
     if not 0 < cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
         raise ValueError("the distillation weight must lie in (0, 1] and its temperature above 0")
     teacher = build_model(load_start(path), path).to(device)
@@ -556,9 +561,15 @@ def build_model(ckpt: dict, source: str | os.PathLike = "the checkpoint") -> Hig
 
 
 def train(
-    cfg: TrainConfig, data: str, out: str | os.PathLike, resume: bool = False, console: Console | None = None
+    cfg: TrainConfig,
+    data: str,
+    out: str | os.PathLike,
+    resume: bool = False,
+    console: Console | None = None,
+    teacher_at: str | os.PathLike | None = None,
 ) -> dict:
-    """Train (or resume) a run in `out`; returns the final checkpoint dict."""
+    """Train (or resume) a run in `out`; returns the final checkpoint dict. A resumed run's teacher
+    is read from `teacher_at` where given (the file moved: it must hold the same bytes)."""
     if not str(out).strip():
         raise ValueError("the run folder (--out) is empty; name a folder")
     out = Path(out)
@@ -592,6 +603,12 @@ def train(
                 "it can be exported or trained --from, not resumed"
             )
         cfg = saved
+        if teacher_at is not None:
+            if cfg.teacher is None:
+                raise ValueError(f"the run in {out} has no teacher; drop --teacher to resume it")
+            cfg = replace(cfg, teacher=os.path.abspath(teacher_at))
+    elif teacher_at is not None:
+        raise ValueError("a teacher's new place (teacher_at) is for a resumed run; set cfg.teacher to start one")
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
     if cfg.gate_weighting not in GATE_WEIGHTINGS:
@@ -614,7 +631,7 @@ def train(
         cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))
     teacher, teacher_kept, teacher_sha = None, None, None
     if cfg.teacher is not None:
-        teacher, teacher_kept, teacher_sha = load_teacher(cfg, device)
+        teacher, teacher_kept, teacher_sha = load_teacher(cfg, device, resumed=ckpt is not None)
         if ckpt is not None and ckpt.get("teacher_sha256") not in (None, teacher_sha):
             raise ValueError(
                 f"teacher {cfg.teacher} changed since this run started (its SHA-256 differs); "
@@ -911,8 +928,12 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
     in), on the host, from the gates on the first cfg.calib_images of `train_set` (the whole
     training split: --limit does not cap them)."""
     start = load_start(cfg.init)
-    if HighwayConfig.from_dict(start["config"]["model"]) != cfg.model:
-        raise ValueError(f"{cfg.init} holds a different network shape than this run's; fine-tune with its own")
+    shape = HighwayConfig.from_dict(start["config"]["model"])
+    if shape != cfg.model:
+        raise ValueError(
+            f"{cfg.init} holds a network of {describe_shape(shape)}, this run's is {describe_shape(cfg.model)}; "
+            "a run from it keeps its shape: leave the network shape unset"
+        )
     load_weights(model, start["model"], cfg.init)
     if cfg.prune_threshold is None:
         return None
@@ -920,6 +941,12 @@ def _start_from(model: HighwayNet, cfg: TrainConfig, train_set: Split, device: t
     masks = [m.cpu() for m in gate_masks(model, x, cfg.prune_threshold)]
     bake_masks(model, masks)
     return masks
+
+
+def describe_shape(shape: HighwayConfig) -> str:
+    """'widths 64,128,256, depth 6, stem 16, 10 classes': a network shape in words."""
+    widths = ",".join(map(str, shape.widths))
+    return f"widths {widths}, depth {shape.depth}, stem {shape.stem}, {shape.num_classes} classes"
 
 
 def _auto_precision(kw: dict) -> dict:
@@ -958,6 +985,13 @@ def config_from_options(**kw) -> TrainConfig:
     base = HighwayConfig()
     if kw.get("init") is not None:
         base = HighwayConfig.from_dict(load_start(kw["init"])["config"]["model"])
+        asked = replace(base, **model_kw)
+        if asked != base:
+            flags = " ".join(f"--{k}" for k in model_kw)
+            raise ValueError(
+                f"{kw['init']} holds a network of {describe_shape(base)}, not {describe_shape(asked)}: "
+                f"a run --from keeps its network's shape; drop {flags}"
+            )
     model = replace(base, **model_kw)
     # Two 3x3 convolutions a block: about 18·w² weights; refused before any memory is asked for.
     size = sum(18 * w * w * model.depth for w in model.widths)

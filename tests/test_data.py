@@ -362,6 +362,34 @@ def test_cache_is_written_read_back_and_invalidated(tree, tmp_path, monkeypatch,
     assert len(list((tmp_path / "cache").glob("cifar10-*.npz"))) == 2
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda a: a.update(test_labels=a["test_labels"] + 10),  # classes past 9
+        lambda a: a.update(train_images=a["train_images"][:, :16]),  # not 32 x 32
+        lambda a: a.update(train_labels=a["train_labels"][:-1]),  # a label short
+        lambda a: a.update(test_images=a["test_images"].astype(np.float32)),
+    ],
+    ids=["labels", "shape", "count", "dtype"],
+)
+def test_a_cache_that_is_not_what_decoding_gives_is_rebuilt(tree, tmp_path, monkeypatch, damage):
+    """A readable cache file was trusted whatever it held: labels past the ten classes or images of
+    another shape reached training and evaluation."""
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    first = load_cifar10(tree)
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    with np.load(cache) as z:
+        arrays = dict(z)
+    damage(arrays)
+    with open(cache, "wb") as f:
+        np.savez(f, **arrays)
+    again = load_cifar10(tree)
+    for split in ("train", "test"):
+        assert again[split].images.dtype == np.uint8
+        np.testing.assert_array_equal(again[split].images, first[split].images)
+        np.testing.assert_array_equal(again[split].labels, first[split].labels)
+
+
 def test_an_archive_copied_or_touched_reuses_its_cache(tree, tmp_path, monkeypatch):
     monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
     first = _tar_gz(tree, tmp_path / "a.tar.gz")

@@ -134,3 +134,42 @@ def test_a_run_taught_by_a_teacher_named_by_a_relative_path_resumes_from_another
     monkeypatch.chdir(tmp_path / "elsewhere")
     res = _train(cifar_path, tmp_path / "run", "--resume")
     assert res.exit_code == 0, res.output
+
+
+def test_a_run_whose_teacher_moved_resumes_with_its_new_place(cifar_path, tmp_path):
+    """A moved teacher stopped the run for good: its path was fixed in the checkpoint and --teacher
+    was ignored on a resume. Now --teacher names its new place, checked to hold the same bytes."""
+    teacher = tmp_path / "teacher.pt"
+    shutil.copy(TEACHER, teacher)
+    out = tmp_path / "run"
+    res = _train(cifar_path, out, *STUDENT, "--epochs", "2", "--limit", "256", "--teacher", str(teacher))
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(out / CHECKPOINT)
+    ckpt["log"], ckpt["epoch"] = ckpt["log"][:1], 0  # as if stopped after its first epoch
+    torch.save(ckpt, out / CHECKPOINT)
+    moved = tmp_path / "elsewhere" / "teacher.pt"
+    moved.parent.mkdir()
+    teacher.rename(moved)
+    line = one_line_error(_train(cifar_path, out, "--resume"))
+    assert "teacher.pt does not exist" in line and "--teacher" in line
+    other = tmp_path / "other.pt"
+    shutil.copy(out / CHECKPOINT, other)  # another network: refused as a changed teacher
+    assert "changed" in one_line_error(_train(cifar_path, out, "--resume", "--teacher", str(other)))
+    res = _train(cifar_path, out, "--resume", "--teacher", str(moved))
+    assert res.exit_code == 0, res.output
+    assert "ignored" not in res.output
+    resumed = load_checkpoint(out / CHECKPOINT)
+    assert resumed["epoch"] == 1 and resumed["config"]["teacher"] == str(moved)
+
+
+def test_a_teacher_that_is_a_folder_is_named_so(cifar_path, tmp_path):
+    line = one_line_error(_train(cifar_path, tmp_path / "run", *STUDENT, "--limit", "256", "--teacher", str(tmp_path)))
+    assert "is not a file" in line and not (tmp_path / "run").exists()
+
+
+def test_a_resume_of_a_run_without_a_teacher_refuses_one(cifar_path, tmp_path):
+    out = tmp_path / "run"
+    assert _train(cifar_path, out, *STUDENT, "--epochs", "1", "--limit", "256").exit_code == 0
+    before = (out / CHECKPOINT).read_bytes()
+    line = one_line_error(_train(cifar_path, out, "--resume", "--teacher", str(TEACHER)))
+    assert "has no teacher" in line and (out / CHECKPOINT).read_bytes() == before

@@ -106,6 +106,17 @@ def test_eval_of_a_foreign_model(cifar, cifar_path, tmp_path):
     assert res["correct"] == expected and res["samples"] == LIMIT and res["data"] == str(tmp_path / "test.npz")
 
 
+def test_evaluate_takes_a_model_already_loaded(cifar, cifar_path, tmp_path):
+    """The Python API took paths only, so prune()'s in-memory result had to be saved to be scored."""
+    model, mu = _colour_classifier(cifar)
+    test = cifar["test"].head(LIMIT)
+    res = evaluate(model, cifar_path, limit=LIMIT)
+    assert res.correct == _nearest_colour_correct(test.images, test.labels, mu) and res.samples == LIMIT
+    assert "in-memory" in res.model
+    with pytest.raises(TypeError, match="onnx.ModelProto or a path"):
+        evaluate(model.SerializeToString(), cifar_path, limit=LIMIT)
+
+
 def test_eval_of_a_float16_model(cifar, cifar_path, tmp_path):
     model, mu = _colour_classifier(cifar)
     path = tmp_path / "colours16.onnx"

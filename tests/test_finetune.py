@@ -160,8 +160,14 @@ def test_train_from_bad_inputs_are_one_line_errors(cifar_path, tmp_path):
     res = run.invoke(main, [*base, "--out", str(tmp_path / "a"), "--from", str(tmp_path / "none.pt")])
     assert "none.pt" in one_line_error(res)
     res = run.invoke(main, [*base, "--out", str(tmp_path / "b"), "--from", str(START), "--widths", "8,8,8"])
-    assert "different network shape" in one_line_error(res)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    line = one_line_error(res)  # it said "different network shape ...; fine-tune with its own"
+    assert "widths 8,8,8" in line and "drop --widths" in line
+    cut = tmp_path / "cut.onnx"
+    with open(Path(__file__).parents[1] / "models" / "reference.onnx", "rb") as f:
+        cut.write_bytes(f.read(5000))  # an exported model cut short
+    line = one_line_error(run.invoke(main, [*base, "--out", str(tmp_path / "c"), "--from", str(cut)]))
+    assert "not a readable ONNX model" in line and "export it again" in line
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
 def test_finetune_measures_the_gates_on_count_images_whatever_limit_says(cifar, cifar_path, tmp_path):

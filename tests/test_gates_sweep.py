@@ -156,6 +156,16 @@ def test_sweep_budgets_give_the_rows_prune_budget_gives(model_files, tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_sweep_refuses_a_budget_in_its_config(model_files):
+    """sweep(config=PruneConfig(budget=b)) dropped b: every row was pruned at its threshold alone."""
+    from hwtool.prune import PruneConfig
+    from hwtool.sweep import sweep
+
+    a, _, calib = model_files
+    with pytest.raises(ValueError, match=r"budgets=\(0.5,\)"):
+        sweep(a, None, (0.3,), calib=np.load(calib), config=PruneConfig(budget=0.5))
+
+
 def test_sweep_rejects_bad_thresholds(model_files, cifar_path, tmp_path):
     a, _, calib = model_files
     res = _cli(

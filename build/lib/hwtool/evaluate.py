@@ -1,0 +1,173 @@
+"""Top-1 accuracy of an ONNX model with ONNX Runtime: on the CIFAR-10 test split, or on a labelled
+test set of the user's own (an .npz of the model's inputs by name and a `labels` array)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from hwtool.data import Split, load_cifar10
+from hwtool.runtime import (
+    ModelError,
+    Samples,
+    fixed_batch,
+    input_spec,
+    input_specs,
+    load_model,
+    make_session,
+    run_batched,
+)
+
+LABELS = "labels"  # the key of the class ids in a test set .npz
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """Labelled samples: the model's inputs (one array, or `Inputs` by name) and one class id each."""
+
+    inputs: Samples
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int | None) -> TestSet:
+        """The first n samples (all when n is None)."""
+        if n is None or n >= len(self):
+            return self
+        return TestSet(self.inputs[:n], self.labels[:n], self.source)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy of one model on a test set."""
+
+    model: str
+    data: str
+    accuracy: float
+    correct: int
+    samples: int
+    seconds: float
+
+
+def is_test_npz(data: str | os.PathLike) -> bool:
+    """Whether `data` names a labelled test set of one's own (.npz) rather than CIFAR-10."""
+    return Path(data).suffix.lower() == ".npz"
+
+
+def calibration_needed(test: str | os.PathLike) -> ValueError:
+    """The error for a test set given where calibration inputs are needed too."""
+    return ValueError(
+        f"{test} is a test set, which gives accuracy only; pass --calib FILE with calibration inputs "
+        "(other samples than the test set's)"
+    )
+
+
+def check_image_input(model: onnx.ModelProto) -> None:
+    """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]."""
+    if len(input_specs(model)) > 1:
+        names = ", ".join(s.name for s in input_specs(model))
+        raise ModelError(
+            f"the model has {len(input_specs(model))} inputs ({names}) and CIFAR-10 gives images only; "
+            f"pass --data FILE.npz with one array per input and {LABELS!r}"
+        )
+    name, dims, elem = input_spec(model)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    if elem not in floats or len(dims) != 4 or list(dims[1:]) != [3, 32, 32]:
+        shown = "x".join(str(d) for d in dims)
+        raise ModelError(
+            f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}] and CIFAR-10 gives "
+            f"float32 [N,3,32,32] RGB in [0,1]; for other inputs pass --data FILE.npz with them and {LABELS!r}"
+        )
+
+
+def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | None = None) -> TestSet:
+    """The first `limit` samples of the test set `data`: the CIFAR-10 test split (a folder or
+    .tar.gz; the model must take its images) or an .npz holding the model's inputs, as `--calib`
+    takes them, and `labels`, one integer class id per sample."""
+    if not is_test_npz(data):
+        check_image_input(model)
+        split = load_cifar10(data)["test"].head(limit)
+        return TestSet(split.as_float(), split.labels, f"{data} test")
+    from hwtool.gates import load_samples
+
+    inputs, labels = load_samples(model, data, role="test set", labels=LABELS)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1:
+        raise ValueError(
+            f"test set {data}[{LABELS}] is {labels.dtype} {list(labels.shape)}; save one integer class id per sample"
+        )
+    if len(labels) != len(inputs):
+        raise ValueError(
+            f"test set {data} holds {len(inputs)} samples but {len(labels)} labels; give one label per sample"
+        )
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"test set {data}[{LABELS}] holds negative class ids; labels are 0, 1, 2, ...")
+    return TestSet(inputs, labels.astype(np.int64), str(data)).head(limit)
+
+
+def predictions(output: np.ndarray) -> np.ndarray:
+    """Class ids from a model's first output: argmax of class scores [N, classes], or class ids [N]."""
+    if output.ndim == 2 and output.dtype.kind == "f":
+        if not np.isfinite(output).all():  # argmax of NaN scores is class 0: a made-up accuracy
+            raise ModelError(
+                "the model's class scores are NaN or infinite on the test inputs: check that they are scaled "
+                "as the model expects and that its weights are finite"
+            )
+        return output.argmax(1)
+    if output.ndim == 1 and output.dtype.kind in "iu":
+        return output.astype(np.int64)
+    raise ModelError(
+        f"the model's first output is {output.dtype} {list(output.shape)}; accuracy needs class scores "
+        "[N, classes] or class ids [N]"
+    )
+
+
+def accuracy_onnx(
+    model: onnx.ModelProto, test: TestSet | Split, batch: int = 256, threads: int | None = None, on_batch=None
+) -> tuple[int, np.ndarray]:
+    """(correct count, predictions) of a model on a test set (a CIFAR-10 split is taken as one).
+    A model of a fixed batch runs whole batches only: the predictions cover the samples they hold."""
+    if isinstance(test, Split):
+        check_image_input(model)
+        test = TestSet(test.as_float(), test.labels, "CIFAR-10")
+    batch = fixed_batch(model) or batch
+    sess = make_session(model, threads=threads)
+    if len(test) == 0:
+        raise ModelError(f"the test set {test.source} holds no samples; pass one that does")
+    n = len(test) - len(test) % batch if fixed_batch(model) else len(test)
+    if n == 0:
+        raise ModelError(
+            f"the model takes a fixed batch of {batch} samples and there are only {len(test)}; raise --limit"
+        )
+    preds = np.empty(n, dtype=np.int64)
+    first = [sess.get_outputs()[0].name]
+    for i, (out,) in run_batched(sess, test.inputs[:n], batch, outputs=first, on_batch=on_batch):
+        got = predictions(out)
+        if i == 0 and out.ndim == 2 and len(test.labels) and test.labels.max() >= out.shape[1]:
+            raise ModelError(
+                f"the labels go up to class {test.labels.max()} but the model scores {out.shape[1]} classes; "
+                "check that the test set belongs to this model"
+            )
+        preds[i : i + len(got)] = got
+    return int((preds == test.labels[:n]).sum()), preds
+
+
+def evaluate(
+    model_path: str | os.PathLike,
+    data: str,
+    limit: int | None = None,
+    batch: int = 256,
+    on_batch=None,
+) -> EvalResult:
+    """Top-1 accuracy of an ONNX file on the first `limit` samples of a test set (`load_test_set`)."""
+    model = load_model(model_path)
+    test = load_test_set(model, data, limit)
+    t0 = time.perf_counter()
+    correct, preds = accuracy_onnx(model, test, batch=batch, on_batch=on_batch)
+    return EvalResult(str(model_path), test.source, correct / len(preds), correct, len(preds), time.perf_counter() - t0)

@@ -28,7 +28,8 @@ import onnx
 from hwtool.graph import Graph, attr, is_quantized
 
 # Nodes that may sit between the transform conv and H: per-channel, one data input. SiLU (swish),
-# which exporters spell Mul(a, Sigmoid(a)), is recognised too (`_silu`).
+# which exporters spell Mul(a, Sigmoid(a)), is recognised too (`_silu`), and activations spelled
+# out in elementwise ops (`_spelled_activation`).
 TRANSFORM_POST_OPS = (
     "BatchNormalization",
     "Relu",
@@ -46,6 +47,13 @@ TRANSFORM_POST_OPS = (
     "Softsign",
     "Identity",
 )
+# Elementwise ops an activation may be spelled out in, one tensor `a` and scalar constants their only
+# other inputs: GELU as a·0.5·(1 + erf(a/√2)) (what the exporters write below opset 20), its tanh
+# form, and the like (`_spelled_activation`).
+ELEMENTWISE_OPS = (
+    "Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Exp", "Log", "Neg", "Abs", "Sqrt",
+    "Reciprocal", "Relu", "Softplus",
+)  # fmt: skip
 COMMUTATIVE = ("Add", "Mul")
 # The gate's activation T = f(Conv_T(...)): ONNX op -> its float attributes and their defaults.
 GATE_ACTIVATIONS: dict[str, tuple[tuple[str, float], ...]] = {
@@ -118,6 +126,10 @@ MIX_PATTERNS: tuple[MixPattern, ...] = (
     MixPattern("h*t + (1+(-t))*c", add(mul(H, T), mul(add(neg(T), ONE), C))),
     # H*T + c - T*c
     MixPattern("h*t + c - t*c", sub(add(mul(H, T), C), mul(T, C))),
+    # c - T*c + T*H, and H*T + (c - T*c)
+    MixPattern("c - t*c + t*h", add(sub(C, mul(T, C)), mul(H, T))),
+    # H*T - T*c + c
+    MixPattern("h*t - t*c + c", add(sub(mul(H, T), mul(T, C)), C)),
 )
 
 
@@ -278,6 +290,39 @@ def _silu(g: Graph, node: onnx.NodeProto) -> onnx.NodeProto | None:
     return None
 
 
+def _spelled_activation(g: Graph, node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str] | None:
+    """An activation spelled out in elementwise ops ending at `node`, each reading one tensor `a`,
+    the others' outputs or scalar constants, at least two ops: (its nodes, from `node` back; a),
+    else None. Per channel, as a single activation op is, so pruning keeps it as it is."""
+    if node.op_type not in ELEMENTWISE_OPS:
+        return None
+    nodes: dict[str, onnx.NodeProto] = {}
+    roots: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.output[0] in nodes:
+            continue
+        if len(n.output) != 1:
+            return None
+        nodes[n.output[0]] = n
+        for i in n.input:
+            c = g.const(i) if i else None
+            if c is not None:
+                if c.size != 1:  # a vector would mix channels' values, or broadcast them
+                    return None
+                continue
+            p = g.op(i)
+            if p is not None and p.op_type in ELEMENTWISE_OPS and affine(g, i) is None:
+                stack.append(p)
+            else:
+                roots.add(i)
+    if len(nodes) < 2 or len(roots) != 1:
+        return None
+    where = {n.output[0]: k for k, n in enumerate(g.model.graph.node)}
+    return sorted(nodes.values(), key=lambda n: -where[n.output[0]]), roots.pop()
+
+
 def _transform_chain(g: Graph, h: str) -> tuple[Affine, list[onnx.NodeProto]] | None:
     """Walk back from H through per-channel nodes to the transform layer: (layer, post nodes)."""
     post: list[onnx.NodeProto] = []
@@ -295,7 +340,12 @@ def _transform_chain(g: Graph, h: str) -> tuple[Affine, list[onnx.NodeProto]] | 
             name = sig.input[0]
             continue
         if node.op_type not in TRANSFORM_POST_OPS:
-            return None
+            spelled = _spelled_activation(g, node)
+            if spelled is None:
+                return None
+            post += spelled[0]
+            name = spelled[1]
+            continue
         post.append(node)
         name = node.input[0]
 

@@ -324,6 +324,7 @@ class _Runner:
             [t for t in self.model.graph.initializer if t.name in seen],
         )
         seg = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
+        seg.functions.extend(self.model.functions)  # the model's local functions, which its nodes may call
         sess = make_session(seg, threads=self.threads)
         # Batches of samples. An activation may hold several rows a sample (a fully connected layer
         # reading [N·T, C] flattened from [N, T, C]): its batch is the same samples' rows.

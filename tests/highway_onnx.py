@@ -19,7 +19,8 @@ class Spec:
     bn_before: bool = True  # BatchNormalization on the block input, before H
     bn_after: bool = False  # BatchNormalization between Conv_H and the activation
     activation: str = (
-        "Relu"  # an ONNX op, "SiLU" (spelled Mul(a, Sigmoid(a)), as exporters do), or "PRelu" (a slope per channel)
+        "Relu"  # an ONNX op, "SiLU" (spelled Mul(a, Sigmoid(a)), as exporters do), "PRelu" (a slope per
+        # channel), or "GeluErf" / "GeluTanh" (GELU spelled out in elementwise ops)
     )
     opset: int = 17
     input_name: str = "input"
@@ -36,7 +37,17 @@ class Spec:
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
 REMOVABLE_DEFAULT = {0: [1, 4, 6], 1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [2, 3, 5, 7, 11]}
 
-SPELLINGS = ("h*t + (1-t)*c", "(1-t)*c + t*h", "c + t*(h-c)", "h*t + (1+(-t))*c", "h*t + c - t*c", "(h-c)*t + c")
+SPELLINGS = (
+    "h*t + (1-t)*c",
+    "(1-t)*c + t*h",
+    "c + t*(h-c)",
+    "h*t + (1+(-t))*c",
+    "h*t + c - t*c",
+    "(h-c)*t + c",
+    "c - t*c + t*h",
+    "h*t + (c - t*c)",
+    "h*t - c*t + c",
+)
 
 
 class _B:
@@ -98,6 +109,12 @@ def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
         return b.node("Add", [b.node("Mul", [h, t]), b.node("Mul", [b.node("Add", [b.node("Neg", [t]), b.one()]), c])])
     if spelling == "h*t + c - t*c":
         return b.node("Sub", [b.node("Add", [b.node("Mul", [h, t]), c]), b.node("Mul", [t, c])])
+    if spelling == "c - t*c + t*h":
+        return b.node("Add", [b.node("Sub", [c, b.node("Mul", [t, c])]), b.node("Mul", [t, h])])
+    if spelling == "h*t + (c - t*c)":
+        return b.node("Add", [b.node("Mul", [h, t]), b.node("Sub", [c, b.node("Mul", [t, c])])])
+    if spelling == "h*t - c*t + c":
+        return b.node("Add", [b.node("Sub", [b.node("Mul", [h, t]), b.node("Mul", [c, t])]), c])
     raise ValueError(spelling)
 
 
@@ -136,6 +153,16 @@ def build(spec: Spec) -> onnx.ModelProto:
                     tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
         if spec.activation == "SiLU":
             h = b.node("Mul", [hc, b.node("Sigmoid", [hc])])
+        elif spec.activation == "GeluErf":  # a·0.5·(1 + erf(a/√2)), as torch exports GELU below opset 20
+            scalar = lambda v, n: b.init(np.array(v, dtype=np.float32), n)  # noqa: E731
+            erf = b.node("Erf", [b.node("Div", [hc, scalar(np.sqrt(2.0), "sqrt2")])])
+            h = b.node("Mul", [b.node("Mul", [hc, b.node("Add", [erf, b.one()])]), scalar(0.5, "half")])
+        elif spec.activation == "GeluTanh":  # 0.5·a·(1 + tanh(√(2/π)·(a + 0.044715·a³)))
+            scalar = lambda v, n: b.init(np.array(v, dtype=np.float32), n)  # noqa: E731
+            cube = b.node("Mul", [scalar(0.044715, "c"), b.node("Pow", [hc, scalar(3.0, "three")])])
+            inner = b.node("Mul", [b.node("Add", [hc, cube]), scalar(np.sqrt(2 / np.pi), "k")])
+            half = b.node("Mul", [hc, scalar(0.5, "half")])
+            h = b.node("Mul", [half, b.node("Add", [b.one(), b.node("Tanh", [inner])])])
         elif spec.activation == "PRelu":  # a slope per channel
             h = b.node("PRelu", [hc, b.init(b.rng.uniform(0.05, 0.3, (width, 1, 1)).astype(np.float32), "slope")])
         else:

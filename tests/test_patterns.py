@@ -78,17 +78,42 @@ def test_gate_activation_is_read_from_the_graph(activation):
 
 @pytest.mark.parametrize(
     "activation,post",
-    [("SiLU", ["Sigmoid", "Mul"]), ("Gelu", ["Gelu"]), ("Mish", ["Mish"]), ("Softsign", ["Softsign"])],
+    [
+        ("SiLU", ["Sigmoid", "Mul"]),
+        ("Gelu", ["Gelu"]),
+        ("Mish", ["Mish"]),
+        ("Softsign", ["Softsign"]),
+        ("GeluErf", ["Div", "Erf", "Add", "Mul", "Mul"]),
+        ("GeluTanh", ["Pow", "Mul", "Add", "Mul", "Mul", "Tanh", "Add", "Mul"]),
+    ],
 )
 def test_smooth_transform_activations(activation, post):
-    """H = SiLU (spelled Mul(a, Sigmoid(a)) by the exporters), GELU, Mish, ...: the chain back to Conv_H
-    is followed, and SiLU's own Sigmoid is not taken for a gate."""
-    model = build(Spec(activation=activation, opset=20))
+    """H = SiLU (spelled Mul(a, Sigmoid(a)) by the exporters), GELU (the op, or spelled out in
+    elementwise ops as the exporters write it below opset 20: no block was found then), Mish, ...:
+    the chain back to Conv_H is followed, and SiLU's own Sigmoid is not taken for a gate."""
+    model = build(Spec(activation=activation, opset=20 if activation in ("Gelu", "Mish") else 17))
     blocks = find_blocks(model)
     assert len(blocks) == 3
     producer = {n.output[0]: n for n in model.graph.node}
     assert all([producer[t].op_type for t in b.transform_post] == post for b in blocks)
     assert all(producer[b.gate_conv].input[0] == b.transform for b in blocks)
+
+
+def test_a_spelled_out_activation_must_read_one_tensor_and_scalars():
+    """The elementwise spelling of an activation is per channel only with scalar constants and one
+    tensor read: with a vector constant (a per-channel scale) or a second tensor (the network's
+    input, say) in the first block's, that block is not taken for a highway block; the others are."""
+    assert len(find_blocks(build(Spec(activation="GeluErf")))) == 3
+    for mutate in ("vector", "second tensor"):
+        model = build(Spec(activation="GeluErf"))
+        half = next(n for n in model.graph.node if n.op_type == "Mul" and any("half" in i for i in n.input))
+        name = next(i for i in half.input if "half" in i)
+        if mutate == "vector":
+            init = next(t for t in model.graph.initializer if t.name == name)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.full((8, 1, 1), 0.5, np.float32), name))
+        else:
+            half.input[list(half.input).index(name)] = model.graph.input[0].name
+        assert [b.width for b in find_blocks(model)] == [8, 12], mutate
 
 
 def test_a_depthwise_gate_is_a_block_but_a_grouped_one_is_not():

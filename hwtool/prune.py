@@ -1177,16 +1177,22 @@ def _one_hots_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         m = v.reshape(v.shape[:2])
         args = [f"{t.name}_index", f"{t.name}_depth", f"{t.name}_values"]
+        # ONNX Runtime's CPU OneHot makes float32 or int64, not float16: other types are a Cast of
+        # an int64 one, which it folds at load as well (a OneHot it has no kernel for it cannot).
         inits += [
             numpy_helper.from_array(m.argmax(axis).astype(np.int64), args[0]),
             numpy_helper.from_array(np.array(m.shape[axis], dtype=np.int64), args[1]),
-            numpy_helper.from_array(np.array([0, 1], dtype=v.dtype), args[2]),
+            numpy_helper.from_array(np.array([0, 1], dtype=np.float32 if v.dtype == np.float32 else np.int64), args[2]),
         ]
-        if v.ndim == 2:
-            nodes.append(helper.make_node("OneHot", args, [t.name], axis=axis))
-        else:
+        steps = [f"{t.name}_matrix"] if v.ndim > 2 else []
+        steps += [f"{t.name}_int"] if v.dtype != np.float32 else []
+        made = steps[-1] if steps else t.name  # what the OneHot node writes
+        nodes.append(helper.make_node("OneHot", args, [made], axis=axis))
+        if v.dtype != np.float32:
+            cast_to = steps[0] if v.ndim > 2 else t.name
+            nodes.append(helper.make_node("Cast", [made], [cast_to], to=t.data_type))
+        if v.ndim > 2:
             inits.append(numpy_helper.from_array(np.array(v.shape, dtype=np.int64), f"{t.name}_shape"))
-            nodes.append(helper.make_node("OneHot", args, [f"{t.name}_matrix"], axis=axis))
             nodes.append(helper.make_node("Reshape", [f"{t.name}_matrix", f"{t.name}_shape"], [t.name]))
     if nodes:
         del g.initializer[:]

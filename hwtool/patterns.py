@@ -414,9 +414,22 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
             "hwtool finds blocks in float models: prune the float model, then quantize the result"
         )
     if not blocks:
+        g = Graph(model)
+        batched = any(  # onnxsim's rewrite of MatMul + Add over [N, T, C]
+            n.op_type == "Gemm"
+            and getattr(g.op(n.input[0]), "op_type", None) == "Reshape"
+            and any(u.op_type == "Reshape" for u in g.users(n.output[0]))
+            for n in model.graph.node
+        )
+        hint = (
+            " (its fully connected layers are Reshape, Gemm, Reshape, as onnxsim writes MatMul + Add over "
+            "[N, T, C]: prune the model as exported, before simplifying it)"
+            if batched
+            else "; is this a highway network?"
+        )
         raise NoHighwayBlockError(
             "no highway block found: hwtool looks for T = Sigmoid or HardSigmoid(Conv or Linear(H or the block "
-            "input)), H = Conv or Linear(...) [+BN/activation], mixed as T*H + (1-T)*carry; is this a highway network?"
+            f"input)), H = Conv or Linear(...) [+BN/activation], mixed as T*H + (1-T)*carry{hint}"
         )
     return blocks
 

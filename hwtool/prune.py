@@ -1256,7 +1256,9 @@ def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     onnxsim = _import_onnxsim()
     meta = [(p.key, p.value) for p in model.metadata_props]
     try:
-        simplified, ok = onnxsim.simplify(model)
+        # Batched MatMul + Add as Reshape, Gemm, Reshape would hide a fully connected block on
+        # [N, T, C] from a later prune; onnxsim versions without that pass ignore the name.
+        simplified, ok = onnxsim.simplify(model, skipped_optimizers=["fuse_matmul_add_bias_into_gemm_batched"])
     except Exception:  # onnxsim gives up on some graphs (If branches, custom ops): keep the model unsimplified
         return model
     if not ok:

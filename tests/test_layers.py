@@ -582,3 +582,35 @@ def test_layers_over_flattened_rows_are_measured_and_refitted_per_row(exporter, 
     assert all(b.kept < 12 for b in report.blocks) and report.max_abs_error < 1.0
     exact, _ = prune(model, 1e-6, calib=x, config=PruneConfig(batch=16))
     np.testing.assert_allclose(run(exact, x), run(model, x), atol=1e-5)
+
+
+def test_a_pruned_sequence_model_keeps_its_matmuls_and_prunes_again(tmp_path):
+    """onnxsim rewrote each MatMul + Add over [N, L, C] as Reshape, Gemm, Reshape, which hwtool
+    does not take for a layer: its own pruned output had no highway block left to prune again."""
+    torch.manual_seed(0)
+    net, shape = _network("sequence")
+    for block in net[1:3]:
+        block.kill(DEAD)
+    model = _export(net, shape, "torchscript", tmp_path / "m.onnx", frames=True)
+    x = np.random.default_rng(0).random((32, *shape), dtype=np.float32)
+    once, first = prune(model, 0.01, calib=x, config=PruneConfig(write_back="gather"))
+    assert [b.kept for b in first.blocks] == [9, 9]
+    assert sum(n.op_type == "MatMul" for n in once.graph.node) == 5  # the stem's and each block's two
+    twice, second = prune(once, 1.0, calib=x, config=PruneConfig(write_back="gather", refit=False))
+    assert [b.kept for b in second.blocks] == [0, 0]  # found again, and every channel goes at 1
+    assert second.params_after < first.params_after
+
+
+def test_a_sequence_model_simplified_before_pruning_is_refused_with_the_fix(tmp_path):
+    """onnxsim writes MatMul + Add over [N, L, C] as Reshape, Gemm, Reshape, which hwtool does
+    not take for a layer: the error says so and what to do, not just "is this a highway network?"."""
+    import onnxsim
+
+    from hwtool.patterns import NoHighwayBlockError
+
+    torch.manual_seed(0)
+    net, shape = _network("sequence")
+    simplified, ok = onnxsim.simplify(_export(net, shape, "torchscript", tmp_path / "m.onnx", frames=True))
+    assert ok and any(n.op_type == "Gemm" for n in simplified.graph.node)
+    with pytest.raises(NoHighwayBlockError, match="Reshape, Gemm, Reshape.*before simplifying it"):
+        find_blocks(simplified)

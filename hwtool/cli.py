@@ -771,8 +771,13 @@ def prune_cmd(
     with progress_bar(console, "prune", disable=as_json) as bar:
         pruned, report = prune(proto, threshold, calib=x, config=cfg, on_progress=bar.staged)
     if max_error is not None:
-        if report.max_abs_error is None:
+        if report.calibration_images == 0:
             raise ValueError("--max-error needs calibration inputs to verify against (--calib or --data)")
+        if report.max_abs_error is None:
+            raise ValueError(
+                "the model has no floating-point output for --max-error to measure (the verification's top-1 "
+                "agreement is its measure); drop --max-error"
+            )
         if not report.max_abs_error <= max_error:  # NaN fails too
             raise ValueError(
                 f"max abs output error {report.max_abs_error:.4g} exceeds --max-error {max_error}; nothing written"

@@ -1120,11 +1120,14 @@ def _run_outputs(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=
     return run_all(make_session(model, threads=cfg.threads), x, cfg.batch, on_batch=on_batch)
 
 
-def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float, float, float | None]:
+def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float | None, float | None, float | None]:
     """(max abs error, max relative error, top-1 agreement) of a pruned model's outputs against the
     original's: the errors over every floating-point output (the relative one against each output's
-    largest magnitude); the agreement of the first output, its argmax when it is class scores
-    [N, classes], itself when it is class ids [N] (integers), else None."""
+    largest magnitude; both None when no output is floating-point); the agreement of the first
+    output, its argmax when it is class scores [N, classes], itself when it is class ids [N]
+    (integers), else None."""
+    if not any(a.dtype.kind == "f" for a in ref):
+        return None, None, top1_agreement(ref[0], new[0])
     max_abs = max_rel = 0.0
     for i, (a, b) in enumerate(zip(ref, new, strict=True)):
         if a.dtype.kind == "f":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from hwtool.graph import is_quantized
@@ -38,6 +39,7 @@ from hwtool.runtime import (
     load_model,
     make_session,
     model_bytes,
+    run_batched,
     whole_batches,
 )
 
@@ -138,12 +140,27 @@ def _quiet_quantizer():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    # ONNX Runtime's own log (the sessions the quantizer opens, which take no options from here):
+    # errors come back as exceptions, said in one line; its default level, warnings, after.
+    ort.set_default_logger_severity(4)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # numpy on NaN ranges: the error says it better
             yield
     finally:
         root.setLevel(level)
+        ort.set_default_logger_severity(2)
+
+
+def _check_finite_outputs(model: onnx.ModelProto, x: Samples, batch: int) -> None:
+    """Refuse a model whose floating-point outputs are NaN or infinite on the first calibration
+    batch (a NaN weight, inputs on another scale): the quantizer would calibrate and write it."""
+    _, outputs = next(run_batched(make_session(model), x[:batch], batch))
+    if any(o.dtype.kind == "f" and not np.isfinite(o).all() for o in outputs):
+        raise ModelError(
+            "the model's outputs are NaN or infinite on the calibration inputs: check that they are scaled "
+            "as the model expects and that its weights are finite"
+        )
 
 
 def layer_ops(model: onnx.ModelProto) -> tuple[str, ...]:
@@ -164,6 +181,7 @@ def quantize_model(
     # A fixed batch calibrates in whole batches of its own: the metadata records what ran.
     calib = whole_batches(model, calib)
     config = replace(config, batch=fixed_batch(model) or config.batch)
+    _check_finite_outputs(model, calib, config.batch)
     with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="hwtool-quant-") as tmp:
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         onnx.save(model, src)

@@ -119,19 +119,21 @@ def prune_tables(report: PruneReport) -> list[Table]:
     totals.add_row(
         "file size", _mb(report.bytes_before), _mb(report.bytes_after), _ratio(report.bytes_after, report.bytes_before)
     )
-    check = Table(title=f"verification on {report.calibration_images} calibration inputs")
+    verified = report.calibration_images > 0
+    check = Table(
+        title=f"verification on {report.calibration_images} calibration inputs"
+        if verified
+        else "no verification: no calibration inputs (give --calib or --data to compare with the original)"
+    )
     for col in ("max abs error", "max rel error", "top-1 agreement", "seconds"):
         check.add_column(col, justify="right", no_wrap=True)
     secs = "\n".join(f"{k} {v:.2f}" for k, v in report.seconds.items())
-    if report.max_abs_error is None:
-        check.add_row("-", "-", "-", secs)
-    else:
-        check.add_row(
-            f"{report.max_abs_error:.4g}",
-            f"{report.max_rel_error:.4g}",
-            "-" if report.top1_agreement is None else f"{report.top1_agreement:.2%}",
-            secs,
-        )
+    check.add_row(
+        "-" if report.max_abs_error is None else f"{report.max_abs_error:.4g}",
+        "-" if report.max_rel_error is None else f"{report.max_rel_error:.4g}",
+        "-" if report.top1_agreement is None else f"{report.top1_agreement:.2%}",
+        secs,
+    )
     return [blocks, totals, check]
 
 

@@ -633,6 +633,30 @@ def test_cli_max_error_writes_nothing(tmp_path):
     assert not (tmp_path / "net.pruned.onnx").exists()
 
 
+def test_max_error_is_not_met_by_a_model_without_a_float_output(tmp_path):
+    """A model ending in class ids (ArgMax) has no floating-point output: its errors were shown as
+    0 and --max-error 0 passed, whatever the pruning did to its answers."""
+    model = build(Spec(seed=3))
+    logits = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("ArgMax", [logits], ["ids"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"]))
+    src = _save(model, tmp_path / "ids.onnx")
+    np.save(tmp_path / "calib.npy", images(16))
+    args = ["prune", src, "--threshold", "0.4", "--calib", tmp_path / "calib.npy"]
+    res = _cli([*args, "--max-error", "0"])
+    assert "no floating-point output" in one_line_error(res) and not (tmp_path / "ids.pruned.onnx").exists()
+    res = _cli([*args, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["max_abs_error"] is None and report["max_rel_error"] is None
+    assert 0 <= report["top1_agreement"] < 1  # class ids compared as they are: threshold 0.4 changes some
+    res = _cli([*args, "-o", tmp_path / "again.onnx"])
+    assert res.exit_code == 0, res.output
+    row = res.output.split("verification")[1].splitlines()[4]  # under the title, rules and header
+    assert row.split("│")[1].strip() == "-" and "%" in row
+
+
 @pytest.mark.parametrize(
     "case,message",
     [

@@ -222,3 +222,36 @@ def test_a_quantize_config_refuses_unknown_settings_where_it_is_made():
         QuantizeConfig(activations="UINT8")
     with pytest.raises(ValueError, match="unknown calibration method 'max'"):
         QuantizeConfig(method="max")
+
+
+def test_onnx_runtime_says_nothing_of_its_own_while_quantizing(tmp_path, capfd):
+    """The quantizer's sessions printed ONNX Runtime's log lines (coloured, timestamped, with its
+    source file) before hwtool's report: here one for an initializer no node reads."""
+    model = build(Spec(seed=1))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(4, np.float32), "unused_w"))
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.save(tmp_path / "c.npy", images(16))
+    capfd.readouterr()
+    res = CliRunner().invoke(
+        main,
+        ["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx")] + ["--calib", str(tmp_path / "c.npy")],
+    )
+    assert res.exit_code == 0, res.output
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "unused_w" not in err
+
+
+def test_a_model_with_nan_weights_is_refused(tmp_path):
+    """A NaN in the classifier's weights (after every activation the quantizer calibrates): it
+    quantized and was written, its outputs all NaN, where the other commands refused it."""
+    model = build(Spec(seed=1))
+    (head,) = [n for n in model.graph.node if n.op_type == "Gemm"]
+    w = next(t for t in model.graph.initializer if t.name == head.input[1])
+    arr = numpy_helper.to_array(w).copy()
+    arr[0, 0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(arr, w.name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    np.save(tmp_path / "c.npy", images(16))
+    args = ["quantize", str(tmp_path / "nan.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib", str(tmp_path / "c.npy")]
+    assert "NaN or infinite" in one_line_error(CliRunner().invoke(main, args))
+    assert not (tmp_path / "q.onnx").exists()

@@ -202,7 +202,7 @@ def test_bad_values_get_one_line(work, monkeypatch, args, message):
             ["convert", "m.onnx", "--to", "float16", "--calib", "huge.npy", "-o", "h.onnx"],
             "output 0 is NaN or infinite",
         ),
-        (["quantize", "m.onnx", "--calib", "huge.npy", "-o", "q.onnx"], "activations are NaN or infinite"),
+        (["quantize", "m.onnx", "--calib", "huge.npy", "-o", "q.onnx"], "NaN or infinite on the calibration inputs"),
         (["prune", "nan.onnx", "--calib", "c.npy", "-o", "p.onnx"], "are NaN or infinite"),
         (["eval", "nan.onnx", "--data", "test.npz"], "class scores are NaN or infinite"),
     ],

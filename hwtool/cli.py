@@ -1143,9 +1143,10 @@ def _convert_float16(model, output, half_io, calib, as_json):
         _echo_json(res.to_dict())
         return
     io = "float16" if res.half_io else "float32"
+    edges = ", ".join([*res.float_inputs, *res.float_outputs]) or "none"
     out.print(
         f"wrote {res.output}: {res.bytes_after / 1e6:.2f} MB ({res.bytes_after / res.bytes_before:.2f}x of "
-        f"{res.bytes_before / 1e6:.2f} MB), inputs and outputs {io}"
+        f"{res.bytes_before / 1e6:.2f} MB), {io} inputs and outputs: {edges}"
     )
     if res.clamped or res.flushed:
         out.print(
@@ -1153,7 +1154,11 @@ def _convert_float16(model, output, half_io, calib, as_json):
             "6e-8 became 0"
         )
     agree = "" if res.top1_agreement is None else f", top-1 agreement {res.top1_agreement:.2%}"
-    out.print(
-        f"float16 vs float32 on {res.verify_samples} {res.verify_inputs} samples: max abs diff "
-        f"{res.max_abs_diff:.2e} ({res.max_rel_diff:.2%} of the largest output){agree}"
+    if res.integer_agreement is not None:
+        agree += f", integer outputs agree on {res.integer_agreement:.2%}"
+    diff = (
+        "no float output to compare"
+        if res.max_abs_diff is None
+        else f"max abs diff {res.max_abs_diff:.2e} ({res.max_rel_diff:.2%} of the largest output)"
     )
+    out.print(f"float16 vs float32 on {res.verify_samples} {res.verify_inputs} samples: {diff}{agree}")

@@ -11,8 +11,10 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,8 @@ CLASSES = (
     "truck",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-CACHE_VERSION = 1
+SPLITS = ("train", "test")
+CACHE_VERSION = 2  # 2: one root per tree (version 1 merged nested copies) and test-only data
 
 
 class DataError(ValueError):
@@ -116,24 +119,50 @@ def _batch_to_split(obj: object, name: str) -> Split:
     return Split(np.ascontiguousarray(images), labels)
 
 
-def _load_python_batches(files: dict[str, bytes]) -> dict[str, Split]:
-    """files: basename -> bytes of data_batch_1..5, test_batch (and optionally batches.meta)."""
+def _load_python_batches(files: dict[str, bytes], need: tuple[str, ...] = ("train", "test")) -> dict[str, Split]:
+    """files: basename -> bytes of data_batch_1..5, test_batch (and optionally batches.meta); every
+    split present is loaded, and one in `need` must be."""
     train_names = sorted(n for n in files if n.startswith("data_batch_"))
-    if not train_names or "test_batch" not in files:
-        raise DataError("CIFAR-10 python layout needs data_batch_1..5 and test_batch")
-    parts = [_batch_to_split(safe_unpickle(files[n]), n) for n in train_names]
-    train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
-    test = _batch_to_split(safe_unpickle(files["test_batch"]), "test_batch")
+    if ("train" in need and not train_names) or ("test" in need and "test_batch" not in files):
+        wanted = {"train": "data_batch_1..5", "test": "test_batch"}
+        raise DataError(f"CIFAR-10 python layout needs {' and '.join(wanted[s] for s in SPLITS if s in need)}")
+    out = {}
+    if train_names:
+        parts = [_batch_to_split(safe_unpickle(files[n]), n) for n in train_names]
+        out["train"] = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+    if "test_batch" in files:
+        out["test"] = _batch_to_split(safe_unpickle(files["test_batch"]), "test_batch")
     if "batches.meta" in files:
         meta = safe_unpickle(files["batches.meta"])
         names = meta.get(b"label_names") if isinstance(meta, dict) else None
         if names is not None and len(names) != len(CLASSES):
             raise DataError(f"batches.meta lists {len(names)} classes, CIFAR-10 has {len(CLASSES)}")
-    return {"train": train, "test": test}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # image trees
+
+# split -> class -> [(sort key, name shown in messages, read the bytes)]
+Tree = dict[str, dict[str, list[tuple[str, str, Callable[[], bytes]]]]]
+
+
+def _skipped(name: str) -> bool:
+    """Whether a file or folder is not data: macOS's __MACOSX/ and AppleDouble ._name files, and
+    other hidden dot-files and dot-folders (.DS_Store, .ipynb_checkpoints, ...)."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _image_error(e: Exception) -> str:
+    """What is wrong with an image PIL could not decode, in words: no object reprs, one line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not a JPEG or PNG image (unknown or damaged format)"
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", " ".join(str(e).split()))
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large to decode safely, CIFAR-10 images are 32x32 ({text})"
+    return text or type(e).__name__
 
 
 def _decode(data: bytes, name: str) -> np.ndarray:
@@ -143,7 +172,7 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             arr = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"corrupt image {name}: {e}; replace or remove it") from None
+        raise DataError(f"corrupt image {name}: {_image_error(e)}; replace or remove it") from None
     if arr.shape != (32, 32, 3):
         raise DataError(f"image {name} is {arr.shape[1]}x{arr.shape[0]}, CIFAR-10 images are 32x32")
     return arr
@@ -158,13 +187,44 @@ def _interleave(labels: np.ndarray) -> np.ndarray:
     return np.lexsort((labels, rank))
 
 
-def _tree_to_splits(entries: dict[str, dict[str, list[tuple[str, bytes]]]]) -> dict[str, Split]:
-    """entries: split -> class -> [(name, bytes)]."""
+def _add_image(
+    trees: dict[tuple[str, ...], Tree], parts: tuple[str, ...], name: str, read: Callable[[], bytes]
+) -> None:
+    """File it under its root (the folder above train/ or test/) when it is ROOT/split/class/image."""
+    if len(parts) >= 3 and parts[-3] in SPLITS and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES:
+        tree = trees.setdefault(parts[:-3], {}).setdefault(parts[-3], {})
+        tree.setdefault(parts[-2], []).append((parts[-1], name, read))
+
+
+def _one_root(trees: dict[tuple[str, ...], Tree], where: Path) -> tuple[tuple[str, ...], Tree] | None:
+    """The one folder whose train/ and test/ hold the images; images under two roots (a nested
+    backup/test/ beside test/, say) would be read twice or mixed, so they are refused."""
+    if not trees:
+        return None
+    roots = sorted(trees, key=lambda r: (len(r), r))
+    if len(roots) > 1:
+        a, b = ("/".join((*r, min(trees[r]))) + "/" for r in roots[:2])
+        raise DataError(
+            f"{where} holds CIFAR-10 image folders in more than one place, {a} and {b}; "
+            "keep one train/ and test/ pair there (move or delete the other copy) so no image is read twice"
+        )
+    return roots[0], trees[roots[0]]
+
+
+def _needs(need: tuple[str, ...]) -> str:
+    return "train/ and test/ folders" if len(need) > 1 else f"a {need[0]}/ folder"
+
+
+def _tree_to_splits(entries: Tree, need: tuple[str, ...], where: Path) -> dict[str, Split]:
+    """Decode every split present (the cache holds what the data holds); refuse a needed one missing."""
     out = {}
-    for split in ("train", "test"):
+    for split in SPLITS:
         classes = entries.get(split)
         if not classes:
-            raise DataError(f"no {split}/<class>/ images found; expected train/ and test/ folders")
+            if split not in need:
+                continue
+            only = f" (only {next(iter(entries))}/)" if entries else ""
+            raise DataError(f"no {split}/<class>/ images found in {where}{only}; this command needs {_needs(need)}")
         if sorted(classes) != sorted(CLASSES):
             extra = sorted(set(classes) - set(CLASSES))
             missing = sorted(set(CLASSES) - set(classes))
@@ -174,8 +234,8 @@ def _tree_to_splits(entries: dict[str, dict[str, list[tuple[str, bytes]]]]) -> d
             )
         images, labels = [], []
         for label, cls in enumerate(CLASSES):
-            for name, data in sorted(classes[cls]):
-                images.append(_decode(data, name))
+            for _, name, read in sorted(classes[cls], key=lambda t: t[0]):
+                images.append(_decode(read(), name))
                 labels.append(label)
         if not images:
             raise DataError(f"{split}/<class>/ folders hold no images ({', '.join(IMAGE_SUFFIXES)}); fill them")
@@ -185,27 +245,44 @@ def _tree_to_splits(entries: dict[str, dict[str, list[tuple[str, bytes]]]]) -> d
     return out
 
 
-def _read_dir(root: Path) -> dict[str, Split]:
-    if (root / "data_batch_1").exists() or (root / "cifar-10-batches-py").is_dir():
-        base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-        return _load_python_batches({p.name: p.read_bytes() for p in base.iterdir() if p.is_file()})
-    entries: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
-    for split in ("train", "test"):
-        sdir = root / split
-        if not sdir.is_dir():
+def _walk(root: Path) -> Iterator[tuple[tuple[str, ...], Path]]:
+    """(relative parts, path) of every file below root that is not hidden, following folder links once."""
+    seen = set()
+    for top, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
             continue
-        for cdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
-            files = [p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-            entries.setdefault(split, {})[cdir.name] = [(str(p), p.read_bytes()) for p in files]
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not _skipped(d))
+        rel = Path(top).relative_to(root).parts
+        yield from (((*rel, f), Path(top) / f) for f in sorted(files) if not _skipped(f))
+
+
+def _read_dir(root: Path, need: tuple[str, ...]) -> dict[str, Split]:
+    if any((root / n).exists() for n in ("data_batch_1", "test_batch")) or (root / "cifar-10-batches-py").is_dir():
+        base = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+        files = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file() and not _skipped(p.name)}
+        return _load_python_batches(files, need)
+    trees: dict[tuple[str, ...], Tree] = {}
+    for parts, p in _walk(root):
+        _add_image(trees, parts, str(p), p.read_bytes)
+    found = _one_root(trees, root)
+    prefix, entries = found if found else ((), {})
+    for split in SPLITS:  # class folders without images count too: the message then says to fill them
+        sdir = root.joinpath(*prefix, split)
+        if sdir.is_dir():
+            for cdir in (c for c in sdir.iterdir() if c.is_dir() and not _skipped(c.name)):
+                entries.setdefault(split, {}).setdefault(cdir.name, [])
     if not entries:
         raise DataError(
             f"{root} holds neither train/<class>/ and test/<class>/ image folders "
             "nor the CIFAR-10 python batches (data_batch_1..5, test_batch)"
         )
-    return _tree_to_splits(entries)
+    return _tree_to_splits(entries, need, root)
 
 
-def _read_tar(path: Path) -> dict[str, Split]:
+def _read_tar(path: Path, need: tuple[str, ...]) -> dict[str, Split]:
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:  # EOFError: a gzip header cut short
@@ -213,31 +290,34 @@ def _read_tar(path: Path) -> dict[str, Split]:
             f"{path} is not a readable tar archive ({type(e).__name__}); "
             "pass CIFAR-10 as a .tar.gz, its unpacked folder, or cifar-10-python.tar.gz"
         ) from None
-    entries: dict[str, dict[str, list[tuple[str, bytes]]]] = {}
+    trees: dict[tuple[str, ...], Tree] = {}
     batches: dict[str, bytes] = {}
+    batch_names: dict[str, str] = {}
     with tar:
         try:
             for member in tar:
-                if not member.isfile():
-                    continue
                 parts = Path(member.name).parts
+                if not member.isfile() or not parts or any(_skipped(p) for p in parts):
+                    continue
                 base = parts[-1]
                 if base.startswith("data_batch_") or base in ("test_batch", "batches.meta"):
-                    batches[base] = tar.extractfile(member).read()
+                    if base in batches:
+                        raise DataError(
+                            f"{path} holds {base} twice, {batch_names[base]} and {member.name}; keep one copy"
+                        )
+                    batches[base], batch_names[base] = tar.extractfile(member).read(), member.name
                     continue
-                if Path(base).suffix.lower() not in IMAGE_SUFFIXES or len(parts) < 3:
-                    continue
-                split, cls = parts[-3], parts[-2]
-                if split in ("train", "test"):
+                if len(parts) >= 3 and parts[-3] in SPLITS and Path(base).suffix.lower() in IMAGE_SUFFIXES:
                     data = tar.extractfile(member).read()
-                    entries.setdefault(split, {}).setdefault(cls, []).append((member.name, data))
+                    _add_image(trees, parts, f"{member.name} in {path}", lambda data=data: data)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{path} is truncated or corrupt ({e})") from None
     if batches:
-        return _load_python_batches(batches)
-    if not entries:
+        return _load_python_batches(batches, need)
+    found = _one_root(trees, path)
+    if not found:
         raise DataError(f"{path} holds neither train/<class>/ and test/<class>/ images nor the CIFAR-10 python batches")
-    return _tree_to_splits(entries)
+    return _tree_to_splits(found[1], need, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,12 +348,17 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha256(f"v{CACHE_VERSION}|file|{digest}".encode()).hexdigest()[:16]
 
 
-def load_cifar10(path: str | os.PathLike, use_cache: bool = True) -> dict[str, Split]:
-    """Load CIFAR-10 as {'train': Split, 'test': Split} from a folder or archive.
+def load_cifar10(path: str | os.PathLike, use_cache: bool = True, splits: tuple[str, ...] = SPLITS) -> dict[str, Split]:
+    """Load CIFAR-10 as {split: Split} for each of `splits` from a folder or archive.
 
     Accepts an image tree (train/<class>/*.jpg|png, test/<class>/*) or its .tar.gz, and the
     official python distribution (cifar-10-python.tar.gz or the cifar-10-batches-py folder).
+    Data without a split in `splits` is refused; a command that reads only the test split passes
+    splits=("test",) and so accepts data that holds test/ alone.
     """
+    need = tuple(s for s in SPLITS if s in splits)
+    if not need or len(need) != len(set(splits)):
+        raise ValueError(f"splits must name train and/or test, got {splits!r}")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist; pass a CIFAR-10 folder or .tar.gz")
@@ -281,15 +366,15 @@ def load_cifar10(path: str | os.PathLike, use_cache: bool = True) -> dict[str, S
     if use_cache and cache.exists():
         try:
             with np.load(cache) as z:
-                cached = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in ("train", "test")}
+                cached = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in need}
             if all(_is_split(v) for v in cached.values()):
                 return cached
         except Exception:
-            pass  # a damaged cache is rebuilt below
-    splits = _read_dir(p) if p.is_dir() else _read_tar(p)
+            pass  # a damaged cache, or one of data without a needed split (decoding says so), is rebuilt below
+    found = _read_dir(p, need) if p.is_dir() else _read_tar(p, need)
     if use_cache:
-        _write_cache(cache, splits)
-    return splits
+        _write_cache(cache, found)  # every split the data holds, whatever this call needs
+    return {s: found[s] for s in need}
 
 
 def _is_split(split: Split) -> bool:

@@ -93,7 +93,7 @@ def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | 
     takes them, and `labels`, one integer class id per sample."""
     if not is_test_npz(data):
         check_image_input(model)
-        split = load_cifar10(data)["test"].head(limit)
+        split = load_cifar10(data, splits=("test",))["test"].head(limit)
         return TestSet(split.as_float(), split.labels, f"{data} test")
     from hwtool.gates import load_samples
 

@@ -225,7 +225,7 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
             f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{_layout(dims)}]; "
             "pass --calib FILE.npy with calibration inputs in the model's own layout"
         ) from None
-    return load_cifar10(data)[split].as_float(count)
+    return load_cifar10(data, splits=(split,))[split].as_float(count)
 
 
 def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStats | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,145 @@ def test_a_model_with_all_its_tensors_external_converts_to_ort(tmp_path):
     rep = _convert(tmp_path / "e.onnx", "-o", tmp_path / "e.ort")
     assert rep["max_abs_diff"] < 1e-4
     _check_matches(source, tmp_path / "e.ort", images(2))
+
+
+def _init_types(model: onnx.ModelProto) -> set[int]:
+    return {t.data_type for t in model.graph.initializer if t.data_type in (1, 10)}
+
+
+def test_float16_converts_weights_that_are_also_graph_inputs(tmp_path):
+    """An export with keep_initializers_as_inputs lists every weight as a graph input too; ONNX
+    Runtime's converter leaves graph inputs float32, so no weight was converted (the file 0.99x)."""
+    model = build(Spec(widths=(16, 32)))
+    for t in model.graph.initializer:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    path, out = tmp_path / "k.onnx", tmp_path / "k16.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    r = _float16(path, "-o", out)
+    assert path.read_bytes() == before  # the input is left as it was
+    assert r["bytes_after"] == out.stat().st_size < 0.55 * len(before)
+    half = onnx.load(out)
+    assert _init_types(half) == {onnx.TensorProto.FLOAT16}
+    assert [i.name for i in half.graph.input] == ["input"] and r["float_inputs"] == ["input"]
+    x = images(8, seed=6)
+    np.testing.assert_allclose(_run(out, x)[0], _run(path, x)[0], atol=0.05, rtol=0.02)
+
+
+def test_float16_model_keeps_float16_weights_in_its_ort_file(tmp_path):
+    """At ORT_ENABLE_ALL, ONNX Runtime folded the casts before float16 ops into float32 weights: the
+    .ort of a float16 model was larger than the float32 model's."""
+    from hwtool.convert import ort_initializers
+
+    path, half = tmp_path / "m.onnx", tmp_path / "m16.onnx"
+    onnx.save(build(Spec(widths=(32, 64))), path)
+    _float16(path, "-o", half)
+    r32, r16 = _convert(path, "-o", tmp_path / "m.ort"), _convert(half, "-o", tmp_path / "m16.ort")
+    assert r32["optimization"] == "all" and r16["optimization"] == "extended"
+    counts = ort_initializers(tmp_path / "m16.ort")
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(half).graph.initializer if t.data_type == 10)
+    assert counts.get(onnx.TensorProto.FLOAT16, 0) >= 0.95 * weights
+    assert counts.get(onnx.TensorProto.FLOAT, 0) < 0.01 * weights
+    assert r16["ort_bytes"] < 0.7 * r32["ort_bytes"]
+    assert r16["max_abs_diff"] <= 1e-3
+    _check_matches(half, tmp_path / "m16.ort", images(3, seed=7))
+
+
+def test_ort_file_that_lost_float16_is_refused(tmp_path, monkeypatch):
+    """Should an ONNX Runtime optimize a float16 model's weights back to float32 at the level used,
+    convert says so instead of writing a .ort larger than the float32 model's."""
+    import hwtool.convert
+
+    monkeypatch.setattr(hwtool.convert, "HALF_LEVEL", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    path = tmp_path / "h.onnx"
+    onnx.save(hwtool.convert.half_model(build(Spec(widths=(16, 32)))), path)
+    res = CliRunner().invoke(main, ["convert", str(path), "--to", "ort"])
+    assert "turned the float16 weights" in one_line_error(res)
+    assert [p.name for p in tmp_path.iterdir()] == ["h.onnx"]
+
+
+def test_nan_weights_are_refused_before_converting(tmp_path):
+    """A NaN weight made every output NaN, and the .ort was written with 'max abs diff nan'."""
+    from onnx import numpy_helper
+
+    model = build(Spec(widths=(16,)))
+    fc = next(t for t in model.graph.initializer if t.dims == [10, 16])
+    w = numpy_helper.to_array(fc).copy()
+    w[0, 0] = np.nan
+    fc.CopyFrom(numpy_helper.from_array(w, fc.name))
+    onnx.save(model, tmp_path / "n.onnx")
+    for fmt in ("ort", "float16"):
+        res = CliRunner().invoke(main, ["convert", str(tmp_path / "n.onnx"), "--to", fmt])
+        assert f"NaN or infinite weights (1 in '{fc.name}')" in one_line_error(res), fmt
+    assert [p.name for p in tmp_path.iterdir()] == ["n.onnx"]
+
+
+def test_ort_verification_refuses_outputs_it_cannot_vouch_for(tmp_path):
+    """NaN outputs (here sqrt(x - 2) of inputs in [0, 1)) compare as 'nan', which passed; so did a
+    large difference. The .ort must then not be written."""
+    from hwtool.convert import TOLERANCE, compare_outputs
+    from hwtool.runtime import ModelError
+
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Sub", ["x", "two"], ["d"]), onnx.helper.make_node("Sqrt", ["d"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "s.onnx")
+    res = CliRunner().invoke(main, ["convert", str(tmp_path / "s.onnx"), "--to", "ort"])
+    assert "output 'y' is NaN or infinite on random inputs" in one_line_error(res)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.onnx"]
+
+    a = np.array([[1.0, -50.0]], np.float32)
+    ids = np.array([3, 1])
+    assert compare_outputs(["y", "c"], [a, ids], [a + 2.0**-10, ids.copy()]) == 2.0**-10  # exact in float32
+    bad = {
+        "differs from the ONNX model's by": [a + np.float32(60 * TOLERANCE), ids],  # 1.2x the allowed 50 * TOLERANCE
+        "by nan": [np.array([[1.0, np.nan]], np.float32), ids],
+        "output 'c' differs from the ONNX model's in 50.0%": [a, np.array([3, 2])],
+        "has shape [2, 1]": [a.reshape(2, 1), ids],
+    }
+    for needle, got in bad.items():
+        with pytest.raises(ModelError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            compare_outputs(["y", "c"], [a, ids], got)
+
+
+def test_float16_of_a_model_that_outputs_class_ids(tmp_path):
+    """Its output is int64 (an ArgMax at the end): only the float input stays float32, no float
+    output is there to measure a difference on, and the ids are compared by agreement."""
+    model = build(Spec(widths=(16, 32)))
+    model.graph.node.append(onnx.helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("cls", onnx.TensorProto.INT64, ["N"]))
+    path, out = tmp_path / "ids.onnx", tmp_path / "ids16.onnx"
+    onnx.save(model, path)
+    np.save(tmp_path / "x.npy", images(16, seed=9))
+    r = _float16(path, "-o", out, "--calib", tmp_path / "x.npy")
+    assert r["float_inputs"] == ["input"] and r["float_outputs"] == []
+    assert r["max_abs_diff"] is None and r["max_rel_diff"] is None
+    x = images(16, seed=9)
+    agree = float((_run(out, x)[0] == _run(path, x)[0]).mean())
+    assert r["integer_agreement"] == r["top1_agreement"] == agree > 0.8
+    assert _elem(onnx.load(out).graph.output[0]) == onnx.TensorProto.INT64
+    assert _convert(out, "-o", tmp_path / "ids16.ort")["max_abs_diff"] == 0.0  # no float output; ids equal
+
+
+def test_float16_message_names_the_float_inputs_and_outputs(tmp_path):
+    """A class-id model's message said 'inputs and outputs float32' of its int64 output and gave a
+    'max abs diff 0.00e+00' measured on no output at all (and later a traceback, once that was None)."""
+    model = build(Spec(widths=(16,)))
+    model.graph.node.append(onnx.helper.make_node("ArgMax", ["logits"], ["cls"], axis=1, keepdims=0))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("cls", onnx.TensorProto.INT64, ["N"]))
+    onnx.save(model, tmp_path / "ids.onnx")
+    res = CliRunner().invoke(main, ["convert", str(tmp_path / "ids.onnx"), "--to", "float16"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())  # rich wraps long lines
+    assert "float32 inputs and outputs: input" in text and "cls" not in text
+    assert "no float output to compare" in text and "max abs diff" not in text
+    assert re.search(r"top-1 agreement \d+\.\d\d%, integer outputs agree on \d+\.\d\d%$", text)
+    args = ["convert", str(tmp_path / "ids.onnx"), "--to", "float16", "-o", str(tmp_path / "b.onnx"), "--half-io"]
+    res = CliRunner().invoke(main, args)
+    assert "float16 inputs and outputs: input" in " ".join(res.stdout.split())

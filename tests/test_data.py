@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -429,3 +431,194 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(tree, tmp_pat
     assert res.exit_code == 0, res.output
     (warning,) = [line for line in res.stderr.splitlines() if "HWTOOL_CACHE" in line]
     assert warning.startswith("warning: could not cache the decoded images in ")
+
+
+# ---------------------------------------------------------------------------------------------
+# macOS leftovers, nested copies, test-only data
+
+# An AppleDouble file, as macOS writes beside each file on volumes without its metadata: not an image.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(4000)
+
+
+def _add_macos_leftovers(root: Path) -> None:
+    """What a Mac adds when it zips, tars or copies a folder: __MACOSX/, ._name and .DS_Store files."""
+    for split, cls in (("train", "cat"), ("test", "airplane")):
+        for f in list((root / split / cls).iterdir()):
+            (f.parent / f"._{f.name}").write_bytes(APPLEDOUBLE)
+            mac = root / "__MACOSX" / split / cls
+            mac.mkdir(parents=True, exist_ok=True)
+            (mac / f"._{f.name}").write_bytes(APPLEDOUBLE)
+        (root / split / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # a hidden folder is no class either
+
+
+def _assert_same(a: dict, b: dict, splits=("train", "test")) -> None:
+    assert sorted(a) == sorted(splits)
+    for split in splits:
+        np.testing.assert_array_equal(a[split].images, b[split].images)
+        np.testing.assert_array_equal(a[split].labels, b[split].labels)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_macos_leftovers_are_skipped(tree, tmp_path, as_archive):
+    """__MACOSX/ folders and AppleDouble ._name.jpg files were decoded as images and refused as corrupt."""
+    clean = load_cifar10(tree, use_cache=False)
+    _add_macos_leftovers(tree)
+    # as macOS's archivers lay it out: __MACOSX/ beside the data's top folder too
+    (tmp_path / "__MACOSX" / "cifar" / "test" / "dog").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cifar" / "test" / "dog" / "._0001.jpg").write_bytes(APPLEDOUBLE)
+    if as_archive:
+        path = tmp_path / "mac.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            tar.add(tree, arcname="cifar")
+            tar.add(tmp_path / "__MACOSX", arcname="__MACOSX")
+    else:
+        path = tree
+    _assert_same(load_cifar10(path, use_cache=False), clean)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_corrupt_image_message_says_what_is_wrong_without_object_reprs(tree, tmp_path, as_archive):
+    (tree / "test" / "frog" / "0999.jpg").write_bytes(APPLEDOUBLE)  # not hidden, so it is read
+    path = _tar_gz(tree, tmp_path / "bad.tar.gz") if as_archive else tree
+    with pytest.raises(DataError) as err:
+        load_cifar10(path, use_cache=False)
+    msg = str(err.value)
+    assert re.fullmatch(r"corrupt image .*test/frog/0999\.jpg.*: not a JPEG or PNG image .*; replace or remove it", msg)
+    assert "0x" not in msg and "BytesIO" not in msg and "<" not in msg
+    if as_archive:
+        assert str(path) in msg  # which archive the member is in
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+@pytest.mark.parametrize("copy", ["backup/test", "backup/train", "test/old/test"])
+def test_a_nested_copy_of_the_image_folders_is_refused(tree, tmp_path, real_files, as_archive, copy):
+    """A copy at another depth (backup/test/<class>/ beside test/<class>/) was merged in: every image twice."""
+    split = copy.rsplit("/", 1)[-1]
+    for cls in CLASSES:
+        (tree / copy / cls).mkdir(parents=True)
+        for name, data in real_files[(split, cls)]:
+            (tree / copy / cls / name).write_bytes(data)
+    path = _tar_gz(tree, tmp_path / "nested.tar.gz") if as_archive else tree
+    top = "cifar/" if as_archive else ""
+    with pytest.raises(DataError, match=rf"in more than one place, {top}test/ and {top}{copy}/; keep one"):
+        load_cifar10(path, use_cache=False)
+    line = one_line_error(CliRunner().invoke(main, ["train", "--data", str(path), "--out", str(tmp_path / "r")]))
+    assert f"{top}{copy}/" in line
+
+
+def test_two_trees_side_by_side_in_an_archive_are_refused(tree, tmp_path):
+    path = tmp_path / "two.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tree, arcname="a")
+        tar.add(tree / "test", arcname="b/test")
+    with pytest.raises(DataError, match=r"a/test/ and b/test/"):
+        load_cifar10(path, use_cache=False)
+
+
+def test_a_folder_whose_tree_sits_one_level_down_loads_like_its_archive(tree, tmp_path):
+    """Archives were read at any depth and folders only at the top: one root rule for both now."""
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    tree.rename(outer / "cifar")
+    _assert_same(load_cifar10(outer, use_cache=False), load_cifar10(outer / "cifar", use_cache=False))
+
+
+def _test_only(tree: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(tree / "train")
+    return tree
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_test_only_data_serves_the_test_split_and_is_refused_for_training(tree, tmp_path, as_archive, monkeypatch):
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    full = load_cifar10(tree, use_cache=False)
+    _test_only(tree)
+    path = _tar_gz(tree, tmp_path / "test-only.tar.gz") if as_archive else tree
+    _assert_same(load_cifar10(path, use_cache=False, splits=("test",)), full, splits=("test",))
+    with pytest.raises(
+        DataError, match=r"no train/<class>/ images found in .* \(only test/\); this command needs train/"
+    ):
+        load_cifar10(path, use_cache=False)
+    line = one_line_error(CliRunner().invoke(main, ["train", "--data", str(path), "--out", str(tmp_path / "r")]))
+    assert "no train/<class>/ images" in line
+    # eval and gates --split test read the test split alone: test/ is all they need
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec()), str(model))
+    res = CliRunner().invoke(main, ["eval", str(model), "--data", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["samples"] == len(full["test"])
+    res = CliRunner().invoke(main, ["gates", str(model), "--data", str(path), "--split", "test", "--count", "8"])
+    assert res.exit_code == 0, res.output
+
+
+def test_test_only_python_layout_serves_the_test_split(tmp_path):
+    batches = _python_batches()
+    batches = {k: v for k, v in batches.items() if not k.startswith("data_batch_")}
+    folder = _write_python_layout(tmp_path / "dist", batches)
+    tgz = _tar_gz(folder, tmp_path / "test-only-python.tar.gz")
+    for path in (folder, folder.parent, tgz):
+        (test,) = load_cifar10(path, use_cache=False, splits=("test",)).values()
+        assert test.labels.tolist() == batches["test_batch"][b"labels"]
+        with pytest.raises(DataError, match="needs data_batch_1..5 and test_batch"):
+            load_cifar10(path, use_cache=False)
+
+
+def test_the_cache_serves_the_splits_asked_for(tree, tmp_path, monkeypatch):
+    """The cache holds every split the data has: a test-only load of full data caches train too, and a
+    cache of test-only data never passes for data that has train/."""
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    assert list(load_cifar10(tree, splits=("test",))) == ["test"]
+    (cache,) = (tmp_path / "cache").glob("cifar10-*.npz")
+    with np.load(cache) as z:
+        arrays = dict(z)
+    arrays["train_images"][0, 0, 0] = [4, 5, 6]
+    np.savez(cache, **arrays)
+    assert load_cifar10(tree)["train"].images[0, 0, 0].tolist() == [4, 5, 6]  # read from that cache
+
+    path = _tar_gz(_test_only(tree), tmp_path / "test-only.tar.gz")
+    test = load_cifar10(path, splits=("test",))["test"]
+    (cache,) = set((tmp_path / "cache").glob("cifar10-*.npz")) - {cache}
+    with np.load(cache) as z:
+        assert sorted(z) == ["test_images", "test_labels"]
+    np.testing.assert_array_equal(load_cifar10(path, splits=("test",))["test"].images, test.images)
+    with pytest.raises(DataError, match="no train/<class>/ images"):
+        load_cifar10(path)
+
+
+@pytest.mark.parametrize("splits", [(), ("validation",), "test", ("test", "tset")])
+def test_unknown_splits_are_a_programming_error(tree, splits):
+    with pytest.raises(ValueError, match="splits must name train and/or test"):
+        load_cifar10(tree, use_cache=False, splits=splits)
+
+
+def test_a_cache_written_before_the_one_root_rule_is_not_reused(tree, tmp_path, monkeypatch, real_files):
+    """Version 1 cached an archive with a nested copy merged, images twice: such a file must not be read."""
+    import hashlib
+
+    monkeypatch.setenv("HWTOOL_CACHE", str(tmp_path / "cache"))
+    for name, data in real_files[("test", "cat")]:
+        (tree / "backup" / "test" / "cat").mkdir(parents=True, exist_ok=True)
+        (tree / "backup" / "test" / "cat" / name).write_bytes(data)
+    path = _tar_gz(tree, tmp_path / "nested.tar.gz")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    old_key = hashlib.sha256(f"v1|file|{digest}".encode()).hexdigest()[:16]  # version 1's key
+    (tmp_path / "cache").mkdir()
+    stale = {f"{s}_images": np.zeros((3, 32, 32, 3), np.uint8) for s in ("train", "test")}
+    stale |= {f"{s}_labels": np.arange(3, dtype=np.int64) for s in ("train", "test")}
+    np.savez(tmp_path / "cache" / f"cifar10-{old_key}.npz", **stale)
+    with pytest.raises(DataError, match="more than one place"):
+        load_cifar10(path)
+
+
+def test_an_archive_with_two_copies_of_a_python_batch_is_refused(tmp_path):
+    """The last copy of a batch silently replaced the first: which data was read depended on the order."""
+    folder = _write_python_layout(tmp_path / "dist", _python_batches())
+    path = tmp_path / "two.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+        tar.add(folder / "test_batch", arcname="old/test_batch")
+    with pytest.raises(DataError, match=r"test_batch twice, cifar-10-batches-py/test_batch and old/test_batch"):
+        load_cifar10(path, use_cache=False)

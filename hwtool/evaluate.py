@@ -143,7 +143,8 @@ def accuracy_onnx(
     n = len(test) - len(test) % batch if fixed_batch(model) else len(test)
     if n == 0:
         raise ModelError(
-            f"the model takes a fixed batch of {batch} samples and there are only {len(test)}; raise --limit"
+            f"the model takes a fixed batch of {batch} samples and the test set {test.source} gives only "
+            f"{len(test)}; pass at least {batch} (raise --limit if it was given, or use a larger test set)"
         )
     preds = np.empty(n, dtype=np.int64)
     first = [sess.get_outputs()[0].name]

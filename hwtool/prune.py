@@ -1078,6 +1078,13 @@ def _prune_at(
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        try:  # the model as given may fail it already (ONNX Runtime is more lenient): then that is the fault
+            onnx.checker.check_model(given, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as given_e:
+            raise ModelError(
+                f"the model fails ONNX's checker ({first_line(given_e)}), and so would its pruned copy; "
+                "nothing was written: fix the model (its export) so that onnx.checker passes it"
+            ) from None
         raise ModelError(
             f"the pruned model fails ONNX's checker ({first_line(e)}); nothing was written: a block "
             "spelling hwtool mishandles, please report it with the model"

@@ -34,6 +34,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             raise ModelError(
                 f"{p} keeps its weights in {missing[0]}, which does not exist; put that file beside the model"
             ) from None
+        with open(p, "rb") as f:
+            if f.read(8)[4:] == b"ORTM":  # the ORT format's file identifier
+                raise ModelError(
+                    f"{p} is in ONNX Runtime's own format (.ort, for ONNX Runtime Mobile); "
+                    "hwtool reads ONNX models: pass the .onnx it was converted from"
+                ) from None
         raise ModelError(f"{p} is not a readable ONNX model ({type(e).__name__}); re-export it") from None
     if not model.graph.node:
         raise ModelError(f"{p} holds no ONNX graph (empty or not an ONNX file)")
@@ -374,7 +380,8 @@ def atomic_write_files(files: dict[str | os.PathLike, bytes]) -> None:
         for out, data in files.items():
             out = Path(out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            # The name's start only: a name near the system's limit fits, the temporary one too.
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:64]}.", suffix=".tmp", dir=out.parent)
             temps.append((tmp, out))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -64,6 +64,19 @@ def test_hand_built_model_converts_and_matches(tmp_path, target):
         assert "ReorderInput" not in ops and "ReorderOutput" not in ops
 
 
+def test_an_ort_file_given_for_a_model_is_named_for_what_it_is(tmp_path):
+    """hwtool's own .ort output, given to eval, bench or prune, was "not a readable ONNX model
+    (DecodeError); re-export it"."""
+    model = tmp_path / "m.onnx"
+    onnx.save(build(Spec(widths=(16, 16, 32))), model)
+    _convert(model)
+    np.save(tmp_path / "c.npy", images(4))
+    ort_file = str(tmp_path / "m.ort")
+    for args in (["bench", str(model), ort_file], ["prune", ort_file, "--calib", str(tmp_path / "c.npy")]):
+        line = one_line_error(CliRunner().invoke(main, args))
+        assert "ONNX Runtime's own format (.ort" in line and "pass the .onnx it was converted from" in line
+
+
 def test_exported_model_converts_and_matches(tiny_onnx_dynamo, tmp_path):
     out = tmp_path / "tiny.ort"
     r = _convert(tiny_onnx_dynamo, "-o", out)

@@ -139,9 +139,13 @@ def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tm
     # Fewer images than one batch: a one-line error, not a division by zero.
     result = CliRunner().invoke(main, ["eval", str(path), "--data", cifar_path, "--limit", "5"])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
-    assert result.output.strip().splitlines() == [
-        "error: the model takes a fixed batch of 8 samples and there are only 5; raise --limit"
-    ]
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: the model takes a fixed batch of 8 samples and the test set")
+    assert "gives only 5; pass at least 8 (raise --limit if it was given, or use a larger test set)" in line
+    # A test set of its own smaller than one batch: no --limit to raise, and the message does not say so alone.
+    np.savez(tmp_path / "three.npz", input=test.as_float()[:3], labels=test.labels[:3].astype(np.int64))
+    result = CliRunner().invoke(main, ["eval", str(path), "--data", str(tmp_path / "three.npz")])
+    assert "three.npz gives only 3; pass at least 8" in result.output
 
 
 WRONG_INPUTS = {

@@ -268,6 +268,16 @@ def test_a_path_the_system_refuses_gets_one_line(work, monkeypatch):
     assert _snapshot(work) == before
 
 
+def test_a_long_name_the_system_takes_is_written(work, monkeypatch):
+    """An output name near the system's limit failed after all the work: the temporary file beside
+    it, named after it, was longer still."""
+    monkeypatch.chdir(work)
+    name = "n" * 245 + ".onnx"
+    res = _cli("prune", "m.onnx", "--calib", "c.npy", "-o", name)
+    assert res.exit_code == 0, res.output
+    assert (work / name).is_file() and not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
 # ---------------------------------------------------------------------------------------------
 # models of a fixed batch, and models ONNX Runtime loads but cannot run
 

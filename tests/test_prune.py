@@ -1263,3 +1263,15 @@ def test_a_model_calling_local_functions_is_refit():
     assert any(0 < b.kept < b.width for b in rep.blocks)
     assert any(b.gate_error_refit is not None for b in rep.blocks)  # the refit ran
     assert np.abs(run(pruned, x) - ref).max() < 10 * rep.max_abs_error + 1e-5
+
+
+def test_a_model_that_fails_the_checker_itself_is_named_as_the_fault(tmp_path):
+    """An extra graph output without a type runs in ONNX Runtime but fails onnx.checker, and so did
+    the pruned copy: the error blamed "a block spelling hwtool mishandles"."""
+    model = build(Spec(seed=3))
+    t = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    model.graph.output.append(onnx.ValueInfoProto(name=t))
+    x = images(16)
+    run(model, x)  # ONNX Runtime runs it
+    with pytest.raises(Exception, match="the model fails ONNX's checker .* fix the model"):
+        prune(model, 0.3, calib=x)

@@ -70,7 +70,8 @@ def calibration_needed(test: str | os.PathLike) -> ValueError:
 
 
 def check_image_input(model: onnx.ModelProto) -> None:
-    """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]."""
+    """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]; a dimension
+    the model leaves free (named, or unknown) takes what CIFAR-10 gives."""
     if len(input_specs(model)) > 1:
         names = ", ".join(s.name for s in input_specs(model))
         raise ModelError(
@@ -79,7 +80,8 @@ def check_image_input(model: onnx.ModelProto) -> None:
         )
     name, dims, elem = input_spec(model)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    if elem not in floats or len(dims) != 4 or list(dims[1:]) != [3, 32, 32]:
+    takes = len(dims) == 4 and all(not isinstance(d, int) or d <= 0 or d == v for d, v in zip(dims[1:], (3, 32, 32)))
+    if elem not in floats or not takes:
         shown = "x".join(str(d) for d in dims)
         raise ModelError(
             f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}] and CIFAR-10 gives "

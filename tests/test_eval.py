@@ -178,3 +178,20 @@ def test_eval_refuses_a_model_with_the_wrong_input(elem, dims, cifar_path, tmp_p
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: input 'x' is"), proc.stderr
     assert "float32 [N,3,32,32]" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_model_of_free_height_and_width_takes_cifar_images(cifar_path, tmp_path):
+    """A model exported with dynamic height and width runs on 32 x 32 images, but --data refused it
+    ("input is float [Nx3xheightxwidth]"); one fixed at another size is still refused."""
+    from highway_onnx import Spec, build
+
+    model = build(Spec())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    onnx.save(model, str(tmp_path / "free.onnx"))
+    res = _eval_json(tmp_path / "free.onnx", cifar_path, "--limit", "64")
+    assert res["samples"] == 64
+    dims[2].dim_value, dims[3].dim_value = 64, 64
+    onnx.save(model, str(tmp_path / "big.onnx"))
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "big.onnx"), "--data", cifar_path])
+    assert result.exit_code == 2 and "CIFAR-10 gives float32 [N,3,32,32]" in result.output

@@ -474,7 +474,8 @@ def table(result: BenchResult):
     t = plain_table(
         f"latency (ms) and speed-up vs {Path(result.baseline).name}",
         caption=f"onnxruntime {result.onnxruntime}, {result.cpu}, threads {threads}; "
-        f"{result.config.warmup} warm-up runs, models interleaved run by run",
+        f"{result.config.warmup} warm-up runs, models interleaved run by run; speed-up: the baseline's p50 "
+        "over the model's; img/s: images over the timed runs' total time (their mean, which slow runs pull down)",
     )
     multi = len({tm.provider for tm in result.timings}) > 1
     if multi:

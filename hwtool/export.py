@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from hwtool.data import CLASSES, load_cifar10
-from hwtool.gates import GATE_METADATA
+from hwtool.gates import GATE_METADATA, UNIT_RANGE
 from hwtool.model import HighwayConfig, HighwayNet, gate_means
 from hwtool.runtime import atomic_write_model, check_outputs, make_session
 from hwtool.train import TrainConfig, build_model, load_checkpoint
@@ -110,7 +110,7 @@ def export_checkpoint(
     gate_means = gate_means_torch(model, gate_x)
     meta = {
         "hwtool.class_names": json.dumps(list(CLASSES)),
-        "hwtool.input": "float32 [N,3,32,32] RGB in [0,1]; normalisation is inside the graph",
+        "hwtool.input": f"float32 [N,3,32,32] {UNIT_RANGE}; normalisation is inside the graph",
         "hwtool.model_config": json.dumps(cfg["model"]),
         "hwtool.training": json.dumps(
             {

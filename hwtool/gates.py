@@ -94,7 +94,7 @@ def check_samples(model: onnx.ModelProto, x, role: str = "calibration") -> Sampl
         )
     if len(specs) != 1:
         raise ValueError(f"the model has {len(specs)} inputs; pass a dict of one array per input name")
-    return _checked_array("calib", x, specs[0], role)
+    return check_scale(model, _checked_array("calib", x, specs[0], role), "calib", role)
 
 
 def load_samples(
@@ -138,10 +138,31 @@ def load_samples(
             raise ValueError(
                 f"{p} is one array but the model has {len(specs)} inputs; save {expected} with {_savez_hint(specs)}"
             )
-        return _checked_array(str(p), loaded, specs[0], role), found
+        return check_scale(model, _checked_array(str(p), loaded, specs[0], role), str(p), role), found
     if len(specs) == 1 and len(arrays) == 1:
-        return _checked_array(f"{p}[{next(iter(arrays))}]", next(iter(arrays.values())), specs[0], role), found
+        where = f"{p}[{next(iter(arrays))}]"
+        return check_scale(
+            model, _checked_array(where, next(iter(arrays.values())), specs[0], role), where, role
+        ), found
     return _by_input(p, arrays, specs, role, labels), found
+
+
+# What `hwtool export` writes in a model's metadata about its input (see export.py).
+UNIT_RANGE = "RGB in [0,1]"
+
+
+def check_scale(model: onnx.ModelProto, x: np.ndarray, where: str, role: str = "calibration") -> np.ndarray:
+    """x, unless the model says (in the metadata `hwtool export` writes) that it takes RGB in [0, 1]
+    and x lies well outside that: images of 0-255 give gates, a refit and a verification of
+    inputs the network never sees."""
+    said = next((p.value for p in model.metadata_props if p.key == "hwtool.input"), "")
+    if UNIT_RANGE in said and x.size and (float(x.min()) < -0.01 or float(x.max()) > 1.01):
+        hint = " (images of 0-255: divide them by 255)" if float(x.max()) > 2 else ""
+        raise ValueError(
+            f"{role} array {where} runs from {float(x.min()):.3g} to {float(x.max()):.3g}, but the model takes "
+            f"{UNIT_RANGE}; scale it to that{hint}"
+        )
+    return x
 
 
 def _by_input(p: Path, arrays: dict[str, np.ndarray], specs: list[InputSpec], role: str, labels: str | None) -> Inputs:

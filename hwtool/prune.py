@@ -19,6 +19,7 @@ went before it) is left as it was, so such a prune stays exact.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -26,6 +27,7 @@ import re
 import sys
 import time
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -63,6 +65,9 @@ from hwtool.runtime import (
 )
 
 WRITE_BACKS = ("auto", "gather", "scatter", "conv")
+
+
+FEW_SAMPLES = 8  # calibration samples under which prune warns
 
 
 @dataclass(frozen=True)
@@ -783,6 +788,12 @@ def prune(
     if fixed and calib is not None:
         calib = whole_batches(original, calib)
         cfg = replace(cfg, batch=fixed)
+    if calib is not None and len(calib) < FEW_SAMPLES:
+        warnings.warn(
+            f"{len(calib)} calibration sample{'s' if len(calib) > 1 else ''}: the gate means, the refit and the "
+            "verification rest on so few alone; 256 or more is usual",
+            stacklevel=2,
+        )
     ref_outputs = reference if reference is None or calib is None else [r[: len(calib)] for r in reference]
 
     def bar(stage):
@@ -1247,18 +1258,58 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
         blocks, first = [], e
     explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
     unexplained = any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS)
-    more: list[Block] = []
+    best, more = model, blocks
     if unexplained and not is_quantized(model):  # a quantized one gets find_blocks' own error
-        try:
-            simplified = _simplify(model)
-            more = find_blocks(simplified)
-        except Exception:  # onnxsim cannot run it, or finds no block either
-            more = []
-    if len(more) > len(blocks):
-        return simplified, more
-    if not blocks:
+        for respell in (fold_gate_scalars, lambda m: fold_gate_scalars(_simplify(m))):
+            try:
+                candidate = respell(model)
+                found = find_blocks(candidate)
+            except Exception:  # onnxsim cannot run it, or no block is found either
+                continue
+            if len(found) > len(more):
+                best, more = candidate, found
+    if not more:
         raise first
-    return model, blocks
+    return best, more
+
+
+def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model in which scalar constants added to, subtracted from, multiplying or
+    dividing a gate layer's output before its activation (a gate offset of its own, a temperature)
+    are folded into that layer's weights and bias: the same function, spelled as gates are found."""
+    model = copy.deepcopy(model)
+    ed = _Editor(model)
+    taken = {t.name for t in model.graph.initializer} | {o for node in model.graph.node for o in node.output}
+    base = next(f"gate_fold{k}_" for k in range(10_000) if not any(t.startswith(f"gate_fold{k}_") for t in taken))
+    for n, out in enumerate([a.output[0] for a in model.graph.node if a.op_type in GATE_ACTIVATIONS]):
+        g = ed.graph
+        steps: list[tuple[str, int, float]] = []  # (op, the scalar's input index, the scalar), outermost first
+        chain, x = [], g.producer[out].input[0]
+        while (op := g.op(x)) is not None and op.op_type in ("Add", "Sub", "Mul", "Div") and len(g.users(x)) == 1:
+            scalars = [k for k, name in enumerate(op.input) if getattr(g.const(name), "size", 0) == 1]
+            if len(scalars) != 1 or (op.op_type == "Div" and scalars[0] == 0):  # c / z is no layer of z
+                break
+            k = scalars[0]
+            steps.append((op.op_type, k, float(g.const(op.input[k]).reshape(()))))
+            chain.append(op.output[0])
+            x = op.input[1 - k]
+        layer = affine(g, x) if steps else None
+        if layer is None or len(g.users(x)) != 1 or any(op == "Div" and c == 0 for op, _, c in steps):
+            continue
+        w = layer.weight.astype(np.float64)
+        b = np.zeros(len(w)) if layer.bias is None else layer.bias.astype(np.float64)
+        for op, k, c in reversed(steps):  # the step next to the layer first
+            if op == "Add":
+                b = b + c
+            elif op == "Sub":
+                w, b = (w, b - c) if k == 1 else (-w, c - b)
+            else:  # Mul, or Div by the constant
+                f = c if op == "Mul" else 1.0 / c
+                w, b = w * f, b * f
+        _set_layer(ed, layer, w.astype(layer.weight.dtype), b.astype(layer.weight.dtype), f"{base}{n}")
+        ed.node(out).input[0] = x
+        ed.remove_nodes(set(chain))
+    return cleanup(model)
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:

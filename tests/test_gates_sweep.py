@@ -229,3 +229,36 @@ def test_sweep_from_python_takes_one_threshold_and_checks_its_calibration():
         sweep(model, None, 0.05, calib=x.tolist())
     with pytest.raises(ValueError, match="is uint8"):
         sweep(model, None, 0.05, calib=(x * 255).astype(np.uint8))
+
+
+def test_calibration_off_the_scale_an_exported_model_declares_is_refused(model_files, tmp_path):
+    """A model `hwtool export` wrote says in its metadata that it takes RGB in [0, 1]: images of
+    0-255 were taken as they were, and prune wrote a model it had calibrated and verified on inputs
+    the network never sees (the audit's: 21% agreement, test accuracy 10%)."""
+    from cli_errors import one_line_error
+
+    a, _, calib = model_files
+    model = onnx.load(str(a))
+    onnx.helper.set_model_props(model, {"hwtool.input": "float32 [N,3,32,32] RGB in [0,1]; normalisation inside"})
+    onnx.save(model, str(tmp_path / "exported.onnx"))
+    np.save(tmp_path / "bytes.npy", np.load(calib) * 255)
+    args = ["prune", tmp_path / "exported.onnx", "--threshold", "0.3", "-o", tmp_path / "p.onnx", "--calib"]
+    line = one_line_error(_cli([*args, tmp_path / "bytes.npy"]))
+    assert " to 255, but the model takes RGB in [0,1]" in line and "divide them by 255" in line
+    assert not (tmp_path / "p.onnx").exists()
+    assert _cli([*args, calib]).exit_code == 0
+    # a model that declares nothing takes its inputs as they come
+    assert (
+        _cli(["prune", a, "--threshold", "0.3", "-o", tmp_path / "q.onnx", "--calib", tmp_path / "bytes.npy"]).exit_code
+        == 0
+    )
+
+
+def test_a_handful_of_calibration_samples_is_a_warning(model_files, tmp_path):
+    a, _, calib = model_files
+    np.save(tmp_path / "one.npy", np.load(calib)[:1])
+    res = _cli(["prune", a, "--threshold", "0.3", "-o", tmp_path / "p.onnx", "--calib", tmp_path / "one.npy"])
+    assert res.exit_code == 0
+    assert "warning: 1 calibration sample:" in res.output
+    res = _cli(["prune", a, "--threshold", "0.3", "-o", tmp_path / "q.onnx", "--calib", calib])
+    assert "warning" not in res.output

@@ -1275,3 +1275,70 @@ def test_a_model_that_fails_the_checker_itself_is_named_as_the_fault(tmp_path):
     run(model, x)  # ONNX Runtime runs it
     with pytest.raises(Exception, match="the model fails ONNX's checker .* fix the model"):
         prune(model, 0.3, calib=x)
+
+
+@pytest.mark.parametrize(
+    "op,scalar_first", [("Add", False), ("Sub", False), ("Sub", True), ("Mul", True), ("Div", False)]
+)
+def test_a_gate_with_its_own_offset_or_temperature_is_folded_and_pruned(op, scalar_first):
+    """T = Sigmoid(Conv(H) + b), Sigmoid(Conv(H) / τ), ...: a scalar between the gate layer and its
+    sigmoid (a gate offset of its own, a temperature) hid every block ("no highway block found");
+    folded into the layer, the blocks are found and pruned, and the prune of dead channels is exact."""
+    model = build(Spec(removable=REMOVABLE))
+    value = {"Add": -0.5, "Sub": 0.25, "Mul": 1.5, "Div": 2.0}[op]
+    if op == "Sub" and scalar_first:
+        value = 0.0  # c - z with c = 0: the gate's sign flips, so flip the layer back to keep dead gates dead
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), "scalar"))
+    sigmoids = [n for n in model.graph.node if n.op_type == "Sigmoid"]
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {n.output[0]: n for n in model.graph.node}
+    for i, sig in enumerate(sigmoids):
+        z = sig.input[0]
+        if op == "Sub" and scalar_first:  # Sigmoid(0 - Conv'(H)) with Conv' = -Conv: the same gates
+            conv = producer[z]
+            for k in (1, 2):
+                t = inits[conv.input[k]]
+                t.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(t), t.name))
+        elif op == "Add":  # the offset given back by the conv's bias: the same gates
+            t = inits[producer[z].input[2]]
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) + 0.5, t.name))
+        args = ["scalar", z] if scalar_first else [z, "scalar"]
+        model.graph.node.insert(list(model.graph.node).index(sig), onnx.helper.make_node(op, args, [f"z{i}"]))
+        sig.input[0] = f"z{i}"
+    x = images(24)
+    with pytest.raises(NoHighwayBlockError):
+        find_blocks(model)
+    pruned, report = prune(model, threshold=1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
+    assert not any(n.op_type == op and "scalar" in n.input for n in pruned.graph.node)
+
+
+def test_a_gate_offset_then_a_temperature_are_folded_both():
+    """Sigmoid((Conv(H) + b) / τ): two folds into one layer, each under names of its own."""
+    model = build(Spec(removable=REMOVABLE))
+    model.graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((0.5, "offset"), (2.0, "tau"))
+    )
+    for i, sig in enumerate([n for n in model.graph.node if n.op_type == "Sigmoid"]):
+        at = list(model.graph.node).index(sig)
+        model.graph.node.insert(at, onnx.helper.make_node("Div", [f"o{i}", "tau"], [f"z{i}"]))
+        model.graph.node.insert(at, onnx.helper.make_node("Add", [sig.input[0], "offset"], [f"o{i}"]))
+        sig.input[0] = f"z{i}"
+    x = images(24)
+    pruned, report = prune(model, threshold=1e-6, calib=x)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [b.kept for b in report.blocks] == [5, 0, 7]
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-4)
+
+
+def test_a_gate_divided_into_a_scalar_is_not_folded():
+    """c / Conv(H) is not a layer of H: nothing to fold, no block found."""
+    model = build(Spec())
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "scalar"))
+    for i, sig in enumerate([n for n in model.graph.node if n.op_type == "Sigmoid"]):
+        div = onnx.helper.make_node("Div", ["scalar", sig.input[0]], [f"z{i}"])
+        model.graph.node.insert(list(model.graph.node).index(sig), div)
+        sig.input[0] = f"z{i}"
+    with pytest.raises(NoHighwayBlockError):
+        prune(model, 0.3, calib=images(8))

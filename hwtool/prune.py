@@ -783,7 +783,18 @@ def prune(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     given = original  # reported and verified against; blocks may be found only in its simplification
-    original, blocks = (given, blocks) if blocks is not None else highway_model(given)
+    # The conv write-back's one-hot layers stand in the mix of the blocks it pruned: they are not found again.
+    hidden = (
+        "this model was pruned before with the conv write-back, whose one-hot layers hide the blocks it pruned; "
+        "prune the original, or prune with --write-back gather"
+    )
+    conv_written = any(ONE_HOT_NAME.match(o) for n in given.graph.node for o in n.output)
+    try:
+        original, blocks = (given, blocks) if blocks is not None else highway_model(given)
+    except NoHighwayBlockError as e:
+        raise NoHighwayBlockError(f"{hidden}: no block is left to find" if conv_written else str(e)) from None
+    if conv_written:
+        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=2)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         calib = whole_batches(original, calib)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1342,3 +1343,23 @@ def test_a_gate_divided_into_a_scalar_is_not_folded():
         sig.input[0] = f"z{i}"
     with pytest.raises(NoHighwayBlockError):
         prune(model, 0.3, calib=images(8))
+
+
+def test_pruning_again_after_the_conv_write_back_says_what_it_cannot_find():
+    """The conv write-back's one-hot layers stand in the pruned blocks' mix, so a second prune found
+    only the blocks left whole, renumbered from 0, and said nothing."""
+    x = images(16)
+    model = build(Spec(removable={0: [1, 4]}))
+    once, first = prune(model, 1e-6, calib=x, config=PruneConfig(write_back="conv"))
+    assert [b.kept for b in first.blocks] == [6, 8, 12]
+    with pytest.warns(UserWarning, match="pruned before with the conv write-back.*only the blocks it left whole"):
+        _, second = prune(once, 0.3, calib=x)
+    assert len(second.blocks) == 2
+    every = build(Spec(removable={0: [1, 4], 1: [0, 1, 2], 2: [2, 3]}))
+    every, _ = prune(every, 1e-6, calib=x, config=PruneConfig(write_back="conv"))  # part of each block goes
+    with pytest.raises(NoHighwayBlockError, match="conv write-back.*no block is left to find"):
+        prune(every, 0.3, calib=x)
+    gathered, _ = prune(model, 1e-6, calib=x, config=PruneConfig(write_back="gather"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune(gathered, 0.3, calib=x)

@@ -112,7 +112,7 @@ def phase3_table() -> str:
     """The phase-3 runs side by side: length, when removal ended, accuracy by epoch and at the end."""
     rows = [
         "| run | machine | epochs | removal done by epoch | epochs on what is kept | top-1 by epoch (torch) "
-        "| top-1 at the end | training accuracy | kept parameters |",
+        "| top-1 at the end | training accuracy | kept parameters (torch) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for folder, run in PHASE3:

@@ -503,13 +503,24 @@ def finetune(
     """Fine-tune a trained checkpoint with its low-gate channels removed.
 
     The removed channels are baked into the weights (zero transform, gate bias -30), so exporting
-    the result and pruning it at the same threshold removes exactly them, with no refit needed.
+    the result and pruning it at 1e-6 removes exactly them, with no refit needed (at the threshold
+    itself, kept gates that drifted under it while training go too).
     With --teacher CHECKPOINT (the same file) the pruned network learns from the unpruned one; a
     teacher that finetune itself pruned runs its kept channels only.
     """
     from hwtool.train import CHECKPOINT, finetune_config
     from hwtool.train import train as run
 
+    resuming = resume and (Path(out) / CHECKPOINT).is_file()
+    if resuming:  # what the run trains comes from its checkpoint, as with train --resume
+        ignored = [name for name in _typed(FINETUNE_SETTINGS) if name != "--teacher"]
+        if ignored:
+            click.echo(
+                f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
+                err=True,
+            )
+    elif teacher is None:
+        _unused(("distill_weight", "distill_temperature"), "without --teacher")
     cfg = finetune_config(
         checkpoint,
         threshold,
@@ -528,15 +539,28 @@ def finetune(
         distill_temperature=distill_temperature,
     )
     # On a resume --teacher says where the run's teacher lives now (its file checked unchanged).
-    teacher_at = teacher if resume and (Path(out) / CHECKPOINT).is_file() else None
+    teacher_at = teacher if resuming else None
     _summary(run(cfg, data, out, resume=resume, console=console, teacher_at=teacher_at), out)
+
+
+# finetune's options that set what a run trains (--threshold, required, is taken as given: not named)
+FINETUNE_SETTINGS = (
+    "epochs", "lr", "gate_penalty", "count", "limit", "cutout", "ema", "fp32", "teacher", "distill_weight",
+    "distill_temperature",
+)  # fmt: skip
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="ONNX file to write.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True)
-@click.option("--opset", type=click.IntRange(17, 21), default=18, show_default=True)
+@click.option(
+    "--opset",
+    type=click.IntRange(17, 21),
+    default=18,
+    show_default=True,
+    help="ONNX opset: 18 to 21, or 17 with --exporter torchscript (dynamo writes 18 and up).",
+)
 @click.option("--data", type=click.Path(), default=None, help="CIFAR-10 (default: the path in the checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
 @friendly

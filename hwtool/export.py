@@ -141,9 +141,14 @@ def export_checkpoint(
     ort_logits = sess.run(None, {"input": test_x})[0]
     with torch.no_grad():
         ref = model(torch.from_numpy(test_x)).numpy()
+    if not np.isfinite(ref).all():  # NaN against NaN compares as no difference and full agreement
+        raise ValueError(
+            "the network's logits are NaN or infinite on the test images, so its weights are: "
+            "nothing was written; export a checkpoint of a run that trained without diverging"
+        )
     diff = float(np.abs(ort_logits - ref).max())
     agree = float((ort_logits.argmax(1) == ref.argmax(1)).mean())
-    if diff > max_diff:
+    if not diff <= max_diff:  # a NaN difference fails too
         raise ValueError(f"ONNX Runtime differs from PyTorch by {diff:.2e} (> {max_diff}); export is wrong")
     atomic_write_model(proto, out)
     return ExportReport(
@@ -176,6 +181,11 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "hwtool.model_config" not in meta:
         raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer):
+        raise ValueError(
+            f"{path} holds float16 weights (`hwtool convert --to float16` made it?), rounded from the network's; "
+            "start from the float32 model it was converted from"
+        )
     shape = HighwayConfig.from_dict(json.loads(meta["hwtool.model_config"]))
     model = HighwayNet(shape)
     weights = {i.name: i for i in proto.graph.initializer}

@@ -574,7 +574,7 @@ def train(
         raise ValueError("the run folder (--out) is empty; name a folder")
     out = Path(out)
     # The folder is made with the first checkpoint; a path that could not hold it fails here, before any work.
-    check_outputs([out / CHECKPOINT], [])
+    check_outputs([out / CHECKPOINT, out / "config.json", out / "log.json"], [])
     rank, world = _dist()
     console = console or Console()
     quiet = rank != 0
@@ -626,6 +626,15 @@ def train(
         )
     if not 0.0 <= cfg.ema < 1.0:
         raise ValueError(f"the weight average's decay must lie in [0, 1) (0: off), not {cfg.ema}")
+    removing = cfg.prune_threshold is not None or cfg.targeted_dropout > 0 or cfg.targeted_keep is not None
+    if cfg.compile and removing:
+        # Measured against eager on torch 2.13 (CPU): the compiled backward of the kept-channel path
+        # (index_select, index_copy) gives gradients off by their own size, or aborts the process.
+        raise ValueError(
+            "--compile trains a network whose channels are removed or dropped wrongly (torch.compile's "
+            "gradients of the kept channels are off, or it crashes); drop --compile with finetune, "
+            "--targeted-dropout or --targeted-keep"
+        )
 
     if cfg.teacher is not None and ckpt is None:  # saved as an absolute path: a resume from elsewhere finds it
         cfg = replace(cfg, teacher=os.path.abspath(cfg.teacher))

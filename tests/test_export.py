@@ -127,6 +127,16 @@ def test_dynamo_below_opset_18_is_refused_not_mislabelled(tiny_checkpoint, tmp_p
     assert not out.exists()
 
 
+def test_a_checkpoint_of_nan_weights_is_not_exported(tiny_checkpoint, tmp_path):
+    """NaN logits compared as no difference and full agreement: the model was written, exit 0."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ckpt["model"]["fc.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    out = tmp_path / "m.onnx"
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "nan.pt"), "-o", str(out)])
+    assert "logits are NaN or infinite" in one_line_error(res) and not out.exists()
+
+
 def test_an_exported_model_reads_back_as_the_checkpoint_it_came_from(exported, tiny_checkpoint):
     # training or fine-tuning can start from a shipped .onnx: its weights, bit for bit, and its shape
     _, path = exported
@@ -164,7 +174,11 @@ def test_train_from_a_pruned_foreign_or_missing_onnx_model_is_one_line(tiny_onnx
     del model.metadata_props[:]
     onnx.save(model, str(foreign))
     missing = tmp_path / "missing.onnx"
-    for path, says in ((pruned, "load the unpruned model"), (foreign, "no hwtool.model_config"), (missing, "exist")):
+    half = tmp_path / "half.onnx"  # convert --to float16 keeps the metadata: it read back float16-rounded
+    res = CliRunner().invoke(main, ["convert", str(tiny_onnx_dynamo), "--to", "float16", "-o", str(half)])
+    assert res.exit_code == 0, res.output
+    cases = ((pruned, "load the unpruned model"), (foreign, "no hwtool.model_config"), (missing, "exist"))
+    for path, says in (*cases, (half, "holds float16 weights")):
         out = tmp_path / f"run-{path.stem}"
         res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), "--from", str(path)])
         assert says in one_line_error(res)

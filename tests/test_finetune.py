@@ -238,3 +238,22 @@ def test_finetune_resumes_after_its_start_checkpoint_is_gone(cifar_path, tmp_pat
     assert res.exit_code == 0, res.output
     after = load_checkpoint(out / "checkpoint.pt")
     assert after["epoch"] == before["epoch"] and after["keep"] == before["keep"]
+
+
+def test_finetune_names_what_it_ignores_or_refuses_as_train_does(cifar_path, tmp_path):
+    """finetune --resume dropped --epochs, --lr and the rest silently, and took --distill-weight or
+    --distill-temperature without --teacher, where train warns and refuses."""
+    out = tmp_path / "run"
+    args = ["finetune", str(START), "--data", cifar_path, "--out", str(out), *OPTIONS]
+    line = one_line_error(CliRunner().invoke(main, [*args, "--distill-temperature", "2"]))
+    assert "--distill-temperature does nothing without --teacher" in line and not out.exists()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    res = CliRunner().invoke(main, [*args, "--resume", "--lr", "0.5"])
+    assert res.exit_code == 0, res.output
+    (warning,) = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warning.endswith("ignored with --resume: the run goes on with its checkpoint's settings")
+    assert {"--epochs", "--limit", "--count", "--lr"} <= set(
+        warning.removeprefix("warning: ").split(" ignored")[0].split(", ")
+    )
+    assert (out / "checkpoint.pt").read_bytes() == before  # a finished run: nothing more trained

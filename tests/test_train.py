@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_errors import one_line_error
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -719,3 +720,28 @@ def test_options_that_would_do_nothing_are_named_and_a_run_folder_must_be_named(
         assert res.exit_code == 2 and message in res.output, (args, res.output)
     assert (run / CHECKPOINT).read_bytes() == before
     assert not (tmp_path / "n").exists() and not Path("checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [["--targeted-dropout", "1"], ["--targeted-keep", "0.5"]], ids=["targeted dropout", "keep"]
+)
+def test_compile_is_refused_where_channels_are_removed_or_dropped(cifar_path, tmp_path, extra):
+    """torch.compile's gradients of the kept-channel path were off by their own size (or the process
+    aborted, heap corrupted, with --targeted-keep): refused before any work."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        main,
+        ["train", "--data", cifar_path, "--out", str(out), *TINY_OPTIONS, "--compile", "--gate-penalty", "1", *extra],
+    )
+    assert "drop --compile with finetune, --targeted-dropout or --targeted-keep" in one_line_error(res)
+    assert not out.exists()
+
+
+def test_a_run_folder_whose_log_cannot_be_written_is_refused_before_training(cifar_path, tmp_path):
+    """log.json (or config.json) as a folder was found after the whole run had trained, leaving a
+    checkpoint without its configuration."""
+    out = tmp_path / "run"
+    (out / "log.json").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), *TINY_OPTIONS])
+    assert "log.json is a folder" in one_line_error(res)
+    assert sorted(p.name for p in out.iterdir()) == ["log.json"]

@@ -881,10 +881,11 @@ def train(
                 entry["distill_loss"] = kd_sum / seen
             if average is not None:
                 entry["test_acc_live"] = live_acc
-            if masks is not None:
-                entry["kept_channels"] = [int(m.sum().item()) for m in masks]
-            if dropout is not None and dropout.removed is not None:
-                kept = [int((~r).sum()) for r in dropout.removed]
+            # What the saved network keeps: fine-tuning's channels, less those dropped for good (removed
+            # to the budget, or targets of p = 1 dropout), as baked above.
+            baked = dead if dead is not None else masks
+            if baked is not None:
+                kept = [int(m.sum().item()) for m in baked]
                 entry["kept_channels"] = kept
                 entry["kept_parameters"] = fixed_params + sum(block_parameters(cfg.model, kept))
             log.append(entry)

@@ -269,6 +269,10 @@ def test_targeted_dropout_with_p_one_prunes_for_good(cifar_path, cifar, tmp_path
         if d.any():
             assert float(t[:, d].max()) < 1e-12 and torch.all(block.transform.weight[d] == 0)
         assert torch.all(t[:, ~d].mean(dim=(0, 2, 3)) > 1e-6)
+    # ... and its log says what it kept, as a run with --targeted-keep does (it said nothing)
+    entry = ckpt["log"][-1]
+    assert entry["kept_channels"] == [int((~d).sum()) for d in dead]
+    assert entry["kept_parameters"] < count_parameters(HighwayNet(HighwayConfig(widths=(8, 16, 32), depth=1)))
 
 
 def test_targeted_dropout_with_lag_folds_each_step_late_to_the_same_means():

@@ -70,6 +70,24 @@ class BenchConfig:
     seed: int = 0  # seed of the random input
     dims: tuple[tuple[str, int], ...] = ()  # sizes of symbolic non-batch input dims, by name (a sequence length)
 
+    def __post_init__(self) -> None:
+        """One batch size or provider given alone is a tuple of one; numpy numbers become Python
+        ones (the result is JSON)."""
+
+        def whole(v):
+            return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+
+        batches = (self.batches,) if np.ndim(self.batches) == 0 else tuple(self.batches)
+        object.__setattr__(self, "batches", tuple(whole(b) for b in batches))
+        providers = (self.providers,) if isinstance(self.providers, str) else tuple(self.providers)
+        object.__setattr__(self, "providers", providers)
+        for name in ("threads", "warmup", "runs", "seed"):
+            object.__setattr__(self, name, whole(getattr(self, name)))
+        if isinstance(self.seconds, (int, float, np.number)) and not isinstance(self.seconds, bool):
+            object.__setattr__(self, "seconds", float(self.seconds))
+        dims = self.dims.items() if isinstance(self.dims, dict) else self.dims
+        object.__setattr__(self, "dims", tuple((str(k), whole(v)) for k, v in dims))
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -310,7 +328,7 @@ def summarize(model: str, provider: str, batch: int, ms: list[float]) -> Timing:
         p99_ms=_percentile(a, 99),
         mean_ms=float(a.mean()),
         min_ms=float(a.min()),
-        throughput=batch * len(a) / (a.sum() / 1000.0),
+        throughput=float(batch * len(a) / (a.sum() / 1000.0)),
     )
 
 

@@ -793,7 +793,7 @@ def prune_cmd(
         threads=threads,
     )
     with progress_bar(console, "prune", disable=as_json) as bar:
-        pruned, report = prune(proto, threshold, calib=x, config=cfg, on_progress=bar.staged)
+        pruned, report = prune(proto, calib=x, config=cfg, on_progress=bar.staged)  # its threshold or budget
     if max_error is not None:
         if report.calibration_images == 0:
             raise ValueError("--max-error needs calibration inputs to verify against (--calib or --data)")
@@ -1051,7 +1051,8 @@ def bench_cmd(models, batch, threads, warmup, runs, seconds, provider, seed, dim
     type=click.Choice(["minmax", "entropy", "percentile"]),
     default="percentile",
     show_default=True,
-    help="Activation range calibration.",
+    help="Activation range calibration (entropy: ONNX Runtime's quantize_static gives its KL search one "
+    "candidate, the whole range, so it equals minmax).",
 )
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option(

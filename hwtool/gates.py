@@ -87,7 +87,10 @@ def check_samples(model: onnx.ModelProto, x, role: str = "calibration") -> Sampl
         names = [s.name for s in specs]
         if sorted(x) != sorted(names):
             raise ValueError(f"{role} inputs are named {sorted(x)}; the model's inputs are {names}")
-        return _checked_inputs("calib", x, specs, role)
+        checked = _checked_inputs("calib", x, specs, role)
+        if len(specs) == 1:  # one image input by its name: the scale its model declares holds too
+            check_scale(model, checked.arrays[specs[0].name], f"calib[{specs[0].name}]", role)
+        return checked
     if not isinstance(x, np.ndarray):
         raise TypeError(
             f"{role} inputs must be a numpy array (or a dict of them by input name), not {type(x).__name__}"

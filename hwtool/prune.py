@@ -53,6 +53,7 @@ from hwtool.runtime import (
     ModelError,
     Samples,
     as_feed,
+    caller_stacklevel,
     first_line,
     fixed_batch,
     flops_per_sample,
@@ -113,6 +114,8 @@ class PruneConfig:
                 raise ValueError(f"PruneConfig.{name} is {v}; give a finite number")
             if not low <= v <= high:
                 raise ValueError(f"PruneConfig.{name} is {v}; it must lie in [{low}, {high}]")
+            if isinstance(v, np.floating) and v.dtype.itemsize < 8:  # float32(0.3) is 0.3, not 0.30000001
+                v = float(str(v))
             object.__setattr__(self, name, int(v) if integer else float(v))  # frozen: set once, here
 
         number("threshold", -math.inf)
@@ -129,6 +132,10 @@ class PruneConfig:
                 raise ValueError(f"budget {self.budget} is not a fraction in (0, 1] of the model's parameters")
         if self.write_back not in WRITE_BACKS:
             raise ValueError(f"write-back must be one of {', '.join(WRITE_BACKS)}, not {self.write_back!r}")
+        for name in ("refit", "refit_transforms", "simplify"):  # "no" or 0 would read as a choice
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"PruneConfig.{name} must be True or False, not {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -773,6 +780,11 @@ def prune(
     if not isinstance(model_or_path, (onnx.ModelProto, str, os.PathLike)):
         raise TypeError(f"the model must be an onnx.ModelProto or a path, not {type(model_or_path).__name__}")
     cfg = config or PruneConfig()
+    if threshold is not None and (budget is not None or cfg.budget is not None):
+        raise ValueError(
+            "give a threshold or a budget, not both: a budget chooses the threshold (the lowest gate level "
+            "whose prune fits it)"
+        )
     if threshold is not None:  # given here, it wins over the config's
         cfg = replace(cfg, threshold=threshold)
     if budget is not None:
@@ -794,7 +806,7 @@ def prune(
     except NoHighwayBlockError as e:
         raise NoHighwayBlockError(f"{hidden}: no block is left to find" if conv_written else str(e)) from None
     if conv_written:
-        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=2)
+        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=caller_stacklevel())
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         calib = whole_batches(original, calib)
@@ -803,7 +815,7 @@ def prune(
         warnings.warn(
             f"{len(calib)} calibration sample{'s' if len(calib) > 1 else ''}: the gate means, the refit and the "
             "verification rest on so few alone; 256 or more is usual",
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
     ref_outputs = reference if reference is None or calib is None else [r[: len(calib)] for r in reference]
 
@@ -817,7 +829,9 @@ def prune(
     if gate_stats is None:
         gate_stats = gates_from_metadata(original, blocks)
     if gate_stats is None:
-        raise ValueError("no gate statistics: pass calibration inputs (--calib FILE.npy or --data PATH)")
+        raise ValueError(
+            "no gate statistics: pass calibration inputs (--calib FILE.npy or --data PATH; in Python, calib=)"
+        )
     if cfg.refit and calib is None:
         raise ValueError(
             "the gate refit needs calibration inputs: pass --calib FILE.npy or --data PATH (calib= in Python), "

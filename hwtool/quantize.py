@@ -78,6 +78,17 @@ class QuantizeConfig:
             raise ValueError(f"activations must be uint8 or int8, not {self.activations!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+        if isinstance(self.ops, str) and self.ops != "auto":  # one op type, not its letters
+            object.__setattr__(self, "ops", (self.ops,))
+        elif self.ops is not None and not isinstance(self.ops, str):
+            object.__setattr__(self, "ops", tuple(self.ops))
+        for name in ("batch", "threads"):
+            v = getattr(self, name)
+            if v is None and name == "threads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"QuantizeConfig.{name} must be a whole number of at least 1, not {v!r}")
+            object.__setattr__(self, name, int(v))
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,11 @@ def layer_ops(model: onnx.ModelProto) -> tuple[str, ...]:
 def quantize_model(
     model: onnx.ModelProto, calib: Samples, config: QuantizeConfig = QuantizeConfig(), on_batch=None
 ) -> tuple[onnx.ModelProto, bool]:
-    """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs."""
+    """(int8 QDQ model, whether pre-processing ran) from a float model and calibration inputs (an
+    array, or for a model of several inputs a dict or `Inputs` of one array per input name)."""
+    from hwtool.gates import check_samples
+
+    calib = check_samples(model, calib)
     if is_quantized(model):
         raise ModelError("the model already holds quantization ops; quantize the float model instead")
     if config.ops == "auto":

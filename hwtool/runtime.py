@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ def make_session(
         return ort.InferenceSession(src, opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
         raise ModelError(f"ONNX Runtime cannot load the model: {first_line(e)}") from None
+
+
+def caller_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for the function calling this, of the first frame outside the
+    hwtool package: a warning then names the user's line, however many of hwtool's frames (the
+    callable `hwtool.prune` module, say) lie between."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def first_line(e: BaseException) -> str:

@@ -53,7 +53,7 @@ def sweep(
     calib: Samples | dict[str, np.ndarray] | None = None,
     calib_count: int = 512,
     limit: int | None = None,
-    config: PruneConfig = PruneConfig(),
+    config: PruneConfig | None = None,
     latency: bool = False,
     latency_runs: int = 30,
     on_progress=None,
@@ -69,8 +69,9 @@ def sweep(
     `calib` in its own layout) the rows compare with the original on the calibration inputs only:
     top-1 agreement and max abs error. Each of `budgets` adds a row pruned at the lowest threshold
     that keeps at most that fraction of the parameters (`PruneConfig.budget`)."""
-    thresholds = (thresholds,) if isinstance(thresholds, (int, float)) else tuple(thresholds)  # one, or several
-    budgets = (budgets,) if isinstance(budgets, (int, float)) else tuple(budgets)
+    config = PruneConfig() if config is None else config
+    thresholds = (thresholds,) if np.ndim(thresholds) == 0 else tuple(thresholds)  # one, or several
+    budgets = (budgets,) if np.ndim(budgets) == 0 else tuple(budgets)
     if config.budget is not None:  # each row's budget comes from `budgets`; one in config was dropped unread
         raise ValueError(f"sweep takes budgets as budgets=({config.budget},), not in its config; move it there")
     for b in budgets:
@@ -136,7 +137,6 @@ def sweep(
     for cfg in settings:
         pruned, rep = prune(
             original,
-            cfg.threshold,
             calib=calib,
             config=cfg,
             gate_stats=stats,

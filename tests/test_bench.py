@@ -143,6 +143,16 @@ def test_bench_from_python_takes_one_path_as_one_model(models):
     assert [m.path for m in result.models] == [str(models["narrow"])]
 
 
+def test_a_bench_config_from_python_takes_one_value_alone_and_numpy_numbers(models):
+    """providers="cpu" was read letter by letter ("unknown provider 'c'"), batches=1 was not
+    iterable, and numpy batch sizes made a result JSON could not hold."""
+    cfg = BenchConfig(batches=np.array([2])[0], providers="cpu", warmup=np.int64(0), runs=2, threads=1)
+    assert cfg.batches == (2,) and cfg.providers == ("cpu",) and type(cfg.warmup) is int
+    result = bench([models["wide"]], cfg)
+    d = json.loads(json.dumps(result.to_dict()))
+    assert [t["batch"] for t in d["timings"]] == [2] and type(result.timings[0].throughput) is float
+
+
 def test_missing_provider_is_named_with_its_package(models, tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA")

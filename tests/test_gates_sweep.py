@@ -262,3 +262,27 @@ def test_a_handful_of_calibration_samples_is_a_warning(model_files, tmp_path):
     assert "warning: 1 calibration sample:" in res.output
     res = _cli(["prune", a, "--threshold", "0.3", "-o", tmp_path / "q.onnx", "--calib", calib])
     assert "warning" not in res.output
+
+
+def test_the_scale_an_exported_model_declares_is_checked_in_every_form_of_calib(model_files):
+    """A dict or hwtool.Inputs of 0-255 images passed where the plain array was refused."""
+    import hwtool
+    from hwtool.prune import prune
+
+    a, _, calib = model_files
+    model = onnx.load(str(a))
+    onnx.helper.set_model_props(model, {"hwtool.input": "float32 [N,3,32,32] RGB in [0,1]"})
+    x = np.load(calib) * 255
+    name = model.graph.input[0].name
+    for form in (x, {name: x}, hwtool.Inputs({name: x})):
+        with pytest.raises(ValueError, match=r"takes RGB in \[0,1\]"):
+            prune(model, 0.3, calib=form)
+
+
+def test_sweep_from_python_takes_numpy_scalars_and_no_config(model_files):
+    from hwtool.sweep import sweep
+
+    a, _, calib = model_files
+    rows = sweep(a, None, np.float32(0.3), calib=np.load(calib), budgets=np.float32(0.5), config=None)
+    assert len(rows) == 3 and sorted(r.budget for r in rows if r.budget is not None) == [pytest.approx(0.5)]
+    assert 0.3 in [r.threshold for r in rows]

@@ -1363,3 +1363,27 @@ def test_pruning_again_after_the_conv_write_back_says_what_it_cannot_find():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune(gathered, 0.3, calib=x)
+
+
+def test_the_python_api_refuses_a_threshold_and_a_budget_together_and_non_bool_switches():
+    """prune(m, 0.05, budget=0.5) pruned to the budget and dropped the 0.05 without a word (the
+    CLI refuses both); PruneConfig(refit="no") refitted."""
+    model, x = build(Spec(seed=3)), images(16)
+    for kw in ({"budget": 0.5}, {"config": PruneConfig(budget=0.5)}):
+        with pytest.raises(ValueError, match="a threshold or a budget, not both"):
+            prune(model, 0.05, calib=x, **kw)
+    _, rep = prune(model, calib=x, config=PruneConfig(threshold=0.3, budget=0.5))  # the config's budget rules
+    assert rep.budget == 0.5 and rep.params_after <= 0.5 * rep.params_before
+    for name in ("refit", "refit_transforms", "simplify"):
+        with pytest.raises(TypeError, match=f"PruneConfig.{name} must be True or False"):
+            PruneConfig(**{name: "no"})
+    assert PruneConfig(refit=np.bool_(False)).refit is False
+
+
+def test_a_warning_of_hwtool_prune_names_the_callers_line():
+    """Through the callable module (hwtool.prune(...)) the warning was put on hwtool's own line."""
+    import hwtool
+
+    with pytest.warns(UserWarning, match="calibration samples") as caught:
+        hwtool.prune(build(Spec(seed=3)), 0.3, calib=images(4))
+    assert caught[0].filename == __file__

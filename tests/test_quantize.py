@@ -222,6 +222,23 @@ def test_a_quantize_config_refuses_unknown_settings_where_it_is_made():
         QuantizeConfig(activations="UINT8")
     with pytest.raises(ValueError, match="unknown calibration method 'max'"):
         QuantizeConfig(method="max")
+    # one op type given alone was read letter by letter ("no C, o, n, v node"); a batch under 1
+    # failed deep in the calibration with a bare StopIteration
+    assert QuantizeConfig(ops="Conv").ops == ("Conv",) and QuantizeConfig(ops=["Conv", "Gemm"]).ops == ("Conv", "Gemm")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="QuantizeConfig.batch must be a whole number of at least 1"):
+            QuantizeConfig(batch=bad)
+
+
+def test_quantize_model_checks_its_calibration_as_prune_does():
+    """A uint8 array of 0-255 images was cast and calibrated on; prune refuses it."""
+    from hwtool.quantize import quantize_model
+
+    model = build(Spec(seed=1))
+    with pytest.raises(ValueError, match="calib is uint8"):
+        quantize_model(model, (images(8) * 255).astype(np.uint8))
+    with pytest.raises(TypeError, match="numpy array"):
+        quantize_model(model, images(8).tolist())
 
 
 def test_onnx_runtime_says_nothing_of_its_own_while_quantizing(tmp_path, capfd):

@@ -90,7 +90,10 @@ for name in "${variants[@]}"; do
     files+=("probe-$name.txt")
     [[ -f $runs/one-$name.txt ]] && files+=("one-$name.txt")
     for f in log.json config.json; do [[ -f $runs/one-$name/$f ]] && files+=("one-$name/$f"); done
-    [[ -f $runs/one-$name/checkpoint.pt ]] || continue
+    if [[ ! -f $runs/one-$name/checkpoint.pt ]]; then  # say so here: its own log is in one-NAME.txt
+        note "one-$name: no checkpoint; its last line: $(tail -n 1 "$runs/one-$name.txt" 2>/dev/null || echo none)"
+        continue
+    fi
     python3 benchmarks/device_checkpoint.py slim "$runs/one-$name/checkpoint.pt" "$runs/one-$name.slim.pt"
     gzip -1 -c "$runs/one-$name.slim.pt" >"$out/one-$name.pt.gz"
     note "one-$name: $(python3 -c 'import json, sys; l = json.load(open(sys.argv[1])); print(len(l), "epochs, test", l[-1]["test_acc"])' "$runs/one-$name/log.json") at $SECONDS s"

@@ -85,7 +85,10 @@ for lr in "${lrs[@]}"; do
     files+=("probe-$lr.txt")
     [[ -f $runs/dev-p3-$lr.txt ]] && files+=("dev-p3-$lr.txt")
     for f in log.json config.json; do [[ -f $runs/dev-p3-$lr/$f ]] && files+=("dev-p3-$lr/$f"); done
-    [[ -f $runs/dev-p3-$lr/checkpoint.pt ]] || continue
+    if [[ ! -f $runs/dev-p3-$lr/checkpoint.pt ]]; then  # say so here: its own log is in dev-p3-LR.txt
+        note "dev-p3-$lr: no checkpoint; its last line: $(tail -n 1 "$runs/dev-p3-$lr.txt" 2>/dev/null || echo none)"
+        continue
+    fi
     python3 benchmarks/device_checkpoint.py slim "$runs/dev-p3-$lr/checkpoint.pt" "$runs/dev-p3-$lr.slim.pt"
     gzip -1 -c "$runs/dev-p3-$lr.slim.pt" >"$out/dev-p3-$lr.pt.gz"
     note "dev-p3-$lr: $(python3 -c 'import json, sys; l = json.load(open(sys.argv[1])); print(len(l), "epochs, test", l[-1]["test_acc"])' "$runs/dev-p3-$lr/log.json") at $SECONDS s"

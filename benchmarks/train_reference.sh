@@ -39,6 +39,7 @@ hw=${HWTOOL:-hwtool}
 source "$(dirname "$0")/train_phase.sh"
 
 first="$runs/reference-run1.onnx"
+mkdir -p "$runs"
 [[ -f $first ]] || git show fb060ef:models/reference.onnx > "$first"
 
 phase "$runs/ref-plain" --epochs 6 --gate-penalty 0 --fp32

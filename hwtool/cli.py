@@ -829,6 +829,11 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.report import gate_heatmap, gate_table, progress_bar
     from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
 
+    if png is None:
+        _unused(("unsorted",), "without --png (it orders the heat map's channels)")
+    listed = [os.path.realpath(m) for m in models]
+    if len(set(listed)) < len(listed):
+        raise ValueError("a model is listed twice; name each once")
     check_outputs([png, as_json], [*models, calib, data])
     panels = []
     for path in models:
@@ -848,7 +853,10 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     if png:
         files[png] = gate_heatmap(panels, sort=not unsorted)
     if as_json:
-        doc = [{"model": str(p), "source": t, "blocks": m} for p, (t, m) in zip(models, panels)]
+        doc = [
+            {"model": str(p), "source": t.removeprefix(f"{Path(p).name}: "), "blocks": m}
+            for p, (t, m) in zip(models, panels)
+        ]
         files[as_json] = json_file_bytes(doc, indent=None)
     atomic_write_files(files)
     if files:
@@ -984,7 +992,8 @@ def _quantize_ops(text: str) -> tuple[str, ...] | str | None:
     "--seconds",
     type=_Number(0, min_open=True),
     default=None,
-    help="Time each model about this long per batch instead of --runs.",
+    help="Time about this long per batch and model instead of --runs: the models share SECONDS x their "
+    "number, run for run, so each gets the same number of runs.",
 )
 @click.option(
     "--provider",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,7 +250,13 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
             f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{_layout(dims)}]; "
             "pass --calib FILE.npy with calibration inputs in the model's own layout"
         ) from None
-    return load_cifar10(data, splits=(split,))[split].as_float(count)
+    images = load_cifar10(data, splits=(split,))[split]
+    if count > len(images):
+        warnings.warn(
+            f"{count} calibration images asked for and the {split} split holds {len(images)}: all of them are used",
+            stacklevel=2,
+        )
+    return images.as_float(count)
 
 
 def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStats | None:

@@ -286,3 +286,27 @@ def test_sweep_from_python_takes_numpy_scalars_and_no_config(model_files):
     rows = sweep(a, None, np.float32(0.3), calib=np.load(calib), budgets=np.float32(0.5), config=None)
     assert len(rows) == 3 and sorted(r.budget for r in rows if r.budget is not None) == [pytest.approx(0.5)]
     assert 0.3 in [r.threshold for r in rows]
+
+
+def test_gates_says_what_it_cannot_do_with_its_options(model_files, tmp_path):
+    """--unsorted without --png did nothing, a model named twice gave two panels of one model, and
+    --count past the split's size was cut to it without a word."""
+    from cli_errors import one_line_error
+
+    a, _, calib = model_files
+    line = one_line_error(_cli(["gates", a, "--calib", calib, "--unsorted", "--json", tmp_path / "g.json"]))
+    assert "--unsorted does nothing without --png" in line and not (tmp_path / "g.json").exists()
+    assert "a model is listed twice" in one_line_error(_cli(["gates", a, a, "--calib", calib]))
+    res = _cli(["gates", a, "--calib", calib, "--json", tmp_path / "g.json"])
+    assert res.exit_code == 0
+    (doc,) = json.loads((tmp_path / "g.json").read_text())
+    assert doc["source"] == "calibration (16 images)"  # the source alone, not the panel's title
+
+
+def test_a_count_past_the_split_is_a_warning(cifar_path):
+    from hwtool.gates import calibration_from_data
+
+    model = build(Spec())
+    with pytest.warns(UserWarning, match="20000 calibration images asked for and the test split holds 10000"):
+        x = calibration_from_data(model, cifar_path, count=20000, split="test")
+    assert len(x) == 10000

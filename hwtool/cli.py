@@ -654,6 +654,12 @@ def _typed(names: tuple[str, ...]) -> list[str]:
     return [flags.get(n, "--" + n.replace("_", "-")) for n in names if ctx.get_parameter_source(n) not in defaults]
 
 
+def _png(path) -> None:
+    """--png writes PNG bytes: a path named for another format would hold what its name does not say."""
+    if path is not None and Path(str(path)).suffix.lower() != ".png":
+        raise ValueError(f"--png {path} names no .png file; the picture is a PNG: name it .png")
+
+
 def _unused(names: tuple[str, ...], when: str) -> None:
     """Refuse options (by parameter name) typed where they do nothing, rather than ignore them."""
     typed = _typed(names)
@@ -829,6 +835,7 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.report import gate_heatmap, gate_table, progress_bar
     from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
 
+    _png(png)
     if png is None:
         _unused(("unsorted",), "without --png (it orders the heat map's channels)")
     listed = [os.path.realpath(m) for m in models]
@@ -922,6 +929,7 @@ def sweep_cmd(
     for b in buds:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"--budgets: {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
+    _png(png)
     proto = load_model(model)
     stem = Path(model).with_suffix("")
     csv_path = csv_path if csv_path is not None else f"{stem}.sweep.csv"

@@ -297,6 +297,9 @@ def test_gates_says_what_it_cannot_do_with_its_options(model_files, tmp_path):
     line = one_line_error(_cli(["gates", a, "--calib", calib, "--unsorted", "--json", tmp_path / "g.json"]))
     assert "--unsorted does nothing without --png" in line and not (tmp_path / "g.json").exists()
     assert "a model is listed twice" in one_line_error(_cli(["gates", a, a, "--calib", calib]))
+    for command in (["gates", a, "--calib", calib], ["sweep", a, "--calib", calib]):  # PNG bytes in a .jpg
+        assert "names no .png file" in one_line_error(_cli([*command, "--png", tmp_path / "g.jpg"]))
+    assert not (tmp_path / "g.jpg").exists()
     res = _cli(["gates", a, "--calib", calib, "--json", tmp_path / "g.json"])
     assert res.exit_code == 0
     (doc,) = json.loads((tmp_path / "g.json").read_text())

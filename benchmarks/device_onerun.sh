@@ -31,6 +31,11 @@ common=(--batch-size 512 --lr 0.4 --cutout 12 --ema 0.998 --mixed --gate-penalty
     --gate-weighting uniform --silence-penalty 1 --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09)
 ONERUN_a=${ONERUN_a:---gate-ramp 0.2 --targeted-keep-by 0.5}
 ONERUN_b=${ONERUN_b:---gate-ramp 0.3 --targeted-keep-by 0.7}
+# The next lease's plan (stop 29): b again beside two changes of it, all three at once for E epochs
+# (about 70 in a 10-minute call): `VARIANTS="b c d" E=70`. c ends the removal sooner, leaving more
+# epochs to train what is kept; d doubles the peak learning rate (later options win).
+ONERUN_c=${ONERUN_c:---gate-ramp 0.3 --targeted-keep-by 0.6}
+ONERUN_d=${ONERUN_d:---gate-ramp 0.3 --targeted-keep-by 0.7 --lr 0.8}
 
 case "${1:-run}" in
 prepare)

@@ -348,7 +348,13 @@ def _distill_options(fn):
     default=None,
     help="Float32, or mixed precision (bf16 autocast).  [default: mixed on bf16 GPUs and CPUs with native bf16]",
 )
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the model (faster after warm-up); not with --targeted-dropout or --targeted-keep, "
+    "whose kept-channel steps it gets wrong.",
+)
 @_distill_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @friendly
@@ -477,7 +483,6 @@ def _summary(ckpt: dict, out: str) -> None:
     default=None,
     help="Float32, or mixed precision (bf16 autocast).  [default: mixed on bf16 GPUs and CPUs with native bf16]",
 )
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (faster after warm-up).")
 @_distill_options
 @click.option("--resume", is_flag=True, help="Continue the fine-tuning run in --out.")
 @friendly
@@ -494,7 +499,6 @@ def finetune(
     cutout,
     ema,
     fp32,
-    compile_,
     teacher,
     distill_weight,
     distill_temperature,
@@ -533,7 +537,6 @@ def finetune(
         cutout=cutout,
         ema=ema,
         bf16=None if fp32 is None else not fp32,
-        compile=compile_,
         teacher=teacher,
         distill_weight=distill_weight,
         distill_temperature=distill_temperature,
@@ -654,6 +657,12 @@ def _typed(names: tuple[str, ...]) -> list[str]:
     return [flags.get(n, "--" + n.replace("_", "-")) for n in names if ctx.get_parameter_source(n) not in defaults]
 
 
+def _given(value, name: str):
+    """The option's value if typed, else None: the function it goes to then takes its own default
+    without the warnings that an asked-for value earns."""
+    return value if _typed((name,)) else None
+
+
 def _png(path) -> None:
     """--png writes PNG bytes: a path named for another format would hold what its name does not say."""
     if path is not None and Path(str(path)).suffix.lower() != ".png":
@@ -688,7 +697,7 @@ def _calibration(model_proto, calib, data, count, split):
     if calib:
         return load_calibration(model_proto, calib)
     if data:
-        return calibration_from_data(model_proto, data, count=count, split=split)
+        return calibration_from_data(model_proto, data, count=_given(count, "count"), split=split)
     return None
 
 
@@ -835,13 +844,13 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.report import gate_heatmap, gate_table, progress_bar
     from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
 
-    _png(png)
     if png is None:
         _unused(("unsorted",), "without --png (it orders the heat map's channels)")
     listed = [os.path.realpath(m) for m in models]
     if len(set(listed)) < len(listed):
         raise ValueError("a model is listed twice; name each once")
     check_outputs([png, as_json], [*models, calib, data])
+    _png(png)
     panels = []
     for path in models:
         proto, blocks = highway_model(load_model(path))
@@ -929,24 +938,24 @@ def sweep_cmd(
     for b in buds:
         if not 0.0 < b <= 1.0:
             raise ValueError(f"--budgets: {b} is not a fraction in (0, 1]; 0.1 keeps a tenth of the parameters")
-    _png(png)
     proto = load_model(model)
     stem = Path(model).with_suffix("")
     csv_path = csv_path if csv_path is not None else f"{stem}.sweep.csv"
     json_path = json_path if json_path is not None else f"{stem}.sweep.json"
     png = png if png is not None else f"{stem}.sweep.png"
     check_outputs([csv_path, json_path, png], [model, calib, data])
+    _png(png)
     x = load_calibration(proto, calib) if calib else None
     test = load_test_set(proto, data, limit) if data else None
     if test is not None and x is None and not is_test_npz(data):
-        x = calibration_from_data(proto, data, count=count)
+        x = calibration_from_data(proto, data, count=_given(count, "count"))
     with progress_bar(console, "sweep") as bar:
         rows = sweep(
             proto,
             test,
             ths,
             calib=x,
-            calib_count=count,
+            calib_count=_given(count, "count"),
             limit=limit,
             config=PruneConfig(refit=not no_refit, refit_transforms=not refit_gates_only),
             latency=latency,
@@ -1110,7 +1119,7 @@ def quantize_cmd(
             output,
             calib=calib,
             data=data,
-            count=count,
+            count=_given(count, "count"),
             limit=limit,
             config=cfg,
             on_batch=bar,

@@ -17,6 +17,7 @@ from hwtool.runtime import (
     InputSpec,
     ModelError,
     Samples,
+    caller_stacklevel,
     fixed_batch,
     input_specs,
     join_batches,
@@ -226,8 +227,14 @@ def _checked_shape(where: str, x: np.ndarray, spec: InputSpec, expected: str, ro
     return x
 
 
-def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, split: str = "train") -> np.ndarray:
-    """The first `count` images of a CIFAR-10 split as float32 NCHW in [0, 1]."""
+DEFAULT_COUNT = 512  # calibration images taken from --data when no count is given
+
+
+def calibration_from_data(
+    model: onnx.ModelProto, data: str, count: int | None = None, split: str = "train"
+) -> np.ndarray:
+    """The first `count` images (DEFAULT_COUNT when None) of a CIFAR-10 split as float32 NCHW in
+    [0, 1]; a count given past the split's size is a warning (all the split's images are used)."""
     from hwtool.data import load_cifar10
     from hwtool.evaluate import check_image_input, is_test_npz
 
@@ -251,12 +258,12 @@ def calibration_from_data(model: onnx.ModelProto, data: str, count: int = 512, s
             "pass --calib FILE.npy with calibration inputs in the model's own layout"
         ) from None
     images = load_cifar10(data, splits=(split,))[split]
-    if count > len(images):
+    if count is not None and count > len(images):
         warnings.warn(
             f"{count} calibration images asked for and the {split} split holds {len(images)}: all of them are used",
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
-    return images.as_float(count)
+    return images.as_float(DEFAULT_COUNT if count is None else count)
 
 
 def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStats | None:

@@ -795,18 +795,7 @@ def prune(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     given = original  # reported and verified against; blocks may be found only in its simplification
-    # The conv write-back's one-hot layers stand in the mix of the blocks it pruned: they are not found again.
-    hidden = (
-        "this model was pruned before with the conv write-back, whose one-hot layers hide the blocks it pruned; "
-        "prune the original, or prune with --write-back gather"
-    )
-    conv_written = any(ONE_HOT_NAME.match(o) for n in given.graph.node for o in n.output)
-    try:
-        original, blocks = (given, blocks) if blocks is not None else highway_model(given)
-    except NoHighwayBlockError as e:
-        raise NoHighwayBlockError(f"{hidden}: no block is left to find" if conv_written else str(e)) from None
-    if conv_written:
-        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=caller_stacklevel())
+    original, blocks = (given, blocks) if blocks is not None else highway_model(given)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         calib = whole_batches(original, calib)
@@ -1277,10 +1266,17 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
     `optimize=False`) leave a BatchNormalization between a gate conv and its sigmoid and the mix's 1
     behind a Cast; onnxsim folds both, computing the same function.
     """
+    # The conv write-back's one-hot layers stand in the mix of the blocks it pruned: they are not found again.
+    names = [o for n in model.graph.node for o in n.output]  # OneHot nodes' outputs, or matrices kept whole:
+    names += [t.name for t in model.graph.initializer if t.data_type != onnx.TensorProto.INT64]  # not indices
+    hidden = any(ONE_HOT_NAME.match(name) for name in names) and (
+        "this model was pruned before with the conv write-back, whose one-hot layers hide the blocks it pruned; "
+        "prune the original, or prune with --write-back gather"
+    )
     try:
         blocks = find_blocks(model)
     except NoHighwayBlockError as e:
-        blocks, first = [], e
+        blocks, first = [], NoHighwayBlockError(f"{hidden}: no block is left to find") if hidden else e
     explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
     unexplained = any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS)
     best, more = model, blocks
@@ -1295,6 +1291,8 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
                 best, more = candidate, found
     if not more:
         raise first
+    if hidden:
+        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=caller_stacklevel())
     return best, more
 
 
@@ -1331,7 +1329,15 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
             else:  # Mul, or Div by the constant
                 f = c if op == "Mul" else 1.0 / c
                 w, b = w * f, b * f
-        _set_layer(ed, layer, w.astype(layer.weight.dtype), b.astype(layer.weight.dtype), f"{base}{n}")
+        # A layer without a bias gains one only where an offset (Add, Sub) was folded into it.
+        bias = None if layer.bias is None and all(op in ("Mul", "Div") for op, _, _ in steps) else b
+        _set_layer(
+            ed,
+            layer,
+            w.astype(layer.weight.dtype),
+            None if bias is None else bias.astype(layer.weight.dtype),
+            f"{base}{n}",
+        )
         ed.node(out).input[0] = x
         ed.remove_nodes(set(chain))
     return cleanup(model)

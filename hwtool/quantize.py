@@ -245,7 +245,7 @@ def quantize(
     output: str | os.PathLike,
     calib: str | os.PathLike | None = None,
     data: str | None = None,
-    count: int = 512,
+    count: int | None = None,
     limit: int | None = None,
     config: QuantizeConfig = QuantizeConfig(),
     on_batch=None,
@@ -254,7 +254,7 @@ def quantize(
     """Quantize an ONNX file to int8 and write it atomically; the input file is never touched.
 
     Calibration inputs come from `calib` (a .npy in the model's input layout, or an .npz of one array
-    per input for a model of several) or else from the first `count` CIFAR-10 *training* images
+    per input for a model of several) or else from the first `count` (None: 512) CIFAR-10 *training* images
     under `data`. With `data`, top-1 accuracy before and after is measured on the first `limit`
     *test* samples (never the calibration images): of CIFAR-10, or of a labelled test set .npz of
     the model's own inputs (`evaluate.load_test_set`), which needs `calib`.

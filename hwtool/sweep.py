@@ -51,7 +51,7 @@ def sweep(
     data: str | os.PathLike | TestSet | None,
     thresholds: tuple[float, ...],
     calib: Samples | dict[str, np.ndarray] | None = None,
-    calib_count: int = 512,
+    calib_count: int | None = None,
     limit: int | None = None,
     config: PruneConfig | None = None,
     latency: bool = False,
@@ -62,7 +62,7 @@ def sweep(
     """Prune at each threshold with one shared gate measurement; the first row is the original, the
     others follow by threshold.
     `model` is an ONNX file or one already loaded. With `data` each row has its test accuracy:
-    CIFAR-10 (calibrated on `calib_count` training images unless `calib` is given), a labelled
+    CIFAR-10 (calibrated on `calib_count` (None: 512) training images unless `calib` is given), a labelled
     test set .npz of the model's own inputs (`evaluate.load_test_set`), or a `TestSet` already
     loaded; `calib` is required but for CIFAR-10, so that the gates are never measured on the test
     samples. Without `data` (a model of other inputs, with
@@ -129,10 +129,16 @@ def sweep(
             given.ByteSize(),
             flops_per_sample(given, sizes=symbolic_sizes(given, calib)),
             accuracy(given, "accuracy original"),
-            0.0,
+            0.0 if any(r.dtype.kind == "f" for r in ref) else None,  # no float output: no error to measure
             agreement=top1_agreement(ref[0], ref[0]),  # 1.0 where the first output gives classes
         )
     ]
+    if all(v is None for v in (rows[0].accuracy, rows[0].agreement, rows[0].max_abs_error)):
+        raise ValueError(
+            "the model's first output is neither class scores [N, classes] nor class ids [N] and none of its "
+            "outputs is floating-point, so sweep has nothing to measure the pruned models by; pass --data "
+            "with a labelled test set (.npz of the inputs and 'labels') for accuracy"
+        )
     models = [given]
     for cfg in settings:
         pruned, rep = prune(

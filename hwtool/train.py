@@ -997,7 +997,7 @@ def config_from_options(**kw) -> TrainConfig:
         base = HighwayConfig.from_dict(load_start(kw["init"])["config"]["model"])
         asked = replace(base, **model_kw)
         if asked != base:
-            flags = " ".join(f"--{k}" for k in model_kw)
+            flags = " and ".join(f"--{k}" for k, v in model_kw.items() if getattr(base, k) != v)
             raise ValueError(
                 f"{kw['init']} holds a network of {describe_shape(base)}, not {describe_shape(asked)}: "
                 f"a run --from keeps its network's shape; drop {flags}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -313,3 +314,23 @@ def test_a_count_past_the_split_is_a_warning(cifar_path):
     with pytest.warns(UserWarning, match="20000 calibration images asked for and the test split holds 10000"):
         x = calibration_from_data(model, cifar_path, count=20000, split="test")
     assert len(x) == 10000
+    with warnings.catch_warnings():  # the default count, not asked for, says nothing
+        warnings.simplefilter("error")
+        assert len(calibration_from_data(model, cifar_path, split="test")) == 512
+
+
+def test_sweep_of_a_model_with_nothing_to_measure_is_one_line(model_files, tmp_path):
+    """Integer outputs that are not class ids [N] (ArgMax kept [N, 1]): every row's error was None
+    and the plot multiplied it, a traceback; with labels it sweeps by accuracy."""
+    from cli_errors import one_line_error
+
+    a, _, calib = model_files
+    model = onnx.load(str(a))
+    scores = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("ArgMax", [scores], ["ids"], axis=1, keepdims=1))
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 1]))
+    onnx.save(model, str(tmp_path / "ids.onnx"))
+    out = ["--csv", tmp_path / "s.csv", "--json", tmp_path / "s.json", "--png", tmp_path / "s.png"]
+    line = one_line_error(_cli(["sweep", tmp_path / "ids.onnx", "--calib", calib, "--thresholds", "0.3", *out]))
+    assert "nothing to measure the pruned models by" in line and not (tmp_path / "s.json").exists()

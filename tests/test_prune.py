@@ -1359,6 +1359,15 @@ def test_pruning_again_after_the_conv_write_back_says_what_it_cannot_find():
     every, _ = prune(every, 1e-6, calib=x, config=PruneConfig(write_back="conv"))  # part of each block goes
     with pytest.raises(NoHighwayBlockError, match="conv write-back.*no block is left to find"):
         prune(every, 0.3, calib=x)
+    # gates and sweep, which find blocks the same way, say so too (they gave "is this a highway network?")
+    from hwtool.gates import measure_gates
+    from hwtool.prune import highway_model
+
+    with pytest.raises(NoHighwayBlockError, match="no block is left to find"):
+        highway_model(every)
+    with pytest.warns(UserWarning, match="only the blocks it left whole"):
+        _, blocks = highway_model(once)
+    assert len(measure_gates(once, blocks, x)[0].means) == 2
     gathered, _ = prune(model, 1e-6, calib=x, config=PruneConfig(write_back="gather"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -1387,3 +1396,27 @@ def test_a_warning_of_hwtool_prune_names_the_callers_line():
     with pytest.warns(UserWarning, match="calibration samples") as caught:
         hwtool.prune(build(Spec(seed=3)), 0.3, calib=images(4))
     assert caught[0].filename == __file__
+
+
+def test_a_temperature_folded_into_a_gate_without_a_bias_adds_none():
+    """Folding only scaled the weights, yet the gate layer gained a zero bias of its own."""
+    from hwtool.prune import fold_gate_scalars
+
+    model = build(Spec(seed=3))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "tau"))
+    for i, sig in enumerate([n for n in model.graph.node if n.op_type == "Sigmoid"]):
+        conv = next(n for n in model.graph.node if n.output[0] == sig.input[0])
+        del conv.input[2]
+        model.graph.node.insert(
+            list(model.graph.node).index(sig), onnx.helper.make_node("Div", [sig.input[0], "tau"], [f"z{i}"])
+        )
+        sig.input[0] = f"z{i}"
+    folded = fold_gate_scalars(model)
+    gates = [
+        n
+        for n in folded.graph.node
+        if n.op_type == "Conv" and any(u.op_type == "Sigmoid" and u.input[0] == n.output[0] for u in folded.graph.node)
+    ]
+    assert len(gates) == 3 and all(len(n.input) == 2 for n in gates)
+    x = images(8)
+    np.testing.assert_allclose(run(folded, x), run(model, x), atol=1e-5)

@@ -620,7 +620,7 @@ TEST_SET_HELP = (
 def eval_(model, data, limit, batch, as_json):
     """Top-1 accuracy of MODEL with ONNX Runtime, on the CIFAR-10 test split or a labelled test set.
 
-    The first output is read as class scores [N, classes] (argmax) or as class ids [N]."""
+    The first output is read as class scores [N, classes] (argmax) or as class ids [N] or [N, 1]."""
     from hwtool.evaluate import evaluate
     from hwtool.report import progress_bar
 

@@ -114,7 +114,8 @@ def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | 
 
 
 def predictions(output: np.ndarray) -> np.ndarray:
-    """Class ids from a model's first output: argmax of class scores [N, classes], or class ids [N]."""
+    """Class ids from a model's first output: argmax of class scores [N, classes], or class ids [N]
+    (or [N, 1], as ONNX's ArgMax keeps its axis by default)."""
     if output.ndim == 2 and output.dtype.kind == "f":
         if not np.isfinite(output).all():  # argmax of NaN scores is class 0: a made-up accuracy
             raise ModelError(
@@ -122,11 +123,11 @@ def predictions(output: np.ndarray) -> np.ndarray:
                 "as the model expects and that its weights are finite"
             )
         return output.argmax(1)
-    if output.ndim == 1 and output.dtype.kind in "iu":
-        return output.astype(np.int64)
+    if output.dtype.kind in "iu" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)):
+        return output.reshape(-1).astype(np.int64)
     raise ModelError(
         f"the model's first output is {output.dtype} {list(output.shape)}; accuracy needs class scores "
-        "[N, classes] or class ids [N]"
+        "[N, classes] or class ids [N] or [N, 1]"
     )
 
 

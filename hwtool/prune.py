@@ -1177,10 +1177,10 @@ def output_errors(ref: list[np.ndarray], new: list[np.ndarray]) -> tuple[float |
 
 def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float | None:
     """How often a model output names the same class as the original's: by argmax for class scores
-    [N, classes], directly for class ids [N] (integers); None for any other output."""
+    [N, classes], directly for class ids [N] or [N, 1] (integers); None for any other output."""
     if ref.ndim == 2 and ref.dtype.kind == "f":
         return float((new.argmax(1) == ref.argmax(1)).mean())
-    if ref.ndim == 1 and ref.dtype.kind in "iu":
+    if ref.dtype.kind in "iu" and (ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)):  # [N, 1]: ArgMax's default
         return float((new == ref).mean())
     return None
 

@@ -135,9 +135,9 @@ def sweep(
     ]
     if all(v is None for v in (rows[0].accuracy, rows[0].agreement, rows[0].max_abs_error)):
         raise ValueError(
-            "the model's first output is neither class scores [N, classes] nor class ids [N] and none of its "
-            "outputs is floating-point, so sweep has nothing to measure the pruned models by; pass --data "
-            "with a labelled test set (.npz of the inputs and 'labels') for accuracy"
+            "the model's first output is neither class scores [N, classes] nor class ids [N] or [N, 1], and none "
+            "of its outputs is floating-point, so sweep has nothing to measure the pruned models by (accuracy, "
+            "agreement or error); prune with `hwtool prune` and compare the outputs your own way"
         )
     models = [given]
     for cfg in settings:

@@ -72,7 +72,14 @@ def test_an_ort_file_given_for_a_model_is_named_for_what_it_is(tmp_path):
     _convert(model)
     np.save(tmp_path / "c.npy", images(4))
     ort_file = str(tmp_path / "m.ort")
-    for args in (["bench", str(model), ort_file], ["prune", ort_file, "--calib", str(tmp_path / "c.npy")]):
+    calib = ["--calib", str(tmp_path / "c.npy")]
+    for args in (
+        ["bench", str(model), ort_file],
+        ["prune", ort_file, *calib],
+        ["gates", ort_file, *calib],
+        ["quantize", ort_file, "-o", str(tmp_path / "q.onnx"), *calib],
+        ["eval", ort_file, "--data", str(tmp_path / "c.npy")],
+    ):
         line = one_line_error(CliRunner().invoke(main, args))
         assert "ONNX Runtime's own format (.ort" in line and "pass the .onnx it was converted from" in line
 

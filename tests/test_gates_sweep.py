@@ -290,8 +290,8 @@ def test_sweep_from_python_takes_numpy_scalars_and_no_config(model_files):
 
 
 def test_gates_says_what_it_cannot_do_with_its_options(model_files, tmp_path):
-    """--unsorted without --png did nothing, a model named twice gave two panels of one model, and
-    --count past the split's size was cut to it without a word."""
+    """--unsorted without --png did nothing, a model named twice gave two panels of one model, a
+    --png of another suffix got PNG bytes (--count past the split: the test after this one)."""
     from cli_errors import one_line_error
 
     a, _, calib = model_files
@@ -311,26 +311,45 @@ def test_a_count_past_the_split_is_a_warning(cifar_path):
     from hwtool.gates import calibration_from_data
 
     model = build(Spec())
-    with pytest.warns(UserWarning, match="20000 calibration images asked for and the test split holds 10000"):
+    with pytest.warns(UserWarning, match="20000 calibration images asked for and the test split holds 10000") as w:
         x = calibration_from_data(model, cifar_path, count=20000, split="test")
-    assert len(x) == 10000
+    assert len(x) == 10000 and w[0].filename == __file__  # the caller's line, not hwtool's
     with warnings.catch_warnings():  # the default count, not asked for, says nothing
         warnings.simplefilter("error")
         assert len(calibration_from_data(model, cifar_path, split="test")) == 512
 
 
 def test_sweep_of_a_model_with_nothing_to_measure_is_one_line(model_files, tmp_path):
-    """Integer outputs that are not class ids [N] (ArgMax kept [N, 1]): every row's error was None
-    and the plot multiplied it, a traceback; with labels it sweeps by accuracy."""
+    """Integer outputs that are not class ids (TopK's indices, [N, 2]): every row's error was None
+    and the plot multiplied it, a traceback. Class ids kept as [N, 1] (ArgMax's default) are
+    measured by agreement, and by accuracy with labels (they were refused as neither)."""
     from cli_errors import one_line_error
 
     a, _, calib = model_files
-    model = onnx.load(str(a))
-    scores = model.graph.output[0].name
-    model.graph.node.append(onnx.helper.make_node("ArgMax", [scores], ["ids"], axis=1, keepdims=1))
-    del model.graph.output[:]
-    model.graph.output.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 1]))
-    onnx.save(model, str(tmp_path / "ids.onnx"))
     out = ["--csv", tmp_path / "s.csv", "--json", tmp_path / "s.json", "--png", tmp_path / "s.png"]
-    line = one_line_error(_cli(["sweep", tmp_path / "ids.onnx", "--calib", calib, "--thresholds", "0.3", *out]))
+
+    def ending_in(node, dims):
+        model = onnx.load(str(a))
+        scores = model.graph.output[0].name
+        node.input[0] = scores
+        model.graph.node.append(node)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([2], np.int64), "k"))
+        del model.graph.output[:]
+        model.graph.output.append(onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, dims))
+        path = tmp_path / f"{node.op_type}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    top2 = ending_in(onnx.helper.make_node("TopK", ["x", "k"], ["values", "ids"], axis=1), ["N", 2])
+    line = one_line_error(_cli(["sweep", top2, "--calib", calib, "--thresholds", "0.3", *out]))
     assert "nothing to measure the pruned models by" in line and not (tmp_path / "s.json").exists()
+
+    ids = ending_in(onnx.helper.make_node("ArgMax", ["x"], ["ids"], axis=1, keepdims=1), ["N", 1])
+    assert _cli(["sweep", ids, "--calib", calib, "--thresholds", "0.3", *out]).exit_code == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert rows[0]["agreement"] == 1.0 and 0 <= rows[1]["agreement"] <= 1
+    x = np.load(calib)
+    np.savez(tmp_path / "t.npz", input=x, labels=np.zeros(len(x), np.int64))
+    res = _cli(["sweep", ids, "--calib", calib, "--data", tmp_path / "t.npz", "--thresholds", "0.3", *out])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["accuracy"] is not None

@@ -580,6 +580,13 @@ def test_layers_over_flattened_rows_are_measured_and_refitted_per_row(exporter, 
     np.testing.assert_allclose(stats.means[0], want, atol=1e-5)
     pruned, report = prune(model, 0.3, calib=x, config=PruneConfig(batch=16))  # live channels go too: refitted
     assert all(b.kept < 12 for b in report.blocks) and report.max_abs_error < 1.0
+    # The refit in batches of 16 samples (112 rows) is the refit of all 40 at once: its batches take
+    # whole samples' rows of every activation, so nothing is paired with another sample's rows.
+    whole, whole_report = prune(model, 0.3, calib=x, config=PruneConfig(batch=len(x)))
+    np.testing.assert_allclose(run(pruned, x), run(whole, x), atol=1e-5)
+    refitted = [b for b in report.blocks if b.gate_error_refit is not None and 0 < b.kept < b.width]
+    assert refitted and all(b.gate_error_refit < b.gate_error_naive for b in refitted)
+    assert report.max_abs_error == pytest.approx(whole_report.max_abs_error, rel=1e-3, abs=1e-6)
     exact, _ = prune(model, 1e-6, calib=x, config=PruneConfig(batch=16))
     np.testing.assert_allclose(run(exact, x), run(model, x), atol=1e-5)
 

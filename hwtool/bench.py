@@ -25,6 +25,7 @@ from hwtool.graph import count_parameters
 from hwtool.runtime import (
     ModelError,
     atomic_write_bytes,
+    check_distinct,
     first_line,
     flops_per_sample,
     input_specs,
@@ -392,8 +393,7 @@ def bench(paths: list[str | os.PathLike], cfg: BenchConfig = BenchConfig(), on_r
     t_start = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     names = [str(p) for p in paths]
-    if len({os.path.realpath(n) for n in names}) != len(names):
-        raise ValueError("a model is listed twice; give each model once")
+    check_distinct(names)
 
     # Load and validate everything before the first timed run, so a bad model fails fast.
     models = [load_model(p) for p in paths]

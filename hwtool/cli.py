@@ -394,13 +394,8 @@ def train(
     resuming = resume and (Path(out) / "checkpoint.pt").is_file()
     # On a resume --teacher says where the run's teacher lives now (its file checked unchanged).
     teacher_at = teacher if resuming else None
-    ignored = [name for name in _typed(TRAIN_SETTINGS) if name != "--teacher"] if resuming else []
-    if ignored:  # what the run trains comes from its checkpoint; only how it runs from this call
-        click.echo(
-            f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
-            err=True,
-        )
     if resuming:
+        _ignored_on_resume(TRAIN_SETTINGS)
         init = teacher = None  # the checkpoint's own are used (and checked): these are not read
     else:
         if teacher is None:
@@ -516,13 +511,8 @@ def finetune(
     from hwtool.train import train as run
 
     resuming = resume and (Path(out) / CHECKPOINT).is_file()
-    if resuming:  # what the run trains comes from its checkpoint, as with train --resume
-        ignored = [name for name in _typed(FINETUNE_SETTINGS) if name != "--teacher"]
-        if ignored:
-            click.echo(
-                f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
-                err=True,
-            )
+    if resuming:
+        _ignored_on_resume(FINETUNE_SETTINGS)
     elif teacher is None:
         _unused(("distill_weight", "distill_temperature"), "without --teacher")
     cfg = finetune_config(
@@ -655,6 +645,17 @@ def _typed(names: tuple[str, ...]) -> list[str]:
     defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
     flags = {p.name: p.opts[0] for p in ctx.command.params}  # a parameter's first spelling: --from for init
     return [flags.get(n, "--" + n.replace("_", "-")) for n in names if ctx.get_parameter_source(n) not in defaults]
+
+
+def _ignored_on_resume(settings: tuple[str, ...]) -> None:
+    """One warning naming the settings typed with --resume: what the run trains comes from its
+    checkpoint, only how it runs from this call (--teacher: where its teacher lives now)."""
+    ignored = [name for name in _typed(settings) if name != "--teacher"]
+    if ignored:
+        click.echo(
+            f"warning: {', '.join(ignored)} ignored with --resume: the run goes on with its checkpoint's settings",
+            err=True,
+        )
 
 
 def _given(value, name: str):
@@ -842,13 +843,11 @@ def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     from hwtool.gates import gates_from_metadata, measure_gates
     from hwtool.prune import highway_model
     from hwtool.report import gate_heatmap, gate_table, progress_bar
-    from hwtool.runtime import atomic_write_files, check_outputs, json_file_bytes, load_model
+    from hwtool.runtime import atomic_write_files, check_distinct, check_outputs, json_file_bytes, load_model
 
     if png is None:
         _unused(("unsorted",), "without --png (it orders the heat map's channels)")
-    listed = [os.path.realpath(m) for m in models]
-    if len(set(listed)) < len(listed):
-        raise ValueError("a model is listed twice; name each once")
+    check_distinct(models)
     check_outputs([png, as_json], [*models, calib, data])
     _png(png)
     panels = []

@@ -18,6 +18,7 @@ from hwtool.runtime import (
     fixed_batch,
     input_spec,
     input_specs,
+    is_class_ids,
     load_model,
     make_session,
     run_batched,
@@ -123,7 +124,7 @@ def predictions(output: np.ndarray) -> np.ndarray:
                 "as the model expects and that its weights are finite"
             )
         return output.argmax(1)
-    if output.dtype.kind in "iu" and (output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)):
+    if is_class_ids(output):
         return output.reshape(-1).astype(np.int64)
     raise ModelError(
         f"the model's first output is {output.dtype} {list(output.shape)}; accuracy needs class scores "

@@ -58,6 +58,7 @@ from hwtool.runtime import (
     fixed_batch,
     flops_per_sample,
     input_specs,
+    is_class_ids,
     load_model,
     make_session,
     run_all,
@@ -194,15 +195,15 @@ class PruneReport:
 class _Editor:
     """Small mutable view of a model for surgery: replace initializers, nodes, rewire tensors."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, base: str = "hw"):
         self.model = model
         self.graph = Graph(model)
-        # What the surgery names its tensors and nodes by: "hw", or where the model already has such
-        # names (a model pruned before, pruned again) the first "hw_K_" that no name starts with.
+        # What the surgery names its tensors and nodes by: `base`, or where the model already has
+        # such names (a model pruned before, pruned again) the first "{base}_K_" no name starts with.
         g = model.graph
         names = {n for node in g.node for n in (*node.input, *node.output, node.name)}
         names |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-        prefixes = ("hw", *(f"hw_{k}_" for k in range(2, 10_000)))
+        prefixes = (base, *(f"{base}_{k}_" for k in range(2, 10_000)))
         self.prefix = next(p for p in prefixes if not any(n.startswith(p) for n in names))
 
     def tag(self, block: Block) -> str:
@@ -1180,7 +1181,7 @@ def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float | None:
     [N, classes], directly for class ids [N] or [N, 1] (integers); None for any other output."""
     if ref.ndim == 2 and ref.dtype.kind == "f":
         return float((new.argmax(1) == ref.argmax(1)).mean())
-    if ref.dtype.kind in "iu" and (ref.ndim == 1 or (ref.ndim == 2 and ref.shape[1] == 1)):  # [N, 1]: ArgMax's default
+    if is_class_ids(ref):
         return float((new == ref).mean())
     return None
 
@@ -1301,9 +1302,7 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
     dividing a gate layer's output before its activation (a gate offset of its own, a temperature)
     are folded into that layer's weights and bias: the same function, spelled as gates are found."""
     model = copy.deepcopy(model)
-    ed = _Editor(model)
-    taken = {t.name for t in model.graph.initializer} | {o for node in model.graph.node for o in node.output}
-    base = next(f"gate_fold{k}_" for k in range(10_000) if not any(t.startswith(f"gate_fold{k}_") for t in taken))
+    ed = _Editor(model, base="gate_fold")  # not "hw": a later prune's own names start with that
     for n, out in enumerate([a.output[0] for a in model.graph.node if a.op_type in GATE_ACTIVATIONS]):
         g = ed.graph
         steps: list[tuple[str, int, float]] = []  # (op, the scalar's input index, the scalar), outermost first
@@ -1336,7 +1335,7 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
             layer,
             w.astype(layer.weight.dtype),
             None if bias is None else bias.astype(layer.weight.dtype),
-            f"{base}{n}",
+            f"{ed.prefix}{n}",
         )
         ed.node(out).input[0] = x
         ed.remove_nodes(set(chain))

@@ -188,7 +188,14 @@ def quantize_model(
     array, or for a model of several inputs a dict or `Inputs` of one array per input name)."""
     from hwtool.gates import check_samples
 
-    calib = check_samples(model, calib)
+    return _quantize_checked(model, check_samples(model, calib), config, on_batch)
+
+
+def _quantize_checked(
+    model: onnx.ModelProto, calib: Samples, config: QuantizeConfig, on_batch=None
+) -> tuple[onnx.ModelProto, bool]:
+    """quantize_model on calibration inputs already checked against the model (a file's, as
+    `load_calibration` reads it, or images from --data)."""
     if is_quantized(model):
         raise ModelError("the model already holds quantization ops; quantize the float model instead")
     if config.ops == "auto":
@@ -298,7 +305,7 @@ def quantize(
 
     if on_stage:
         on_stage("calibrate")
-    qmodel, preprocessed = quantize_model(model, x, config, on_batch=on_batch)
+    qmodel, preprocessed = _quantize_checked(model, x, config, on_batch=on_batch)
     blob = qmodel.SerializeToString()
 
     acc = {}

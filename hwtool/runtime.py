@@ -311,6 +311,18 @@ class OutputError(ValueError):
     """An output path that cannot or must not be written; the message says what to do."""
 
 
+def check_distinct(paths: Sequence[str | os.PathLike]) -> None:
+    """Refuse a list of model files naming one file twice (also by another path to it)."""
+    if len({os.path.realpath(p) for p in paths}) != len(paths):
+        raise ValueError("a model is listed twice; give each model once")
+
+
+def is_class_ids(a: np.ndarray) -> bool:
+    """Whether a model output is class ids: integers [N], or [N, 1] as ONNX's ArgMax keeps its axis
+    by default."""
+    return a.dtype.kind in "iu" and (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1))
+
+
 def check_outputs(outputs: Sequence[str | os.PathLike | None], inputs: Sequence[str | os.PathLike | None]) -> None:
     """Refuse, before any work is done, an output path that cannot or must not be written: empty, a
     folder or device, one of the inputs, the same as another output, or in a folder that is a file

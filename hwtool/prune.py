@@ -793,20 +793,45 @@ def prune(
     original = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     if calib is not None:
         calib = check_samples(original, calib)
+    return prune_checked(original, cfg, calib, gate_stats, on_progress, reference, blocks)
+
+
+def warn_few_samples(model: onnx.ModelProto, calib: Samples) -> None:
+    """A warning where fewer than FEW_SAMPLES calibration samples (those of whole batches, for a
+    model whose batch is fixed) would give the gate means, the refit and the verification."""
+    n = len(whole_batches(model, calib)) if fixed_batch(model) else len(calib)
+    if n < FEW_SAMPLES:
+        warnings.warn(
+            f"{n} calibration sample{'s' if n > 1 else ''}: the gate means, the refit and the "
+            "verification rest on so few alone; 256 or more is usual",
+            stacklevel=caller_stacklevel(),
+        )
+
+
+def prune_checked(
+    given: onnx.ModelProto,
+    cfg: PruneConfig,
+    calib: Samples | None,
+    gate_stats: GateStats | None = None,
+    on_progress=None,
+    reference: list[np.ndarray] | None = None,
+    blocks: list[Block] | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    warn_few: bool = True,
+) -> tuple[onnx.ModelProto, PruneReport]:
+    """`prune` of a loaded model with its settings made and its calibration inputs checked: what
+    sweep runs a row at a time. shapes: `known_shapes` of the model the blocks were found in, if
+    already known; warn_few: `warn_few_samples` (sweep warns once for all its rows)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    given = original  # reported and verified against; blocks may be found only in its simplification
+    # `given` is reported and verified against; blocks may be found only in its simplification
     original, blocks = (given, blocks) if blocks is not None else highway_model(given)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         calib = whole_batches(original, calib)
         cfg = replace(cfg, batch=fixed)
-    if calib is not None and len(calib) < FEW_SAMPLES:
-        warnings.warn(
-            f"{len(calib)} calibration sample{'s' if len(calib) > 1 else ''}: the gate means, the refit and the "
-            "verification rest on so few alone; 256 or more is usual",
-            stacklevel=caller_stacklevel(),
-        )
+    if calib is not None and warn_few:
+        warn_few_samples(original, calib)
     ref_outputs = reference if reference is None or calib is None else [r[: len(calib)] for r in reference]
 
     def bar(stage):
@@ -828,7 +853,8 @@ def prune(
             "or --no-refit (PruneConfig(refit=False))"
         )
     timings["calibration"] = time.perf_counter() - t0
-    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs, _known_shapes(original, calib))
+    shapes = known_shapes(original, calib) if shapes is None else shapes
+    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs, shapes)
     if cfg.budget is None:
         return _prune_at(measured, cfg, timings, bar)
     return _prune_to_budget(measured, cfg, timings, bar)
@@ -839,7 +865,7 @@ class _Measured:
     """A model ready for surgery: as given (reported and verified against), as its blocks were
     found in (maybe simplified), its blocks, their gate means, the calibration inputs (None: no
     refit, no verification), the given model's outputs on them, if known, and the static shapes of
-    the model the blocks were found in (at the calibration inputs' sizes; `_known_shapes`)."""
+    the model the blocks were found in (at the calibration inputs' sizes; `known_shapes`)."""
 
     given: onnx.ModelProto
     original: onnx.ModelProto
@@ -971,7 +997,7 @@ def _refit_layer(
     return errors
 
 
-def _known_shapes(model: onnx.ModelProto, calib: Samples | None) -> dict[str, list[int]]:
+def known_shapes(model: onnx.ModelProto, calib: Samples | None) -> dict[str, list[int]]:
     """The tensors' static shapes at batch 1 where shape inference finds them (none where it fails)."""
     try:
         return tensor_shapes(model, 1, symbolic_sizes(model, calib))

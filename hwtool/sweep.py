@@ -15,7 +15,7 @@ import onnx
 from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_npz, load_test_set
 from hwtool.gates import calibration_from_data, check_samples, measure_gates
 from hwtool.graph import count_parameters
-from hwtool.prune import PruneConfig, highway_model, prune, top1_agreement
+from hwtool.prune import PruneConfig, highway_model, known_shapes, prune_checked, top1_agreement, warn_few_samples
 from hwtool.runtime import (
     Samples,
     atomic_write_model,
@@ -108,6 +108,8 @@ def sweep(
             f"time its prunes with `hwtool bench --batch {fixed}` instead"
         )
     calib = whole_batches(original, calib)  # the gates, the refit and the reference on the same samples
+    warn_few_samples(original, calib)  # once, not a row at a time
+    shapes = known_shapes(original, calib)
 
     def bar(stage):
         return (lambda n, total: on_progress(stage, n, total)) if on_progress else None
@@ -141,14 +143,16 @@ def sweep(
         )
     models = [given]
     for cfg in settings:
-        pruned, rep = prune(
+        pruned, rep = prune_checked(
             original,
-            calib=calib,
-            config=cfg,
+            cfg,
+            calib,
             gate_stats=stats,
-            reference=ref,
             on_progress=on_progress,
+            reference=ref,
             blocks=blocks,
+            shapes=shapes,
+            warn_few=False,
         )
         name = f"{cfg.threshold}" if cfg.budget is None else f"budget {cfg.budget * 100:g}%"
         rows.append(

@@ -353,3 +353,13 @@ def test_sweep_of_a_model_with_nothing_to_measure_is_one_line(model_files, tmp_p
     res = _cli(["sweep", ids, "--calib", calib, "--data", tmp_path / "t.npz", "--thresholds", "0.3", *out])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["accuracy"] is not None
+
+
+def test_sweep_warns_of_few_samples_once_not_a_row_at_a_time(model_files):
+    """Each row's prune warned again, so a sweep of six thresholds printed the warning six times."""
+    from hwtool.sweep import sweep
+
+    a, _, calib = model_files
+    with pytest.warns(UserWarning, match="4 calibration samples") as caught:
+        rows = sweep(a, None, (0.1, 0.3, 0.5), calib=np.load(calib)[:4])
+    assert len(rows) == 4 and len([w for w in caught if "calibration samples" in str(w.message)]) == 1

@@ -78,8 +78,10 @@ class Var:
 
 
 @dataclass(frozen=True)
-class One:
-    """A constant whose every element is 1."""
+class Const:
+    """A constant whose every element is `value`."""
+
+    value: float
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class Op:
     args: tuple
 
 
-T, H, C, ONE = Var("T"), Var("H"), Var("C"), One()
+T, H, C, ONE, HALF = Var("T"), Var("H"), Var("C"), Const(1.0), Const(0.5)
 
 
 def add(a, b) -> Op:
@@ -107,6 +109,14 @@ def mul(a, b) -> Op:
 
 def neg(a) -> Op:
     return Op("Neg", (a,))
+
+
+def where(condition, a, b) -> Op:
+    return Op("Where", (condition, a, b))
+
+
+def less(a, b) -> Op:
+    return Op("Less", (a, b))
 
 
 @dataclass(frozen=True)
@@ -130,12 +140,14 @@ MIX_PATTERNS: tuple[MixPattern, ...] = (
     MixPattern("c - t*c + t*h", add(sub(C, mul(T, C)), mul(H, T))),
     # H*T - T*c + c
     MixPattern("h*t - t*c + c", add(sub(mul(H, T), mul(T, C)), C)),
+    # torch.lerp(c, H, T) as both exporters write it: T < 0.5 ? c + T*(H-c) : H - (H-c)*(1-T)
+    MixPattern("lerp(c, h, t)", where(less(T, HALF), add(C, mul(T, sub(H, C))), sub(H, mul(sub(H, C), sub(ONE, T))))),
 )
 
 
-def _is_one(g: Graph, name: str) -> bool:
+def _is_const(g: Graph, name: str, value: float) -> bool:
     v = g.const(name)
-    return v is not None and v.size > 0 and bool(np.all(v == 1))
+    return v is not None and v.size > 0 and bool(np.all(v == value))
 
 
 def _match(g: Graph, expr, tensor: str, env: dict[str, str], nodes: list[onnx.NodeProto]) -> dict[str, str] | None:
@@ -144,8 +156,8 @@ def _match(g: Graph, expr, tensor: str, env: dict[str, str], nodes: list[onnx.No
         if expr.name in env:
             return env if env[expr.name] == tensor else None
         return {**env, expr.name: tensor}
-    if isinstance(expr, One):
-        return env if _is_one(g, tensor) else None
+    if isinstance(expr, Const):
+        return env if _is_const(g, tensor, expr.value) else None
     node = g.op(tensor)
     if node is None or node.op_type != expr.op or len(node.input) != len(expr.args):
         return None
@@ -456,9 +468,10 @@ def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: boo
 def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):
     """From a consumer of T, climb to the node that roots a mix pattern and match it (H bound to
     h, or left for the pattern to bind when h is None)."""
-    # The root is at most three nodes above a consumer of T in every spelling.
+    # The root is at most three nodes above a consumer of T in every spelling. One spelling may
+    # hold another (lerp's first branch is c + T*(H-c)): the match of the most nodes wins.
     bound = {"T": gate} if h is None else {"T": gate, "H": h}
-    frontier, seen = [start], set()
+    frontier, seen, best = [start], set(), None
     for _ in range(3):
         nxt = []
         for node in frontier:
@@ -470,12 +483,15 @@ def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):
                     continue
                 nodes: list[onnx.NodeProto] = []
                 env = _match(g, pattern.expr, node.output[0], bound, nodes)
-                if env is not None and env["C"] not in (gate, env["H"]):
-                    return pattern, env, nodes
+                if env is None or env["C"] in (gate, env["H"]):
+                    continue
+                nodes = list({id(n): n for n in nodes}.values())  # a node two branches share, once
+                if best is None or len(nodes) > len(best[2]):
+                    best = pattern, env, nodes
             for o in node.output:
                 nxt.extend(g.users(o))
         frontier = nxt
-    return None
+    return best
 
 
 def block_is_self_contained(g: Graph, block: Block) -> bool:

@@ -47,6 +47,7 @@ SPELLINGS = (
     "c - t*c + t*h",
     "h*t + (c - t*c)",
     "h*t - c*t + c",
+    "lerp(c, h, t)",
 )
 
 
@@ -115,6 +116,12 @@ def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
         return b.node("Add", [b.node("Mul", [h, t]), b.node("Sub", [c, b.node("Mul", [t, c])])])
     if spelling == "h*t - c*t + c":
         return b.node("Add", [b.node("Sub", [b.node("Mul", [h, t]), b.node("Mul", [c, t])]), c])
+    if spelling == "lerp(c, h, t)":  # torch.lerp as both exporters write it, the difference shared
+        d = b.node("Sub", [h, c])
+        near_c = b.node("Add", [c, b.node("Mul", [t, d])])
+        near_h = b.node("Sub", [h, b.node("Mul", [d, b.node("Sub", [b.one(), t])])])
+        half = b.init(np.array(0.5, dtype=np.float32), "half")
+        return b.node("Where", [b.node("Less", [t, half]), near_c, near_h])
     raise ValueError(spelling)
 
 

@@ -178,7 +178,7 @@ def test_a_sigmoid_gate_without_a_carry_is_not_a_block():
 
 
 def test_pattern_registry_is_sane():
-    """Guard the registry: unique names, each rooted at a binary op, each naming T, H and C."""
+    """Guard the registry: unique names, each rooted at a binary op (or lerp's Where), each naming T, H and C."""
     names = [p.name for p in MIX_PATTERNS]
     assert len(set(names)) == len(names)
 
@@ -188,5 +188,48 @@ def test_pattern_registry_is_sane():
         return {expr.name} if hasattr(expr, "name") else set()
 
     for p in MIX_PATTERNS:
-        assert p.expr.op in ("Add", "Sub")
+        assert p.expr.op in ("Add", "Sub", "Where")
         assert variables(p.expr) == {"T", "H", "C"}
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_torch_lerp_blocks_from_both_exporters_are_pruned_exactly(dynamo, tmp_path):
+    """A block written y = torch.lerp(c, H, T), as exported by torch (a Where over two branches that
+    share H - c): found as one mix and pruned, the channels whose gates are shut exactly removed."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from hwtool.prune import PruneConfig, prune
+
+    class Block(torch.nn.Module):
+        def __init__(self, shut: list[int]):
+            super().__init__()
+            self.h, self.t = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+            with torch.no_grad():
+                self.t.bias[shut] = -40.0  # T = sigmoid(-40) ~ 4e-18: these channels only carry,
+                self.t.weight[shut] = 0.0
+                self.t.weight[:, shut] = 0.0  # and no kept gate reads their H
+
+        def forward(self, x):
+            h = torch.relu(self.h(x))
+            return torch.lerp(x, h, torch.sigmoid(self.t(h)))
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), Block([1, 2, 5]), Block([0, 7]), torch.nn.Flatten(), torch.nn.LazyLinear(10)
+    ).eval()
+    x = torch.rand(16, 3, 8, 8)
+    net(x)
+    path = tmp_path / "lerp.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"dynamic_axes": {"input": {0: "N"}}}
+        torch.onnx.export(net, (x,), str(path), dynamo=dynamo, input_names=["input"], **kwargs)
+    model = onnx.load(str(path))
+    blocks = find_blocks(model)
+    assert [b.spelling for b in blocks] == ["lerp(c, h, t)"] * 2
+    assert all(len(b.mix_nodes) == len(set(b.mix_nodes)) == 8 for b in blocks)
+    pruned, report = prune(model, calib=x.numpy(), config=PruneConfig(threshold=1e-6))
+    assert [b.kept for b in report.blocks] == [5, 6]
+    assert report.max_abs_error < 1e-5 and report.top1_agreement == 1.0
+    assert not any(n.op_type == "Where" for n in pruned.graph.node)  # the mix rebuilt, nothing left whole

@@ -181,6 +181,15 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "hwtool.model_config" not in meta:
         raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")
+    if "hwtool.prune" in meta:  # what `hwtool prune` records: its blocks are narrower than the network
+        try:
+            at = f" at threshold {float(json.loads(meta['hwtool.prune'])['threshold']):g}"
+        except (ValueError, KeyError, TypeError):
+            at = ""
+        raise ValueError(
+            f"{path} is a pruned model (`hwtool prune`{at}), narrower than the network it describes; "
+            "load the unpruned model it was pruned from"
+        )
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer):
         raise ValueError(
             f"{path} holds float16 weights (`hwtool convert --to float16` made it?), rounded from the network's; "

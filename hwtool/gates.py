@@ -278,9 +278,9 @@ def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStat
         return None
     if len(means) != len(blocks) or any(len(m) != b.width for m, b in zip(means, blocks)):
         return None
-    return GateStats(
-        means, f"model metadata ({stored.get('images', '?')} images at export)", int(stored.get("images", 0))
-    )
+    said = stored.get("source") if isinstance(stored.get("source"), str) else None
+    source = f"model metadata ({said or str(stored.get('images', '?')) + ' images at export'})"
+    return GateStats(means, source, int(stored.get("images", 0)))
 
 
 def measure_gates(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 import re
@@ -36,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from hwtool.gates import GateStats, check_samples, gates_from_metadata, measure_gates
+from hwtool.gates import GATE_METADATA, GateStats, check_samples, gates_from_metadata, measure_gates
 from hwtool.graph import Graph, attr, count_parameters, is_quantized, node_reads, tensor_shapes
 from hwtool.patterns import (
     GATE_ACTIVATIONS,
@@ -1149,6 +1150,7 @@ def _prune_at(
             ref_outputs = _run_outputs(given, calib, cfg)
         new_outputs = _run_outputs(model, calib, cfg, on_batch=bar("verify"))
         max_abs, max_rel, agree = output_errors(ref_outputs, new_outputs)
+    _record_prune(model, measured, cfg, reports, count_parameters(given))
     timings["verify"] = time.perf_counter() - t3
 
     sizes = symbolic_sizes(given, calib)  # FLOPs at the calibration inputs' sequence length
@@ -1172,6 +1174,67 @@ def _prune_at(
         seconds=timings,
     )
     return model, report
+
+
+PRUNE_METADATA = "hwtool.prune"
+
+
+def _record_prune(
+    model: onnx.ModelProto,
+    measured: _Measured,
+    cfg: PruneConfig,
+    reports: list[BlockReport],
+    params_before: int,
+) -> None:
+    """Say in the pruned model's metadata how it was pruned (PRUNE_METADATA: threshold, budget,
+    refit, the channels each block kept), and, where the model carries gate means for `hwtool
+    prune` to run on without data, replace them with its pruned blocks' own: measured on the
+    calibration inputs, or without them the kept channels' means from before the prune. Means for
+    the full-width blocks would describe channels that are gone (and match no block of the model)."""
+    record = {
+        "threshold": cfg.threshold,
+        "budget": cfg.budget,
+        "refit": "transforms and gates" if cfg.refit and cfg.refit_transforms else "gates" if cfg.refit else "none",
+        "round_to": cfg.round_to,
+        "params_before": params_before,
+        "params_after": count_parameters(model),
+        "kept": [[r.kept, r.width] for r in reports],
+    }
+    meta = {p.key: p.value for p in model.metadata_props}
+    if GATE_METADATA in meta:
+        del meta[GATE_METADATA]
+        stored = _pruned_gate_means(model, measured, cfg, reports)
+        if stored is not None:
+            meta[GATE_METADATA] = json.dumps(stored)
+    meta[PRUNE_METADATA] = json.dumps(record)
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def _pruned_gate_means(
+    model: onnx.ModelProto, measured: _Measured, cfg: PruneConfig, reports: list[BlockReport]
+) -> dict | None:
+    """The gate means of the pruned model's blocks, for its metadata, or None where its blocks
+    cannot be found again (a conv write-back hides them) or do not match the prune."""
+    try:
+        blocks = find_blocks(model)
+    except NoHighwayBlockError:
+        return None
+    # Blocks are named by their gate tensors, which pruning keeps; a block with nothing kept is gone.
+    at = {b.gate: i for i, b in enumerate(measured.blocks)}
+    order = [at.get(b.gate) for b in blocks]
+    if None in order or [reports[i].kept for i in order] != [b.width for b in blocks]:
+        return None
+    if measured.calib is not None:
+        stats, _ = measure_gates(model, blocks, measured.calib, batch=cfg.batch, threads=cfg.threads)
+        means, images = stats.means, len(measured.calib)
+        source = f"hwtool prune: the pruned model on {images} calibration inputs"
+    else:
+        before = measured.gate_stats
+        means = [before.means[i][kept_channels(before.means[i], cfg.threshold, cfg.round_to)] for i in order]
+        images, source = before.images, f"hwtool prune: the kept channels' means before pruning, {before.source}"
+    return {"images": int(images), "source": source, "blocks": [[float(v) for v in m] for m in means]}
 
 
 def _run_outputs(model: onnx.ModelProto, x: Samples, cfg: PruneConfig, on_batch=None) -> list[np.ndarray]:

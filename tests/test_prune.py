@@ -1424,3 +1424,61 @@ def test_a_temperature_folded_into_a_gate_without_a_bias_adds_none():
     assert len(gates) == 3 and all(len(n.input) == 2 for n in gates)
     x = images(8)
     np.testing.assert_allclose(run(folded, x), run(model, x), atol=1e-5)
+
+
+def _with_gate_metadata(model: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto:
+    """The model with its gate means in metadata, as `hwtool export` stores them."""
+    from hwtool.gates import GATE_METADATA, measure_gates
+
+    stats, _ = measure_gates(model, find_blocks(model), x)
+    stored = {"images": len(x), "blocks": [m.tolist() for m in stats.means]}
+    model.metadata_props.add(key=GATE_METADATA, value=json.dumps(stored))
+    return model
+
+
+def _meta(model: onnx.ModelProto, key: str):
+    value = {p.key: p.value for p in model.metadata_props}.get(key)
+    return None if value is None else json.loads(value)
+
+
+@pytest.mark.parametrize("refit", [True, False], ids=["refit", "plain"])
+def test_a_pruned_model_carries_its_own_gate_means_and_how_it_was_pruned(refit):
+    """The pruned model's metadata holds the gate means of the blocks it has (measured on it, so
+    that `gates` and a second prune run on it with no data) instead of the full-width means that
+    no longer match any block, and a record of the prune."""
+    from hwtool.gates import gates_from_metadata, measure_gates
+
+    x = images(24)
+    model = _with_gate_metadata(build(Spec(removable=REMOVABLE)), x)
+    pruned, report = prune(model, threshold=1e-6, calib=x, config=PruneConfig(refit=refit))
+    blocks = find_blocks(pruned)
+    assert [b.width for b in blocks] == [5, 7]  # block 1 kept nothing: it is gone
+    stored = gates_from_metadata(pruned, blocks)
+    assert stored is not None and "the pruned model on 24 calibration inputs" in stored.source
+    measured, _ = measure_gates(pruned, blocks, x)
+    for got, want in zip(stored.means, measured.means):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    record = _meta(pruned, "hwtool.prune")
+    assert record["threshold"] == 1e-6 and record["kept"] == [[5, 8], [0, 8], [7, 12]]
+    assert record["refit"] == ("transforms and gates" if refit else "none")
+    assert (record["params_before"], record["params_after"]) == (report.params_before, report.params_after)
+    again, second = prune(pruned, threshold=0.2, config=PruneConfig(refit=False))  # from metadata alone
+    assert second.gate_source.startswith("model metadata (hwtool prune")
+    kept = [int((m >= 0.2).sum()) for m in measured.means]
+    assert [b.kept for b in second.blocks] == kept
+    sliced = gates_from_metadata(again, find_blocks(again))
+    assert "before pruning" in sliced.source
+    for got, means in zip(sliced.means, [m for m in measured.means if (m >= 0.2).any()]):
+        np.testing.assert_array_equal(got, means[means >= 0.2])
+
+
+def test_gate_means_are_dropped_where_the_pruned_blocks_cannot_be_found_and_never_added():
+    """A conv write-back hides the pruned blocks from a later search: no means are left that would
+    describe no block. A model that carried none gets none, only the record of the prune."""
+    x = images(24)
+    model = _with_gate_metadata(build(Spec(removable=REMOVABLE)), x)
+    hidden, _ = prune(model, threshold=1e-6, calib=x, config=PruneConfig(write_back="conv"))
+    assert _meta(hidden, "hwtool.gate_means") is None and _meta(hidden, "hwtool.prune") is not None
+    plain, _ = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=x)
+    assert _meta(plain, "hwtool.gate_means") is None
+    assert _meta(plain, "hwtool.prune")["kept"] == [[5, 8], [0, 8], [7, 12]]

@@ -17,6 +17,7 @@ import torch
 from hwtool.data import CLASSES, load_cifar10
 from hwtool.gates import GATE_METADATA, UNIT_RANGE
 from hwtool.model import HighwayConfig, HighwayNet, gate_means
+from hwtool.prune import PRUNE_METADATA
 from hwtool.runtime import atomic_write_model, check_outputs, make_session
 from hwtool.train import TrainConfig, build_model, load_checkpoint
 
@@ -181,9 +182,9 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
     meta = {p.key: p.value for p in proto.metadata_props}
     if "hwtool.model_config" not in meta:
         raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")
-    if "hwtool.prune" in meta:  # what `hwtool prune` records: its blocks are narrower than the network
+    if PRUNE_METADATA in meta:  # what `hwtool prune` records: its blocks are narrower than the network
         try:
-            at = f" at threshold {float(json.loads(meta['hwtool.prune'])['threshold']):g}"
+            at = f" at threshold {float(json.loads(meta[PRUNE_METADATA])['threshold']):g}"
         except (ValueError, KeyError, TypeError):
             at = ""
         raise ValueError(

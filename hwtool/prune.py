@@ -1227,7 +1227,10 @@ def _pruned_gate_means(
     if None in order or [reports[i].kept for i in order] != [b.width for b in blocks]:
         return None
     if measured.calib is not None:
-        stats, _ = measure_gates(model, blocks, measured.calib, batch=cfg.batch, threads=cfg.threads)
+        try:
+            stats, _ = measure_gates(model, blocks, measured.calib, batch=cfg.batch, threads=cfg.threads)
+        except ModelError:  # NaN gates: the verification's errors say what went wrong; no means to store
+            return None
         means, images = stats.means, len(measured.calib)
         source = f"hwtool prune: the pruned model on {images} calibration inputs"
     else:

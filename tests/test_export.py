@@ -177,7 +177,11 @@ def test_train_from_a_pruned_foreign_or_missing_onnx_model_is_one_line(tiny_onnx
     half = tmp_path / "half.onnx"  # convert --to float16 keeps the metadata: it read back float16-rounded
     res = CliRunner().invoke(main, ["convert", str(tiny_onnx_dynamo), "--to", "float16", "-o", str(half)])
     assert res.exit_code == 0, res.output
-    cases = ((pruned, "is a pruned model (`hwtool prune` at threshold"), (foreign, "no hwtool.model_config"), (missing, "exist"))
+    cases = (
+        (pruned, "is a pruned model (`hwtool prune` at threshold"),
+        (foreign, "no hwtool.model_config"),
+        (missing, "exist"),
+    )
     for path, says in (*cases, (half, "holds float16 weights")):
         out = tmp_path / f"run-{path.stem}"
         res = CliRunner().invoke(main, ["train", "--data", cifar_path, "--out", str(out), "--from", str(path)])

@@ -215,9 +215,8 @@ def test_torch_lerp_blocks_from_both_exporters_are_pruned_exactly(dynamo, tmp_pa
             return torch.lerp(x, h, torch.sigmoid(self.t(h)))
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), Block([1, 2, 5]), Block([0, 7]), torch.nn.Flatten(), torch.nn.LazyLinear(10)
-    ).eval()
+    stem, head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    net = torch.nn.Sequential(stem, Block([1, 2, 5]), Block([0, 7]), head).eval()
     x = torch.rand(16, 3, 8, 8)
     net(x)
     path = tmp_path / "lerp.onnx"

@@ -310,6 +310,8 @@ def measure_gates(
                 o.append(r)
         for i, (block, s, t) in enumerate(zip(blocks, sums, res[len(own) :])):
             t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
+            if block.carry_gate:  # the sigmoid weighs the carry: the transform's share is 1 - it
+                t = 1.0 - t.astype(np.float64)
             s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
             rows[i] += t.shape[0]
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"

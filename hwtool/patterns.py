@@ -93,6 +93,7 @@ class Op:
 
 
 T, H, C, ONE, HALF = Var("T"), Var("H"), Var("C"), Const(1.0), Const(0.5)
+G = Var("G")  # a gate that weighs the carry instead: y = G·C + (1−G)·H, so T = 1 − G
 
 
 def add(a, b) -> Op:
@@ -121,10 +122,17 @@ def less(a, b) -> Op:
 
 @dataclass(frozen=True)
 class MixPattern:
-    """One spelling of y = T·H + (1−T)·C."""
+    """One spelling of y = T·H + (1−T)·C; with carry_gate, of y = G·C + (1−G)·H, the sigmoid
+    weighing the carry (G, a carry gate; the transform's share T is 1 − G)."""
 
     name: str
     expr: Op
+    carry_gate: bool = False
+
+    @property
+    def gate_var(self) -> str:
+        """The variable the gate tensor binds."""
+        return G.name if self.carry_gate else T.name
 
 
 MIX_PATTERNS: tuple[MixPattern, ...] = (
@@ -142,6 +150,14 @@ MIX_PATTERNS: tuple[MixPattern, ...] = (
     MixPattern("h*t - t*c + c", add(sub(mul(H, T), mul(T, C)), C)),
     # torch.lerp(c, H, T) as both exporters write it: T < 0.5 ? c + T*(H-c) : H - (H-c)*(1-T)
     MixPattern("lerp(c, h, t)", where(less(T, HALF), add(C, mul(T, sub(H, C))), sub(H, mul(sub(H, C), sub(ONE, T))))),
+    # the sigmoid weighing the carry (a carry gate G, T = 1 - G): G*c + (1-G)*H, H + G*(c-H), torch.lerp(H, c, G)
+    MixPattern("g*c + (1-g)*h", add(mul(G, C), mul(sub(ONE, G), H)), carry_gate=True),
+    MixPattern("h + g*(c-h)", add(H, mul(G, sub(C, H))), carry_gate=True),
+    MixPattern(
+        "lerp(h, c, g)",
+        where(less(G, HALF), add(H, mul(G, sub(C, H))), sub(C, mul(sub(C, H), sub(ONE, G)))),
+        carry_gate=True,
+    ),
 )
 
 
@@ -200,6 +216,7 @@ class Block:
     gate_params: tuple[float, ...] = ()  # its attributes, in GATE_ACTIVATIONS' order
     gate_depthwise: bool = False  # Conv_T is depthwise: each gate reads only its own channel
     channel_axis: int = 1  # of H, T and the carry: 1 for convs, -1 for fully connected layers
+    carry_gate: bool = False  # the `gate` tensor weighs the carry (y = G·c + (1−G)·H): T is 1 − it
 
 
 @dataclass(frozen=True, eq=False)
@@ -417,6 +434,7 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
                     gate_params=tuple(float(attr(node, a, d)) for a, d in GATE_ACTIVATIONS[node.op_type]),
                     gate_depthwise=depthwise,
                     channel_axis=-1 if gate_conv.kind == "linear" else 1,
+                    carry_gate=pattern.carry_gate,
                 )
             )
             break
@@ -447,51 +465,73 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
 
 
 def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: bool):
-    """The mix around gate T and H's transform chain: (pattern, bindings, mix nodes, transform
+    """The mix around the gate and H's transform chain: (pattern, bindings, mix nodes, transform
     layer, post nodes), or None. reads_h: H is the gate layer's input; else H is whatever the mix
-    multiplies by T, and not the gate layer's input. Either way H must be act(BN(layer(...))) with
-    the gate's width, the gate and transform layers of one kind (both convs or both linear)."""
+    weighs by the gate, and not the gate layer's input. Either way H must be act(BN(layer(...)))
+    with the gate's width, the gate and transform layers of one kind (both convs or both linear),
+    and not computed before the carry.
+
+    y = g·a + (1−g)·b reads two ways, g a transform gate (a is H) or a carry gate (b is H). With
+    H bound, only one fits; with a gate reading the block input, of the readings that fit the one
+    with the most mix nodes wins, then one whose transform layer reads what the gate layer reads
+    (both read the block input, where a carry projection may read it before a BN), then one whose
+    H has a BN or activation after its layer, then the transform gate."""
     h = gate_conv.input if reads_h else None
+    fits = []
     for user in g.users(gate):
-        found = _find_mix(g, user, gate, h)
-        if found is None:
-            continue
-        pattern, env, nodes = found
-        if not reads_h and env["H"] == gate_conv.input:
-            continue
-        chain = _transform_chain(g, env["H"])
-        if chain is not None and chain[0].kind == gate_conv.kind and _transform_width(chain[0]) == width:
-            return pattern, env, nodes, *chain
-    return None
+        for order, (pattern, env, nodes) in enumerate(_find_mixes(g, user, gate, h)):
+            if not reads_h and env["H"] == gate_conv.input:
+                continue
+            if _upstream(g, env["H"], env["C"]):
+                continue
+            chain = _transform_chain(g, env["H"])
+            if chain is None or chain[0].kind != gate_conv.kind or _transform_width(chain[0]) != width:
+                continue
+            if reads_h:
+                return pattern, env, nodes, *chain
+            key = (-len(nodes), chain[0].input != gate_conv.input, not chain[1], pattern.carry_gate, order)
+            fits.append((key, (pattern, env, nodes, *chain)))
+    return min(fits, key=lambda f: f[0])[1] if fits else None
 
 
-def _find_mix(g: Graph, start: onnx.NodeProto, gate: str, h: str | None):
-    """From a consumer of T, climb to the node that roots a mix pattern and match it (H bound to
-    h, or left for the pattern to bind when h is None)."""
-    # The root is at most three nodes above a consumer of T in every spelling. One spelling may
-    # hold another (lerp's first branch is c + T*(H-c)): the match of the most nodes wins.
-    bound = {"T": gate} if h is None else {"T": gate, "H": h}
-    frontier, seen, best = [start], set(), None
+def _upstream(g: Graph, a: str, b: str, depth: int = 8) -> bool:
+    """True when tensor b is computed from tensor a within `depth` nodes."""
+    frontier, seen = {b}, set()
+    for _ in range(depth):
+        if a in frontier:
+            return True
+        seen |= frontier
+        frontier = {i for t in frontier if (n := g.producer.get(t)) is not None for i in n.input if i} - seen
+    return a in frontier
+
+
+def _find_mixes(g: Graph, start: onnx.NodeProto, gate: str, h: str | None) -> list:
+    """From a consumer of the gate, climb to the nodes that root a mix pattern and match them (H
+    bound to h, or left for the pattern to bind when h is None): (pattern, bindings, nodes) for
+    each match, the most nodes first (one spelling may hold another: lerp's first branch is
+    c + T*(H-c)), then transform gates before carry gates, then in MIX_PATTERNS' order."""
+    # The root is at most three nodes above a consumer of the gate in every spelling.
+    frontier, seen, found = [start], set(), []
     for _ in range(3):
         nxt = []
         for node in frontier:
             if id(node) in seen:
                 continue
             seen.add(id(node))
-            for pattern in MIX_PATTERNS:
+            for rank, pattern in enumerate(MIX_PATTERNS):
                 if node.op_type != pattern.expr.op:
                     continue
+                bound = {pattern.gate_var: gate} if h is None else {pattern.gate_var: gate, "H": h}
                 nodes: list[onnx.NodeProto] = []
                 env = _match(g, pattern.expr, node.output[0], bound, nodes)
                 if env is None or env["C"] in (gate, env["H"]):
                     continue
                 nodes = list({id(n): n for n in nodes}.values())  # a node two branches share, once
-                if best is None or len(nodes) > len(best[2]):
-                    best = pattern, env, nodes
+                found.append(((-len(nodes), pattern.carry_gate, rank), (pattern, env, nodes)))
             for o in node.output:
                 nxt.extend(g.users(o))
         frontier = nxt
-    return best
+    return [match for _, match in sorted(found, key=lambda f: f[0])]
 
 
 def block_is_self_contained(g: Graph, block: Block) -> bool:

@@ -644,13 +644,7 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
         carry = helper.make_node(
             "Gather", [block.carry, f"{tag}_kept"], [f"{tag}_carry_kept"], axis=block.channel_axis, name=f"{tag}_carry"
         )
-    nodes = [
-        carry,
-        helper.make_node("Sub", [block.transform, f"{tag}_carry_kept"], [f"{tag}_diff"], name=f"{tag}_diff"),
-        helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_delta"], name=f"{tag}_delta"),
-    ]
-    if kind != "conv":
-        nodes.append(helper.make_node("Add", [f"{tag}_carry_kept", f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
+    nodes = [carry, *_kept_mix(block, f"{tag}_carry_kept", tag, kind)]
     wb_nodes, wb_inits = _write_back(
         kind,
         tag,
@@ -667,6 +661,31 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
     ed.model.graph.node.extend(nodes + wb_nodes)
     ed.model.graph.initializer.extend([kept_idx, *wb_inits])
     ed.refresh()
+
+
+def _kept_mix(block: Block, carry: str, tag: str, kind: str) -> list[onnx.NodeProto]:
+    """The mix of the kept channels, for the write-back: `{tag}_mix` = c + T·(H − c) (or, for a
+    gate that weighs the carry, H + G·(c − H): spelled so, the block is found again), and for the
+    conv write-back only the change it adds to the carry, `{tag}_delta` = T·(H − c)."""
+    if not block.carry_gate:
+        nodes = [
+            helper.make_node("Sub", [block.transform, carry], [f"{tag}_diff"], name=f"{tag}_diff"),
+            helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_delta"], name=f"{tag}_delta"),
+        ]
+        if kind != "conv":
+            nodes.append(helper.make_node("Add", [carry, f"{tag}_delta"], [f"{tag}_mix"], name=f"{tag}_mix"))
+        return nodes
+    if kind != "conv":
+        return [
+            helper.make_node("Sub", [carry, block.transform], [f"{tag}_diff"], name=f"{tag}_diff"),
+            helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_carried"], name=f"{tag}_carried"),
+            helper.make_node("Add", [block.transform, f"{tag}_carried"], [f"{tag}_mix"], name=f"{tag}_mix"),
+        ]
+    return [  # (1 - G)·(H - c) as (H - c) - G·(H - c): no constant to add to the parameters
+        helper.make_node("Sub", [block.transform, carry], [f"{tag}_diff"], name=f"{tag}_diff"),
+        helper.make_node("Mul", [block.gate, f"{tag}_diff"], [f"{tag}_carried"], name=f"{tag}_carried"),
+        helper.make_node("Sub", [f"{tag}_diff", f"{tag}_carried"], [f"{tag}_delta"], name=f"{tag}_delta"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

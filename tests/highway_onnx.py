@@ -37,6 +37,10 @@ class Spec:
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
 REMOVABLE_DEFAULT = {0: [1, 4, 6], 1: [0, 1, 2, 3, 4, 5, 6, 7], 2: [2, 3, 5, 7, 11]}
 
+# The sigmoid weighs the carry (y = G*c + (1-G)*h): built with the gate layer negated, G = 1 - T,
+# so that the network computes what the transform-gate spellings do.
+CARRY_GATE_SPELLINGS = ("g*c + (1-g)*h", "h + g*(c-h)", "lerp(h, c, g)")
+
 SPELLINGS = (
     "h*t + (1-t)*c",
     "(1-t)*c + t*h",
@@ -48,6 +52,7 @@ SPELLINGS = (
     "h*t + (c - t*c)",
     "h*t - c*t + c",
     "lerp(c, h, t)",
+    *CARRY_GATE_SPELLINGS,
 )
 
 
@@ -122,6 +127,17 @@ def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
         near_h = b.node("Sub", [h, b.node("Mul", [d, b.node("Sub", [b.one(), t])])])
         half = b.init(np.array(0.5, dtype=np.float32), "half")
         return b.node("Where", [b.node("Less", [t, half]), near_c, near_h])
+    g = t  # the carry-gate spellings: t is the gate weighing the carry
+    if spelling == "g*c + (1-g)*h":
+        return b.node("Add", [b.node("Mul", [g, c]), b.node("Mul", [b.node("Sub", [b.one(), g]), h])])
+    if spelling == "h + g*(c-h)":
+        return b.node("Add", [h, b.node("Mul", [g, b.node("Sub", [c, h])])])
+    if spelling == "lerp(h, c, g)":  # torch.lerp(h, c, g) as the exporters write it
+        d = b.node("Sub", [c, h])
+        near_h = b.node("Add", [h, b.node("Mul", [g, d])])
+        near_c = b.node("Sub", [c, b.node("Mul", [d, b.node("Sub", [b.one(), g])])])
+        half = b.init(np.array(0.5, dtype=np.float32), "half")
+        return b.node("Where", [b.node("Less", [g, half]), near_h, near_c])
     raise ValueError(spelling)
 
 
@@ -148,6 +164,8 @@ def build(spec: Spec) -> onnx.ModelProto:
             b_h[j] = 0.0
             w_t[j] = 0.0
             b_t[j] = -40.0  # ... and its gate is sigmoid(-40) ≈ 4e-18
+        if spec.spelling in CARRY_GATE_SPELLINGS:  # G = sigmoid(-z) = 1 - T
+            w_t, b_t = -w_t, -b_t
         hc = b.conv(z, c, width, 3, stride, w_h, b_h)
         if spec.bn_after:
             hc = b.bn(hc, width)

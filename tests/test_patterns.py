@@ -189,7 +189,7 @@ def test_pattern_registry_is_sane():
 
     for p in MIX_PATTERNS:
         assert p.expr.op in ("Add", "Sub", "Where")
-        assert variables(p.expr) == {"T", "H", "C"}
+        assert variables(p.expr) == {p.gate_var, "H", "C"}
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
@@ -232,3 +232,30 @@ def test_torch_lerp_blocks_from_both_exporters_are_pruned_exactly(dynamo, tmp_pa
     assert [b.kept for b in report.blocks] == [5, 6]
     assert report.max_abs_error < 1e-5 and report.top1_agreement == 1.0
     assert not any(n.op_type == "Where" for n in pruned.graph.node)  # the mix rebuilt, nothing left whole
+
+
+@pytest.mark.parametrize("gate_reads", ["transform", "input"])
+@pytest.mark.parametrize("spelling", ["g*c + (1-g)*h", "h + g*(c-h)", "lerp(h, c, g)"])
+def test_a_gate_that_weighs_the_carry_is_read_as_one_minus_the_transform_gate(spelling, gate_reads):
+    """y = G*c + (1-G)*H (the sigmoid weighs the carry, the convention of AllenNLP's and fairseq's
+    highway layers): the network is built to compute what its transform-gate twin does (G = 1 - T), so its gate
+    means (the transform's share, 1 - G) must be the twin's, and its prune, spelled H + G*(c-H),
+    is found again."""
+    from highway_onnx import REMOVABLE_DEFAULT
+
+    from hwtool.gates import measure_gates
+    from hwtool.prune import prune
+
+    x = images(16)
+    carried = build(Spec(spelling=spelling, gate_reads=gate_reads, removable=REMOVABLE_DEFAULT))
+    twin = build(Spec(gate_reads=gate_reads, removable=REMOVABLE_DEFAULT))
+    blocks = find_blocks(carried)
+    assert all(b.carry_gate for b in blocks) and not any(b.carry_gate for b in find_blocks(twin))
+    got, _ = measure_gates(carried, blocks, x)
+    want, _ = measure_gates(twin, find_blocks(twin), x)
+    for g, w in zip(got.means, want.means):
+        np.testing.assert_allclose(g, w, atol=1e-6)
+    pruned, report = prune(carried, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
+    again = find_blocks(pruned)
+    assert [b.width for b in again] == [5, 7] and all(b.carry_gate and b.spelling == "h + g*(c-h)" for b in again)

@@ -1391,9 +1391,10 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
         blocks, first = [], NoHighwayBlockError(f"{hidden}: no block is left to find") if hidden else e
     explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
     unexplained = any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS)
+    unexplained = unexplained or bool(_spelled_hard_sigmoids(Graph(model)))
     best, more = model, blocks
     if unexplained and not is_quantized(model):  # a quantized one gets find_blocks' own error
-        for respell in (fold_gate_scalars, lambda m: fold_gate_scalars(_simplify(m))):
+        for respell in (_respelled, lambda m: _respelled(_simplify(m))):
             try:
                 candidate = respell(model)
                 found = find_blocks(candidate)
@@ -1406,6 +1407,91 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
     if hidden:
         warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=caller_stacklevel())
     return best, more
+
+
+@dataclass(frozen=True)
+class _HardSigmoid:
+    """A hard sigmoid spelled out: clip(alpha·x + beta, 0, 1) computed by `nodes` (outputs) from x."""
+
+    nodes: tuple[str, ...]
+    x: str
+    output: str
+    alpha: float
+    beta: float
+
+
+def _spelled_hard_sigmoids(g: Graph) -> list[_HardSigmoid]:
+    """Every Clip(x + b, 0, m)·(1/m) of the graph (a Div by m, or no factor where m is 1; the offset
+    b, a scalar Add or Sub, may be missing): Keras 3's hard_sigmoid as tf2onnx writes it,
+    relu6(x + 3)/6, or Keras 2's clip(0.2·x + 0.5, 0, 1) once its 0.2 is folded into the layer."""
+    found = []
+    for clip in (n for n in g.model.graph.node if n.op_type == "Clip"):
+        lo, hi = _clip_bounds(g, clip)
+        if lo != 0.0 or hi is None or not hi > 0.0:
+            continue
+        nodes, out, k = [clip.output[0]], clip.output[0], None
+        users = g.users(out)
+        if len(users) == 1 and users[0].op_type in ("Mul", "Div"):
+            factor = _scalar_operand(g, users[0])
+            if factor is not None and factor[1] != 0.0 and (users[0].op_type == "Mul" or factor[0] == 1):
+                k = factor[1] if users[0].op_type == "Mul" else 1.0 / factor[1]
+        if k is not None and math.isclose(k * hi, 1.0, rel_tol=1e-5):
+            nodes.append(users[0].output[0])
+            out = users[0].output[0]
+        elif hi == 1.0:
+            k = 1.0
+        else:
+            continue
+        x, b = clip.input[0], 0.0
+        offset = g.op(x)
+        if offset is not None and offset.op_type in ("Add", "Sub") and len(g.users(x)) == 1:
+            scalar = _scalar_operand(g, offset)
+            if scalar is not None and (offset.op_type == "Add" or scalar[0] == 1):
+                b = scalar[1] if offset.op_type == "Add" else -scalar[1]
+                x = offset.input[1 - scalar[0]]
+                nodes.insert(0, offset.output[0])
+        found.append(_HardSigmoid(tuple(nodes), x, out, k, k * b))
+    return found
+
+
+def _clip_bounds(g: Graph, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
+    """A Clip's constant min and max (attributes below opset 11, inputs from it), None where unknown."""
+    if len(clip.input) == 1 and any(a.name in ("min", "max") for a in clip.attribute):
+        return attr(clip, "min", None), attr(clip, "max", None)
+    bounds = []
+    for k in (1, 2):
+        v = g.const(clip.input[k]) if len(clip.input) > k and clip.input[k] else None
+        bounds.append(float(v.reshape(())) if v is not None and v.size == 1 else None)
+    return bounds[0], bounds[1]
+
+
+def _scalar_operand(g: Graph, node: onnx.NodeProto) -> tuple[int, float] | None:
+    """(index, value) of the one scalar constant among a binary node's two inputs, else None."""
+    scalars = [k for k, name in enumerate(node.input[:2]) if getattr(g.const(name), "size", 0) == 1]
+    if len(node.input) != 2 or len(scalars) != 1:
+        return None
+    return scalars[0], float(g.const(node.input[scalars[0]]).reshape(()))
+
+
+def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model in which every hard sigmoid spelled out in Clip and scalar ops
+    (`_spelled_hard_sigmoids`) is one HardSigmoid node with the same output: the same function,
+    spelled as gates are found."""
+    model = copy.deepcopy(model)
+    ed = _Editor(model, base="hard_sigmoid")
+    spelled = _spelled_hard_sigmoids(ed.graph)
+    ed.remove_nodes({t for hs in spelled for t in hs.nodes})
+    model.graph.node.extend(
+        helper.make_node("HardSigmoid", [hs.x], [hs.output], name=f"{ed.prefix}{n}", alpha=hs.alpha, beta=hs.beta)
+        for n, hs in enumerate(spelled)
+    )
+    return cleanup(model)
+
+
+def _respelled(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its gates spelled as they are found: hard sigmoids as HardSigmoid nodes,
+    scalars between a gate layer and its activation folded into the layer."""
+    return fold_gate_scalars(spell_hard_sigmoids(model))
 
 
 def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:

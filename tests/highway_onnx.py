@@ -30,7 +30,7 @@ class Spec:
     removable: dict[int, list[int]] = field(default_factory=dict)  # block -> channels made exactly removable
     seed: int = 0
     gate_reads: str = "transform"  # T = Sigmoid(Conv(H)); "input": Conv_T reads the block's input z, as H does
-    gate_activation: str = "Sigmoid"  # or "HardSigmoid" (alpha 1/6, beta 0.5, as torch exports it)
+    gate_activation: str = "Sigmoid"  # "HardSigmoid" (alpha 1/6, beta 0.5, as torch exports it), or see `_gate`
     gate_depthwise: bool = False  # Conv_T depthwise (group = width): each gate reads only its own channel of H
 
 
@@ -141,6 +141,19 @@ def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
     raise ValueError(spelling)
 
 
+def _gate(b: _B, activation: str, a: str) -> str:
+    """The gate's activation of a: an ONNX op, or a hard sigmoid spelled out as Keras writes it
+    through tf2onnx: "relu6(a+3)/6" (Keras 3) or "clip(0.2a+0.5)" (Keras 2)."""
+    scalar = lambda v, n: b.init(np.array(v, dtype=np.float32), n)  # noqa: E731
+    if activation == "relu6(a+3)/6":
+        clipped = b.node("Clip", [b.node("Add", [a, scalar(3.0, "three")]), scalar(0.0, "lo"), scalar(6.0, "hi")])
+        return b.node("Mul", [clipped, scalar(1.0 / 6.0, "sixth")])
+    if activation == "clip(0.2a+0.5)":
+        shifted = b.node("Add", [b.node("Mul", [a, scalar(0.2, "slope")]), scalar(0.5, "half")])
+        return b.node("Clip", [shifted, scalar(0.0, "lo"), scalar(1.0, "hi")])
+    return b.node(activation, [a], **({"alpha": 1.0 / 6.0} if activation == "HardSigmoid" else {}))
+
+
 def build(spec: Spec) -> onnx.ModelProto:
     """A small highway network: [normalise] stem conv, one highway block per width, pool, Gemm."""
     b = _B(spec)
@@ -192,14 +205,13 @@ def build(spec: Spec) -> onnx.ModelProto:
             h = b.node("PRelu", [hc, b.init(b.rng.uniform(0.05, 0.3, (width, 1, 1)).astype(np.float32), "slope")])
         else:
             h = b.node(spec.activation, [hc])
-        squash = {"alpha": 1.0 / 6.0} if spec.gate_activation == "HardSigmoid" else {}
         if spec.gate_depthwise:
             dw = b.node("Conv", [h, b.init(w_t, "w"), b.init(b_t, "b")], pads=[1, 1, 1, 1], group=width)
-            t = b.node(spec.gate_activation, [dw], **squash)
+            t = _gate(b, spec.gate_activation, dw)
         elif spec.gate_reads == "transform":
-            t = b.node(spec.gate_activation, [b.conv(h, width, width, 3, 1, w_t, b_t)], **squash)
+            t = _gate(b, spec.gate_activation, b.conv(h, width, width, 3, 1, w_t, b_t))
         else:
-            t = b.node(spec.gate_activation, [b.conv(z, c, width, 3, stride, w_t, b_t)], **squash)
+            t = _gate(b, spec.gate_activation, b.conv(z, c, width, 3, stride, w_t, b_t))
         carry = (
             x
             if stride == 1

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 import onnxsim
 import pytest
-from highway_onnx import SPELLINGS, Spec, build, images
+from highway_onnx import REMOVABLE_DEFAULT, SPELLINGS, Spec, build, images, run
 from onnx import helper
 
 from hwtool.patterns import MIX_PATTERNS, NoHighwayBlockError, find_blocks, gate_response
@@ -241,8 +241,6 @@ def test_a_gate_that_weighs_the_carry_is_read_as_one_minus_the_transform_gate(sp
     highway layers): the network is built to compute what its transform-gate twin does (G = 1 - T), so its gate
     means (the transform's share, 1 - G) must be the twin's, and its prune, spelled H + G*(c-H),
     is found again."""
-    from highway_onnx import REMOVABLE_DEFAULT
-
     from hwtool.gates import measure_gates
     from hwtool.prune import prune
 
@@ -259,3 +257,42 @@ def test_a_gate_that_weighs_the_carry_is_read_as_one_minus_the_transform_gate(sp
     assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
     again = find_blocks(pruned)
     assert [b.width for b in again] == [5, 7] and all(b.carry_gate and b.spelling == "h + g*(c-h)" for b in again)
+
+
+@pytest.mark.parametrize(
+    "spelled,alpha,beta", [("relu6(a+3)/6", 1 / 6, 0.5), ("clip(0.2a+0.5)", 1.0, 0.5)], ids=["keras3", "keras2"]
+)
+def test_a_hard_sigmoid_spelled_out_as_keras_writes_it_is_a_gate(spelled, alpha, beta):
+    """Keras's hard_sigmoid through tf2onnx is Clip(a + 3, 0, 6)·(1/6) (Keras 3) or
+    Clip(0.2·a + 0.5, 0, 1) (Keras 2), no HardSigmoid node: spelled as one (its 0.2 folded into the
+    gate layer), the gates are found, and pruning their shut channels is exact."""
+    from hwtool.prune import highway_model, prune
+
+    model = build(Spec(gate_activation=spelled, removable=REMOVABLE_DEFAULT))
+    with pytest.raises(NoHighwayBlockError):
+        find_blocks(model)
+    respelled, blocks = highway_model(model)
+    assert [b.gate_activation for b in blocks] == ["HardSigmoid"] * 3
+    assert all(b.gate_params == (pytest.approx(alpha), pytest.approx(beta)) for b in blocks)
+    assert not any(n.op_type == "Clip" for n in respelled.graph.node)
+    x = images(16)
+    np.testing.assert_allclose(run(respelled, x), run(model, x), atol=1e-5)
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
+
+
+def test_a_clip_that_is_no_hard_sigmoid_is_left_as_it_is():
+    """Clip(a, 0, 6) alone (a ReLU6) or scaled by other than 1/6 is no sigmoid: nothing is respelled."""
+    from hwtool.prune import spell_hard_sigmoids
+
+    for factor in (None, 0.5):
+        model = build(Spec(gate_activation="relu6(a+3)/6", widths=(8,)))
+        for node in model.graph.node:
+            if node.op_type == "Mul" and any("sixth" in i for i in node.input):
+                sixth = next(t for t in model.graph.initializer if t.name in node.input)
+                if factor is None:  # drop the 1/6: the Clip's output feeds the mix directly
+                    for user in model.graph.node:
+                        user.input[:] = [node.input[0] if i == node.output[0] else i for i in user.input]
+                else:
+                    sixth.CopyFrom(onnx.numpy_helper.from_array(np.array(factor, np.float32), sixth.name))
+        assert [n.op_type for n in spell_hard_sigmoids(model).graph.node].count("Clip") == 1

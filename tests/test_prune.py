@@ -1482,3 +1482,16 @@ def test_gate_means_are_dropped_where_the_pruned_blocks_cannot_be_found_and_neve
     plain, _ = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=x)
     assert _meta(plain, "hwtool.gate_means") is None
     assert _meta(plain, "hwtool.prune")["kept"] == [[5, 8], [0, 8], [7, 12]]
+
+
+def test_a_keras_highway_network_converted_by_tf2onnx_is_pruned_exactly():
+    """tests/data/keras_highway.onnx (tests/data/make_keras_highway.py: Keras 3, tf2onnx, NHWC input,
+    BatchNormalization as Mul and Add, hard_sigmoid gates spelled Add, Clip, Mul): its three blocks
+    are found and the channels whose gates are shut removed exactly."""
+    model = onnx.load(str(Path(__file__).parent / "data" / "keras_highway.onnx"))
+    x = np.random.default_rng(0).random((32, 32, 32, 3), dtype=np.float32)  # NHWC, as Keras takes it
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [(b.width, b.kept) for b in report.blocks] == [(16, 13), (32, 27), (32, 27)]
+    assert report.max_abs_error < 1e-5 and report.top1_agreement == 1.0
+    assert report.params_after < report.params_before
+    np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)

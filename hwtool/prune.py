@@ -1489,9 +1489,107 @@ def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _respelled(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with its gates spelled as they are found: hard sigmoids as HardSigmoid nodes,
-    scalars between a gate layer and its activation folded into the layer."""
-    return fold_gate_scalars(spell_hard_sigmoids(model))
+    """The model with its gates spelled as they are found: one layer split in two as two layers,
+    hard sigmoids as HardSigmoid nodes, scalars between a gate layer and its activation folded
+    into the layer."""
+    return fold_gate_scalars(spell_hard_sigmoids(split_fused_layers(model)))
+
+
+def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model in which a weighted layer whose output is only cut along its channels
+    (by a Split, or by Slices: one layer computing both H and the gate's pre-activation, as
+    AllenNLP's and fairseq's highway layers do with `chunk(2, dim=-1)`) is one layer per part, each
+    with its rows of the weights: the same function, spelled as blocks are found."""
+    model = copy.deepcopy(model)
+    ed = _Editor(model, base="unfused")
+    g = ed.graph
+    fused = _fused_layers(g, _ranks(model))
+    if not fused:
+        return model
+    parts, copies, cut = [], [], set()
+    for n, (layer, cuts, cutters) in enumerate(fused):
+        own = [g.op(layer.node), *([g.op(layer.output)] if layer.output != layer.node else [])]
+        for k, (out, start, end) in enumerate(cuts):
+            tag = f"{ed.prefix}{n}_{k}"
+            for i, node in enumerate(own):
+                copy_ = onnx.NodeProto()
+                copy_.CopyFrom(node)
+                copy_.name = f"{tag}_{i}"
+                copy_.output[0] = out if i == len(own) - 1 else f"{tag}_matmul"
+                copy_.input[:] = [f"{tag}_matmul" if x == layer.node and i else x for x in copy_.input]
+                copies.append(copy_)
+            parts.append((out, layer, start, end, tag))
+        cut |= {c.output[0] for c in cutters}
+    ed.remove_nodes(cut)
+    model.graph.node.extend(copies)
+    ed.refresh()
+    for out, layer, start, end, tag in parts:
+        bias = None if layer.bias is None else layer.bias[start:end]
+        _set_layer(ed, affine(ed.graph, out), layer.weight[start:end], bias, tag)
+    return cleanup(model)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Each tensor's rank, where shape inference knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot read: no ranks, only negative axes are understood
+        return {}
+    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
+
+
+def _fused_layers(g: Graph, ranks: dict[str, int]) -> list[tuple[Affine, list[tuple[str, int, int]], list]]:
+    """Every weighted layer (not grouped) whose output is read only by Split or Slice nodes that cut
+    its channel axis into constant ranges: (layer, [(part's tensor, first row, end row)], the
+    cutting nodes)."""
+    found = []
+    for name in {n.input[0] for n in g.model.graph.node if n.op_type in ("Split", "Slice") and n.input}:
+        layer = affine(g, name)
+        users = g.users(name)
+        if layer is None or layer.group != 1 or not users or name in g.graph_outputs:
+            continue
+        rows = layer.weight.shape[0]
+        axis = 1 if layer.kind == "conv" else ranks.get(name, 0) - 1
+        cuts = [_cuts(g, user, axis, ranks.get(name), rows) for user in users]
+        if all(cuts) and len(users) == len({id(u) for u in users}):
+            found.append((layer, [c for cut in cuts for c in cut], users))
+    return found
+
+
+def _cuts(g: Graph, node: onnx.NodeProto, axis: int, rank: int | None, rows: int) -> list[tuple[str, int, int]]:
+    """[(output, start, end)] of a Split or Slice node cutting `axis` (of `rows` channels) into
+    constant ranges, or [] where it does something else."""
+
+    def on_axis(a: int) -> bool:
+        return a == axis or (rank is not None and a + rank == axis) or (rank is None and a == -1 and axis == -1)
+
+    if node.op_type == "Split":
+        if not on_axis(int(attr(node, "axis", 0))):
+            return []
+        sizes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split", None)
+        count = len(node.output)
+        if sizes is None:
+            if rows % count:
+                return []
+            sizes = [rows // count] * count
+        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+        if len(sizes) != count or sum(sizes) != rows:
+            return []
+        ends = np.cumsum(sizes)
+        return [(o, int(e - s), int(e)) for o, s, e in zip(node.output, sizes, ends)]
+    if node.op_type == "Slice" and 4 <= len(node.input) <= 5:
+        starts, ends, axes = (g.const(i) for i in node.input[1:4])
+        steps = g.const(node.input[4]) if len(node.input) == 5 and node.input[4] else np.ones(1)
+        values = (starts, ends, axes, steps)
+        if any(v is None or v.size != 1 for v in values) or int(steps.reshape(())) != 1:
+            return []
+        if not on_axis(int(axes.reshape(()))):
+            return []
+        start, end = (int(v.reshape(())) for v in (starts, ends))
+        start, end = (max(0, min(rows, v + rows if v < 0 else v)) for v in (start, end))
+        return [(node.output[0], start, end)] if start < end else []
+    return []
 
 
 def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:

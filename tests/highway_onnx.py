@@ -32,6 +32,7 @@ class Spec:
     gate_reads: str = "transform"  # T = Sigmoid(Conv(H)); "input": Conv_T reads the block's input z, as H does
     gate_activation: str = "Sigmoid"  # "HardSigmoid" (alpha 1/6, beta 0.5, as torch exports it), or see `_gate`
     gate_depthwise: bool = False  # Conv_T depthwise (group = width): each gate reads only its own channel of H
+    fused: str = ""  # "Split" or "Slice": Conv_H and Conv_T (reading the input) as one conv, cut in two
 
 
 # Channels made exactly removable by default: 3 of block 0, all 8 of block 1, 5 of block 2 (16 of 28).
@@ -141,6 +142,18 @@ def _mix(b: _B, spelling: str, h: str, t: str, c: str) -> str:
     raise ValueError(spelling)
 
 
+def _cut(b: _B, how: str, x: str, width: int) -> tuple[str, str]:
+    """x's channels [0, width) and [width, 2·width), by one Split or by two Slices."""
+    if how == "Split":
+        parts = (b.name("part"), b.name("part"))
+        sizes = b.init(np.array([width, width], np.int64), "sizes")
+        b.nodes.append(helper.make_node("Split", [x, sizes], list(parts), axis=1, name=b.name("n_split")))
+        return parts
+    ints = lambda v, n: b.init(np.array([v], np.int64), n)  # noqa: E731
+    first = b.node("Slice", [x, ints(0, "start"), ints(width, "end"), ints(1, "axis")])
+    return first, b.node("Slice", [x, ints(width, "start"), ints(2 * width, "end"), ints(-3, "axis")])
+
+
 def _gate(b: _B, activation: str, a: str) -> str:
     """The gate's activation of a: an ONNX op, or a hard sigmoid spelled out as Keras writes it
     through tf2onnx: "relu6(a+3)/6" (Keras 3) or "clip(0.2a+0.5)" (Keras 2)."""
@@ -179,7 +192,11 @@ def build(spec: Spec) -> onnx.ModelProto:
             b_t[j] = -40.0  # ... and its gate is sigmoid(-40) ≈ 4e-18
         if spec.spelling in CARRY_GATE_SPELLINGS:  # G = sigmoid(-z) = 1 - T
             w_t, b_t = -w_t, -b_t
-        hc = b.conv(z, c, width, 3, stride, w_h, b_h)
+        if spec.fused:  # one conv computes both, as AllenNLP's and fairseq's highway layers do
+            both = b.conv(z, c, 2 * width, 3, stride, np.concatenate([w_h, w_t]), np.concatenate([b_h, b_t]))
+            hc, tc = _cut(b, spec.fused, both, width)
+        else:
+            hc = b.conv(z, c, width, 3, stride, w_h, b_h)
         if spec.bn_after:
             hc = b.bn(hc, width)
             if spec.removable.get(i):  # keep removable channels exactly zero through BN
@@ -208,6 +225,8 @@ def build(spec: Spec) -> onnx.ModelProto:
         if spec.gate_depthwise:
             dw = b.node("Conv", [h, b.init(w_t, "w"), b.init(b_t, "b")], pads=[1, 1, 1, 1], group=width)
             t = _gate(b, spec.gate_activation, dw)
+        elif spec.fused:
+            t = _gate(b, spec.gate_activation, tc)
         elif spec.gate_reads == "transform":
             t = _gate(b, spec.gate_activation, b.conv(h, width, width, 3, 1, w_t, b_t))
         else:

@@ -296,3 +296,81 @@ def test_a_clip_that_is_no_hard_sigmoid_is_left_as_it_is():
                 else:
                     sixth.CopyFrom(onnx.numpy_helper.from_array(np.array(factor, np.float32), sixth.name))
         assert [n.op_type for n in spell_hard_sigmoids(model).graph.node].count("Clip") == 1
+
+
+@pytest.mark.parametrize("cut", ["Split", "Slice"])
+@pytest.mark.parametrize("spelling", ["h*t + (1-t)*c", "g*c + (1-g)*h"])
+def test_one_layer_computing_h_and_the_gate_is_split_in_two(spelling, cut):
+    """H and the gate's pre-activation computed by one layer and cut in two (AllenNLP's and
+    fairseq's highway layers: `chunk(2, dim=-1)`, a Split from the dynamo exporter, two Slices from
+    onnxsim's simplification of the TorchScript one): spelled as two layers, the blocks are found,
+    the network computes the same, and pruning the shut channels is exact."""
+    from hwtool.prune import highway_model, prune
+
+    model = build(Spec(spelling=spelling, gate_reads="input", fused=cut, removable=REMOVABLE_DEFAULT))
+    with pytest.raises(NoHighwayBlockError):
+        find_blocks(model)
+    respelled, blocks = highway_model(model)
+    assert [b.width for b in blocks] == [8, 8, 12] and not any(b.gate_reads_transform for b in blocks)
+    assert not any(n.op_type in ("Split", "Slice") for n in respelled.graph.node)
+    x = images(16)
+    np.testing.assert_allclose(run(respelled, x), run(model, x), atol=1e-5)
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
+    assert report.params_after < report.params_before
+
+
+def test_a_layer_cut_off_its_channel_axis_or_read_whole_is_not_split():
+    """A Split over another axis, or a layer whose output is also read whole, stays one layer."""
+    from hwtool.prune import split_fused_layers
+
+    model = build(Spec(gate_reads="input", fused="Split", widths=(8,)))
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    next(n for n in whole.graph.node if n.op_type == "GlobalAveragePool").input[0] = split.input[0]
+    [a for a in split.attribute if a.name == "axis"][0].i = 2  # the height axis, 16 rows in two halves
+    for m in (model, whole):
+        assert [n.op_type for n in split_fused_layers(m).graph.node].count("Split") == 1
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_fairseq_highway_layers_from_both_exporters_are_pruned_exactly(dynamo, tmp_path):
+    """fairseq's (and AllenNLP's) highway layer, written as they write it: one Linear(d, 2d) over
+    [N, T, d], chunk(2, dim=-1) into H and a gate that weighs the carry, y = G*x + (1 - G)*relu(H).
+    Exported by either torch exporter, its layers are found, and the channels whose gates carry
+    everything (G = 1) are removed exactly."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from hwtool.prune import PruneConfig, prune
+
+    class Highway(torch.nn.Module):
+        def __init__(self, dim: int, shut: list[list[int]]):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, 2 * dim) for _ in shut)
+            with torch.no_grad():
+                for layer, channels in zip(self.layers, shut):
+                    layer.weight[[dim + j for j in channels]] = 0.0
+                    layer.bias[[dim + j for j in channels]] = 40.0  # G = sigmoid(40) = 1 in float32
+
+        def forward(self, x):
+            for layer in self.layers:
+                h, gate = layer(x).chunk(2, dim=-1)
+                gate = torch.sigmoid(gate)
+                x = gate * x + (gate.new_tensor([1]) - gate) * torch.relu(h)
+            return x
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 16), Highway(16, [[1, 2, 5], [0, 7, 9, 15]])).eval()
+    x = torch.rand(8, 5, 12)
+    path = tmp_path / "fairseq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kwargs = {} if dynamo else {"dynamic_axes": {"input": {0: "N"}}}
+        torch.onnx.export(net, (x,), str(path), dynamo=dynamo, input_names=["input"], **kwargs)
+    pruned, report = prune(str(path), calib=x.numpy(), config=PruneConfig(threshold=1e-6))
+    assert [(b.spelling, b.kept) for b in report.blocks] == [("g*c + (1-g)*h", 13), ("g*c + (1-g)*h", 12)]
+    assert report.max_abs_error < 1e-5 and report.params_after < report.params_before
+    with torch.no_grad():
+        np.testing.assert_allclose(run(pruned, x.numpy()), net(x).numpy(), atol=1e-5)

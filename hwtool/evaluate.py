@@ -70,9 +70,11 @@ def calibration_needed(test: str | os.PathLike) -> ValueError:
     )
 
 
-def check_image_input(model: onnx.ModelProto) -> None:
-    """Raise ModelError unless the model takes float32 (or float16) [N, 3, 32, 32]; a dimension
-    the model leaves free (named, or unknown) takes what CIFAR-10 gives."""
+def image_layout(model: onnx.ModelProto) -> str:
+    """How the model takes CIFAR-10's images: "NCHW" for float32 (or float16) [N, 3, 32, 32], or
+    "NHWC" for [N, 32, 32, 3], as Keras models converted by tf2onnx take them; a dimension the model
+    leaves free (named, or unknown) takes what CIFAR-10 gives, NCHW first. Raises ModelError for any
+    other input."""
     if len(input_specs(model)) > 1:
         names = ", ".join(s.name for s in input_specs(model))
         raise ModelError(
@@ -81,13 +83,27 @@ def check_image_input(model: onnx.ModelProto) -> None:
         )
     name, dims, elem = input_spec(model)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    takes = len(dims) == 4 and all(not isinstance(d, int) or d <= 0 or d == v for d, v in zip(dims[1:], (3, 32, 32)))
-    if elem not in floats or not takes:
-        shown = "x".join(str(d) for d in dims)
-        raise ModelError(
-            f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}] and CIFAR-10 gives "
-            f"float32 [N,3,32,32] RGB in [0,1]; for other inputs pass --data FILE.npz with them and {LABELS!r}"
-        )
+
+    def fits(shape: tuple[int, int, int]) -> bool:
+        return len(dims) == 4 and all(not isinstance(d, int) or d <= 0 or d == v for d, v in zip(dims[1:], shape))
+
+    if elem in floats and fits((3, 32, 32)):
+        return "NCHW"
+    if elem in floats and fits((32, 32, 3)):
+        return "NHWC"
+    shown = "x".join(str(d) for d in dims)
+    raise ModelError(
+        f"input {name!r} is {onnx.TensorProto.DataType.Name(elem).lower()} [{shown}] and CIFAR-10 gives "
+        f"float32 [N,3,32,32] (or [N,32,32,3]) RGB in [0,1]; for other inputs pass --data FILE.npz with them "
+        f"and {LABELS!r}"
+    )
+
+
+def cifar_inputs(model: onnx.ModelProto, split: Split, n: int | None = None) -> np.ndarray:
+    """The first n images of a CIFAR-10 split as the model takes them: float32 in [0, 1], NCHW or
+    NHWC (`image_layout`)."""
+    x = split.as_float(n)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if image_layout(model) == "NHWC" else x
 
 
 def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | None = None) -> TestSet:
@@ -95,9 +111,9 @@ def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | 
     .tar.gz; the model must take its images) or an .npz holding the model's inputs, as `--calib`
     takes them, and `labels`, one integer class id per sample."""
     if not is_test_npz(data):
-        check_image_input(model)
+        image_layout(model)
         split = load_cifar10(data, splits=("test",))["test"].head(limit)
-        return TestSet(split.as_float(), split.labels, f"{data} test")
+        return TestSet(cifar_inputs(model, split), split.labels, f"{data} test")
     from hwtool.gates import load_samples
 
     inputs, labels = load_samples(model, data, role="test set", labels=LABELS)
@@ -138,8 +154,7 @@ def accuracy_onnx(
     """(correct count, predictions) of a model on a test set (a CIFAR-10 split is taken as one).
     A model of a fixed batch runs whole batches only: the predictions cover the samples they hold."""
     if isinstance(test, Split):
-        check_image_input(model)
-        test = TestSet(test.as_float(), test.labels, "CIFAR-10")
+        test = TestSet(cifar_inputs(model, test), test.labels, "CIFAR-10")
     batch = fixed_batch(model) or batch
     sess = make_session(model, threads=threads)
     if len(test) == 0:

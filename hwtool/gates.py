@@ -233,10 +233,11 @@ DEFAULT_COUNT = 512  # calibration images taken from --data when no count is giv
 def calibration_from_data(
     model: onnx.ModelProto, data: str, count: int | None = None, split: str = "train"
 ) -> np.ndarray:
-    """The first `count` images (DEFAULT_COUNT when None) of a CIFAR-10 split as float32 NCHW in
-    [0, 1]; a count given past the split's size is a warning (all the split's images are used)."""
+    """The first `count` images (DEFAULT_COUNT when None) of a CIFAR-10 split as float32 in [0, 1],
+    NCHW or NHWC as the model takes them; a count given past the split's size is a warning (all
+    the split's images are used)."""
     from hwtool.data import load_cifar10
-    from hwtool.evaluate import check_image_input, is_test_npz
+    from hwtool.evaluate import cifar_inputs, image_layout, is_test_npz
 
     if is_test_npz(data):
         raise ValueError(
@@ -250,12 +251,12 @@ def calibration_from_data(
             "pass --calib FILE.npz with one array per input"
         )
     try:
-        check_image_input(model)
+        image_layout(model)
     except ModelError:
         name, dims = specs[0].name, list(specs[0].dims)
         raise ModelError(
-            f"--data gives CIFAR-10 images, float32 [N,3,32,32], but input {name!r} is [{_layout(dims)}]; "
-            "pass --calib FILE.npy with calibration inputs in the model's own layout"
+            f"--data gives CIFAR-10 images, float32 [N,3,32,32] or [N,32,32,3], but input {name!r} is "
+            f"[{_layout(dims)}]; pass --calib FILE.npy with calibration inputs in the model's own layout"
         ) from None
     images = load_cifar10(data, splits=(split,))[split]
     if count is not None and count > len(images):
@@ -263,7 +264,7 @@ def calibration_from_data(
             f"{count} calibration images asked for and the {split} split holds {len(images)}: all of them are used",
             stacklevel=caller_stacklevel(),
         )
-    return images.as_float(DEFAULT_COUNT if count is None else count)
+    return cifar_inputs(model, images, DEFAULT_COUNT if count is None else count)
 
 
 def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStats | None:

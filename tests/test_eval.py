@@ -150,7 +150,8 @@ def test_eval_of_a_fixed_batch_model_drops_the_ragged_tail(cifar, cifar_path, tm
 
 WRONG_INPUTS = {
     "grey 28x28": ("float", "N, 1, 28, 28"),
-    "channels last": ("float", "N, 32, 32, 3"),
+    "colour 64x64": ("float", "N, 3, 64, 64"),
+    "channels last, 64x64": ("float", "N, 64, 64, 3"),
     "uint8 pixels": ("uint8", "N, 3, 32, 32"),
 }
 

@@ -1495,3 +1495,20 @@ def test_a_keras_highway_network_converted_by_tf2onnx_is_pruned_exactly():
     assert report.max_abs_error < 1e-5 and report.top1_agreement == 1.0
     assert report.params_after < report.params_before
     np.testing.assert_allclose(run(pruned, x), run(model, x), atol=1e-5)
+
+
+def test_a_keras_model_takes_cifar_images_in_its_own_layout(cifar, cifar_path, tmp_path):
+    """A Keras model takes [N, 32, 32, 3]: --data gives it CIFAR-10 in that layout (it was refused
+    as not [N, 3, 32, 32]), for eval and for the calibration of prune alike."""
+    path = Path(__file__).parent / "data" / "keras_highway.onnx"
+    model = onnx.load(str(path))
+    test = cifar["test"].head(64)
+    want = int((run(model, test.as_float().transpose(0, 2, 3, 1)).argmax(1) == test.labels).sum())
+    res = _cli(["eval", path, "--data", cifar_path, "--limit", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["correct"] == want
+    out = tmp_path / "pruned.onnx"
+    res = _cli(["prune", path, "--data", cifar_path, "--count", "32", "--threshold", "1e-6", "-o", out, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[res.stdout.index("{") :])
+    assert [b["kept"] for b in report["blocks"]] == [13, 27, 27] and report["max_abs_error"] < 1e-5

@@ -374,3 +374,15 @@ def test_fairseq_highway_layers_from_both_exporters_are_pruned_exactly(dynamo, t
     assert report.max_abs_error < 1e-5 and report.params_after < report.params_before
     with torch.no_grad():
         np.testing.assert_allclose(run(pruned, x.numpy()), net(x).numpy(), atol=1e-5)
+
+
+def test_a_float16_hard_sigmoid_spelled_out_is_a_gate():
+    """In float16, Keras's 1/6 rounds to 0.16663: Clip(a + 3, 0, 6)·0.16663 is still a hard sigmoid."""
+    from highway_onnx import to_float16
+
+    from hwtool.prune import highway_model
+
+    model = to_float16(build(Spec(gate_activation="relu6(a+3)/6")), keep_io=True)
+    respelled, blocks = highway_model(model)
+    assert [b.gate_activation for b in blocks] == ["HardSigmoid"] * 3
+    np.testing.assert_allclose(run(respelled, images(8)), run(model, images(8)), atol=1e-2)

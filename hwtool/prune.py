@@ -184,6 +184,7 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     budget: float | None = None  # the parameter budget the threshold was chosen for, if any
     refit_samples: int = 0  # the first calibration samples the refit used (0: no refit)
+    respelled: tuple[str, ...] = ()  # how the model was respelled to find its blocks (the output keeps it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -844,8 +845,9 @@ def prune_checked(
     already known; warn_few: `warn_few_samples` (sweep warns once for all its rows)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    # `given` is reported and verified against; blocks may be found only in its simplification
-    original, blocks = (given, blocks) if blocks is not None else highway_model(given)
+    # `given` is reported and verified against; blocks may be found only in its respelling
+    respelled: list[str] = []
+    original, blocks = (given, blocks) if blocks is not None else highway_model(given, respelled)
     fixed = fixed_batch(original)
     if fixed and calib is not None:
         calib = whole_batches(original, calib)
@@ -874,7 +876,7 @@ def prune_checked(
         )
     timings["calibration"] = time.perf_counter() - t0
     shapes = known_shapes(original, calib) if shapes is None else shapes
-    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs, shapes)
+    measured = _Measured(given, original, blocks, gate_stats, calib, ref_outputs, shapes, tuple(respelled))
     if cfg.budget is None:
         return _prune_at(measured, cfg, timings, bar)
     return _prune_to_budget(measured, cfg, timings, bar)
@@ -894,6 +896,7 @@ class _Measured:
     calib: Samples | None
     reference: list[np.ndarray] | None
     shapes: dict[str, list[int]]
+    respelled: tuple[str, ...] = ()  # what `highway_model` changed in `given` to find the blocks
 
 
 def _prune_to_budget(
@@ -1191,6 +1194,7 @@ def _prune_at(
         max_rel_error=max_rel,
         top1_agreement=agree,
         seconds=timings,
+        respelled=measured.respelled,
     )
     return model, report
 
@@ -1370,9 +1374,11 @@ def _import_onnxsim() -> types.ModuleType:
     return sys.modules["onnxsim"]
 
 
-def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]:
+def highway_model(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[Block]]:
     """The model and its highway blocks, or, when a sigmoid is left unexplained (no gate, no SiLU of a
-    block) and onnxsim's simplification shows more blocks, that simplification and its blocks.
+    block) or a hard sigmoid is spelled out and a respelling (`_respelled`, of the model or of its
+    onnxsim simplification) shows more blocks, that respelling and its blocks; `notes` gets a line
+    for each thing the respelling changed.
 
     Exports without constant folding (torch's `do_constant_folding=False`, the dynamo exporter's
     `optimize=False`) leave a BatchNormalization between a gate conv and its sigmoid and the mix's 1
@@ -1394,14 +1400,18 @@ def highway_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Block]]
     unexplained = unexplained or bool(_spelled_hard_sigmoids(Graph(model)))
     best, more = model, blocks
     if unexplained and not is_quantized(model):  # a quantized one gets find_blocks' own error
-        for respell in (_respelled, lambda m: _respelled(_simplify(m))):
+        chosen: list[str] = []
+        for simplify in (False, True):
+            said = ["simplified with onnxsim"] if simplify else []
             try:
-                candidate = respell(model)
+                candidate = _respelled(_simplify(model) if simplify else model, said)
                 found = find_blocks(candidate)
             except Exception:  # onnxsim cannot run it, or no block is found either
                 continue
             if len(found) > len(more):
-                best, more = candidate, found
+                best, more, chosen = candidate, found, said
+        if notes is not None:
+            notes.extend(chosen)
     if not more:
         raise first
     if hidden:
@@ -1488,11 +1498,37 @@ def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleanup(model)
 
 
-def _respelled(model: onnx.ModelProto) -> onnx.ModelProto:
+def _respelled(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     """The model with its gates spelled as they are found: one layer split in two as two layers,
     hard sigmoids as HardSigmoid nodes, scalars between a gate layer and its activation folded
-    into the layer."""
-    return fold_gate_scalars(spell_hard_sigmoids(split_fused_layers(model)))
+    into the layer; `notes` gets a line for each of these it did."""
+    fused = len(_fused_layers(Graph(model), _ranks(model)))
+    model = split_fused_layers(model)
+    hard = len(_spelled_hard_sigmoids(Graph(model)))
+    model = spell_hard_sigmoids(model)
+    before = len(model.graph.node)
+    model = fold_gate_scalars(model)
+    folded = before - len(model.graph.node)
+    for count, one, many in (
+        (
+            fused,
+            "layer computing H and the gate, cut in two, is now two layers",
+            "layers computing H and the gate, cut in two, are now two layers each",
+        ),
+        (
+            hard,
+            "hard sigmoid written with Clip is now a HardSigmoid node",
+            "hard sigmoids written with Clip are now HardSigmoid nodes",
+        ),
+        (
+            folded,
+            "scalar step before a gate's activation is folded into its layer",
+            "scalar steps before gates' activations are folded into their layers",
+        ),
+    ):
+        if count:
+            notes.append(f"{count} {one if count == 1 else many}")
+    return model
 
 
 def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -78,6 +78,8 @@ def prune_tables(report: PruneReport) -> list[Table]:
         title += f"; every block mixes as {spellings[0]}"
     else:
         below.append("mix " + "; ".join(f"{chr(97 + i)}: {m}" for i, m in enumerate(spellings)))
+    if report.respelled:
+        below.append("respelled to find the blocks, and written so: " + "; ".join(report.respelled))
     below += [f"block {b.index}: {b.note}" for b in report.blocks if b.note]
     if 0 < report.refit_samples < report.calibration_images:
         below.append(f"refit on the first {report.refit_samples} of {report.calibration_images} calibration samples")

@@ -279,6 +279,11 @@ def test_a_hard_sigmoid_spelled_out_as_keras_writes_it_is_a_gate(spelled, alpha,
     np.testing.assert_allclose(run(respelled, x), run(model, x), atol=1e-5)
     pruned, report = prune(model, 1e-6, calib=x)
     assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
+    said = ["3 hard sigmoids written with Clip are now HardSigmoid nodes"]
+    if spelled == "clip(0.2a+0.5)":  # its 0.2 goes into the gate layer
+        said.append("3 scalar steps before gates' activations are folded into their layers")
+    assert list(report.respelled) == said
+    assert prune(build(Spec(removable=REMOVABLE_DEFAULT)), 1e-6, calib=x)[1].respelled == ()
 
 
 def test_a_clip_that_is_no_hard_sigmoid_is_left_as_it_is():
@@ -318,6 +323,7 @@ def test_one_layer_computing_h_and_the_gate_is_split_in_two(spelling, cut):
     pruned, report = prune(model, 1e-6, calib=x)
     assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
     assert report.params_after < report.params_before
+    assert report.respelled == ("3 layers computing H and the gate, cut in two, are now two layers each",)
 
 
 def test_a_layer_cut_off_its_channel_axis_or_read_whole_is_not_split():

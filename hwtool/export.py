@@ -184,8 +184,9 @@ def checkpoint_from_onnx(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} has no hwtool.model_config metadata; only models `hwtool export` wrote can be loaded")
     if PRUNE_METADATA in meta:  # what `hwtool prune` records: its blocks are narrower than the network
         try:
-            at = f" at threshold {float(json.loads(meta[PRUNE_METADATA])['threshold']):g}"
-        except (ValueError, KeyError, TypeError):
+            records = json.loads(meta[PRUNE_METADATA])
+            at = f" at threshold {float((records[-1] if isinstance(records, list) else records)['threshold']):g}"
+        except (ValueError, KeyError, TypeError, IndexError):
             at = ""
         raise ValueError(
             f"{path} is a pruned model (`hwtool prune`{at}), narrower than the network it describes; "

@@ -472,10 +472,12 @@ def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: boo
     and not computed before the carry.
 
     y = g·a + (1−g)·b reads two ways, g a transform gate (a is H) or a carry gate (b is H). With
-    H bound, only one fits; with a gate reading the block input, of the readings that fit the one
-    with the most mix nodes wins, then one whose transform layer reads what the gate layer reads
-    (both read the block input, where a carry projection may read it before a BN), then one whose
-    H has a BN or activation after its layer, then the transform gate."""
+    H bound, only one fits; with a gate reading the block input and a carry projected from it, of
+    the readings that fit the one with the most mix nodes wins, then one whose transform layer
+    reads what the gate layer reads (both read the block input, where a projection may read it
+    before a BN), then one whose transform layer has the larger kernel (a 3x3 transform beside a
+    1x1 projection), then one whose H has an activation after its layer (a BN is none), then the
+    transform gate."""
     h = gate_conv.input if reads_h else None
     fits = []
     for user in g.users(gate):
@@ -489,7 +491,10 @@ def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: boo
                 continue
             if reads_h:
                 return pattern, env, nodes, *chain
-            key = (-len(nodes), chain[0].input != gate_conv.input, not chain[1], pattern.carry_gate, order)
+            layer, post = chain
+            kernel = int(np.prod(layer.weight.shape[2:])) if layer.kind == "conv" else 1
+            activated = any(n.op_type != "BatchNormalization" for n in post)
+            key = (-len(nodes), layer.input != gate_conv.input, -kernel, not activated, pattern.carry_gate, order)
             fits.append((key, (pattern, env, nodes, *chain)))
     return min(fits, key=lambda f: f[0])[1] if fits else None
 

@@ -1172,8 +1172,10 @@ def _prune_at(
             ref_outputs = _run_outputs(given, calib, cfg)
         new_outputs = _run_outputs(model, calib, cfg, on_batch=bar("verify"))
         max_abs, max_rel, agree = output_errors(ref_outputs, new_outputs)
-    _record_prune(model, measured, cfg, reports, count_parameters(given))
     timings["verify"] = time.perf_counter() - t3
+    t4 = time.perf_counter()
+    _record_prune(model, measured, cfg, reports, count_parameters(given))
+    timings["metadata"] = time.perf_counter() - t4
 
     sizes = symbolic_sizes(given, calib)  # FLOPs at the calibration inputs' sequence length
     report = PruneReport(
@@ -1209,8 +1211,9 @@ def _record_prune(
     reports: list[BlockReport],
     params_before: int,
 ) -> None:
-    """Say in the pruned model's metadata how it was pruned (PRUNE_METADATA: threshold, budget,
-    refit, the channels each block kept), and, where the model carries gate means for `hwtool
+    """Say in the pruned model's metadata how it was pruned (PRUNE_METADATA: a list of the prunes
+    it went through, oldest first, each with its threshold, budget, refit, the channels each block
+    kept and the parameters before and after), and, where the model carries gate means for `hwtool
     prune` to run on without data, replace them with its pruned blocks' own: measured on the
     calibration inputs, or without them the kept channels' means from before the prune. Means for
     the full-width blocks would describe channels that are gone (and match no block of the model)."""
@@ -1229,10 +1232,20 @@ def _record_prune(
         stored = _pruned_gate_means(model, measured, cfg, reports)
         if stored is not None:
             meta[GATE_METADATA] = json.dumps(stored)
-    meta[PRUNE_METADATA] = json.dumps(record)
+    meta[PRUNE_METADATA] = json.dumps([*_prunes(meta.get(PRUNE_METADATA)), record])
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
+
+
+def _prunes(stored: str | None) -> list[dict]:
+    """The prune records a model's metadata holds (none where it has none or they do not parse)."""
+    try:
+        value = json.loads(stored) if stored else []
+    except ValueError:
+        return []
+    records = value if isinstance(value, list) else [value]
+    return [r for r in records if isinstance(r, dict)]
 
 
 def _pruned_gate_means(
@@ -1257,9 +1270,15 @@ def _pruned_gate_means(
         means, images = stats.means, len(measured.calib)
         source = f"hwtool prune: the pruned model on {images} calibration inputs"
     else:
-        before = measured.gate_stats
-        means = [before.means[i][kept_channels(before.means[i], cfg.threshold, cfg.round_to)] for i in order]
-        images, source = before.images, f"hwtool prune: the kept channels' means before pruning, {before.source}"
+        before = measured.gate_stats.means
+        means = [  # a block left whole keeps every channel, whatever its gates
+            before[i]
+            if reports[i].kept == reports[i].width
+            else before[i][kept_channels(before[i], cfg.threshold, cfg.round_to)]
+            for i in order
+        ]
+        images = measured.gate_stats.images
+        source = "hwtool prune: the kept channels' means before pruning"
     return {"images": int(images), "source": source, "blocks": [[float(v) for v in m] for m in means]}
 
 
@@ -1432,8 +1451,14 @@ class _HardSigmoid:
 
 def _spelled_hard_sigmoids(g: Graph) -> list[_HardSigmoid]:
     """Every Clip(x + b, 0, m)·(1/m) of the graph (a Div by m, or no factor where m is 1; the offset
-    b, a scalar Add or Sub, may be missing): Keras 3's hard_sigmoid as tf2onnx writes it,
-    relu6(x + 3)/6, or Keras 2's clip(0.2·x + 0.5, 0, 1) once its 0.2 is folded into the layer."""
+    b, a scalar Add or Sub, may be missing) whose result something multiplies, as a mix multiplies
+    its gate: Keras 3's hard_sigmoid as tf2onnx writes it, relu6(x + 3)/6, or Keras 2's
+    clip(0.2·x + 0.5, 0, 1) once its 0.2 is folded into the layer. A ReLU6 or a clamp on the output
+    is left alone, and so is a step whose result is read elsewhere too (a graph output)."""
+
+    def only_read_by(name: str, node: onnx.NodeProto) -> bool:
+        return name not in g.graph_outputs and [id(u) for u in g.users(name)] == [id(node)]
+
     found = []
     for clip in (n for n in g.model.graph.node if n.op_type == "Clip"):
         lo, hi = _clip_bounds(g, clip)
@@ -1441,20 +1466,25 @@ def _spelled_hard_sigmoids(g: Graph) -> list[_HardSigmoid]:
             continue
         nodes, out, k = [clip.output[0]], clip.output[0], None
         users = g.users(out)
-        if len(users) == 1 and users[0].op_type in ("Mul", "Div"):
+        if len(users) == 1 and users[0].op_type in ("Mul", "Div") and only_read_by(out, users[0]):
             factor = _scalar_operand(g, users[0])
             if factor is not None and factor[1] != 0.0 and (users[0].op_type == "Mul" or factor[0] == 1):
                 k = factor[1] if users[0].op_type == "Mul" else 1.0 / factor[1]
-        if k is not None and math.isclose(k * hi, 1.0, rel_tol=1e-3):  # 1e-3: float16 constants round 1/6
+                # the factor rounds as its constant does: 1/6 is 0.16663 in float16
+                dtype = g.const(users[0].input[factor[0]]).dtype
+                tolerance = float(np.finfo(dtype).eps) * 8 if dtype.kind == "f" else 1e-6
+        if k is not None and math.isclose(k * hi, 1.0, rel_tol=tolerance):
             nodes.append(users[0].output[0])
             out = users[0].output[0]
         elif hi == 1.0:
             k = 1.0
         else:
             continue
+        if not any(u.op_type == "Mul" for u in g.users(out)):
+            continue
         x, b = clip.input[0], 0.0
         offset = g.op(x)
-        if offset is not None and offset.op_type in ("Add", "Sub") and len(g.users(x)) == 1:
+        if offset is not None and offset.op_type in ("Add", "Sub") and only_read_by(x, clip):
             scalar = _scalar_operand(g, offset)
             if scalar is not None and (offset.op_type == "Add" or scalar[0] == 1):
                 b = scalar[1] if offset.op_type == "Add" else -scalar[1]
@@ -1638,7 +1668,12 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
         g = ed.graph
         steps: list[tuple[str, int, float]] = []  # (op, the scalar's input index, the scalar), outermost first
         chain, x = [], g.producer[out].input[0]
-        while (op := g.op(x)) is not None and op.op_type in ("Add", "Sub", "Mul", "Div") and len(g.users(x)) == 1:
+        while (
+            (op := g.op(x)) is not None
+            and op.op_type in ("Add", "Sub", "Mul", "Div")
+            and len(g.users(x)) == 1
+            and x not in g.graph_outputs
+        ):
             scalars = [k for k, name in enumerate(op.input) if getattr(g.const(name), "size", 0) == 1]
             if len(scalars) != 1 or (op.op_type == "Div" and scalars[0] == 0):  # c / z is no layer of z
                 break
@@ -1647,7 +1682,12 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
             chain.append(op.output[0])
             x = op.input[1 - k]
         layer = affine(g, x) if steps else None
-        if layer is None or len(g.users(x)) != 1 or any(op == "Div" and c == 0 for op, _, c in steps):
+        if (
+            layer is None
+            or len(g.users(x)) != 1
+            or x in g.graph_outputs
+            or any(op == "Div" and c == 0 for op, _, c in steps)
+        ):
             continue
         w = layer.weight.astype(np.float64)
         b = np.zeros(len(w)) if layer.bias is None else layer.bias.astype(np.float64)

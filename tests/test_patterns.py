@@ -392,3 +392,89 @@ def test_a_float16_hard_sigmoid_spelled_out_is_a_gate():
     respelled, blocks = highway_model(model)
     assert [b.gate_activation for b in blocks] == ["HardSigmoid"] * 3
     np.testing.assert_allclose(run(respelled, images(8)), run(model, images(8)), atol=1e-2)
+
+
+def _projected_block(carry_gate: bool, h_post: str, carry_post: str, h_kernel: int = 3) -> onnx.ModelProto:
+    """One block whose gate reads the block input x and whose carry is a strided 1x1 projection of
+    it: y = T*H + (1-T)*c, or with carry_gate G*c + (1-G)*H; H = Conv_k(x) [+ h_post], c = Conv1x1(x)
+    [+ carry_post]."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def layer(name: str, kernel: int, post: str) -> str:
+        w = rng.normal(0, 0.3, (8, 4, kernel, kernel)).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w, f"{name}_w"))
+        p = kernel // 2
+        nodes.append(helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_l"], pads=[p] * 4, strides=[2, 2]))
+        if post == "BN":
+            for k, v in (("s", 1.2), ("b", 0.1), ("m", 0.05), ("v", 0.9)):
+                inits.append(onnx.numpy_helper.from_array(np.full(8, v, np.float32), f"{name}_{k}"))
+            stats = [f"{name}_{k}" for k in "sbmv"]
+            nodes.append(helper.make_node("BatchNormalization", [f"{name}_l", *stats], [name]))
+        elif post:
+            nodes.append(helper.make_node(post, [f"{name}_l"], [name]))
+        else:
+            nodes[-1].output[0] = name
+        return name
+
+    h, c = layer("h", h_kernel, h_post), layer("c", 1, carry_post)
+    inits.append(onnx.numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 1, 1)).astype(np.float32), "t_w"))
+    inits.append(onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+    nodes.append(helper.make_node("Conv", ["x", "t_w"], ["t_l"], strides=[2, 2]))
+    nodes.append(helper.make_node("Sigmoid", ["t_l"], ["g"]))
+    nodes.append(helper.make_node("Sub", ["one", "g"], ["u"]))
+    a, b = (c, h) if carry_gate else (h, c)  # y = g*a + (1-g)*b
+    nodes += [helper.make_node("Mul", ["g", a], ["ga"]), helper.make_node("Mul", ["u", b], ["ub"])]
+    nodes.append(helper.make_node("Add", ["ga", "ub"], ["y"]))
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, 4, 4])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("carry_post", ["", "BN", "Relu"])
+@pytest.mark.parametrize("h_post", ["", "BN", "Relu"])
+@pytest.mark.parametrize("carry_gate", [False, True], ids=["transform gate", "carry gate"])
+def test_g_a_plus_one_minus_g_b_with_a_projected_carry_is_read_the_right_way(carry_gate, h_post, carry_post):
+    """With the gate reading the block input and the carry a strided 1x1 projection of it, both
+    readings of g*a + (1-g)*b fit; the 3x3 transform is H whatever comes after either layer (a
+    projection with a BN or a ReLU made the bare transform read as the carry)."""
+    model = _projected_block(carry_gate, h_post, carry_post)
+    (block,) = find_blocks(model)
+    weights = {n.output[0]: n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert weights[block.transform_conv] == "h_w" and block.carry == "c" and block.carry_gate == carry_gate
+
+
+@pytest.mark.parametrize("carry_gate", [False, True], ids=["transform gate", "carry gate"])
+def test_with_kernels_alike_the_layer_with_an_activation_is_the_transform(carry_gate):
+    (block,) = find_blocks(_projected_block(carry_gate, "Relu", "BN", h_kernel=1))
+    assert block.transform_conv == "h_l" and block.carry == "c" and block.carry_gate == carry_gate
+
+
+def test_a_clamp_on_the_output_or_a_hard_sigmoid_read_elsewhere_is_left_alone():
+    """Clip(logits, 0, 1) on the output is no gate (nothing multiplies it): left as it is, and no
+    respelling is tried for it. A gate whose Clip is also a graph output keeps its spelling (it was
+    removed, and the output dangled): the other blocks are found, and that output still computed."""
+    from hwtool.prune import highway_model, prune, spell_hard_sigmoids
+
+    clamped = build(Spec())
+    logits = clamped.graph.output[0].name
+    for node in clamped.graph.node:
+        node.output[:] = [f"{logits}_raw" if o == logits else o for o in node.output]
+    clamped.graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 1.0))
+    )
+    clamped.graph.node.append(helper.make_node("Clip", [f"{logits}_raw", "lo", "hi"], [logits]))
+    assert [n.op_type for n in spell_hard_sigmoids(clamped).graph.node].count("Clip") == 1
+    assert highway_model(clamped)[0] is clamped
+
+    model = build(Spec(gate_activation="relu6(a+3)/6", removable=REMOVABLE_DEFAULT))
+    first = next(n for n in model.graph.node if n.op_type == "Clip").output[0]
+    model.graph.output.append(helper.make_tensor_value_info(first, onnx.TensorProto.FLOAT, ["N", 8, 32, 32]))
+    _, blocks = highway_model(model)
+    assert len(blocks) == 2
+    x = images(16)
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [0, 7] and report.max_abs_error < 1e-4
+    sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert first in [o.name for o in sess.get_outputs()]

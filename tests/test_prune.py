@@ -1458,7 +1458,7 @@ def test_a_pruned_model_carries_its_own_gate_means_and_how_it_was_pruned(refit):
     measured, _ = measure_gates(pruned, blocks, x)
     for got, want in zip(stored.means, measured.means):
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    record = _meta(pruned, "hwtool.prune")
+    (record,) = _meta(pruned, "hwtool.prune")
     assert record["threshold"] == 1e-6 and record["kept"] == [[5, 8], [0, 8], [7, 12]]
     assert record["refit"] == ("transforms and gates" if refit else "none")
     assert (record["params_before"], record["params_after"]) == (report.params_before, report.params_after)
@@ -1467,7 +1467,9 @@ def test_a_pruned_model_carries_its_own_gate_means_and_how_it_was_pruned(refit):
     kept = [int((m >= 0.2).sum()) for m in measured.means]
     assert [b.kept for b in second.blocks] == kept
     sliced = gates_from_metadata(again, find_blocks(again))
-    assert "before pruning" in sliced.source
+    assert sliced.source == "model metadata (hwtool prune: the kept channels' means before pruning)"
+    first, latest = _meta(again, "hwtool.prune")  # both prunes, oldest first
+    assert first == record and (latest["threshold"], latest["params_before"]) == (0.2, report.params_after)
     for got, means in zip(sliced.means, [m for m in measured.means if (m >= 0.2).any()]):
         np.testing.assert_array_equal(got, means[means >= 0.2])
 
@@ -1481,7 +1483,7 @@ def test_gate_means_are_dropped_where_the_pruned_blocks_cannot_be_found_and_neve
     assert _meta(hidden, "hwtool.gate_means") is None and _meta(hidden, "hwtool.prune") is not None
     plain, _ = prune(build(Spec(removable=REMOVABLE)), threshold=1e-6, calib=x)
     assert _meta(plain, "hwtool.gate_means") is None
-    assert _meta(plain, "hwtool.prune")["kept"] == [[5, 8], [0, 8], [7, 12]]
+    assert _meta(plain, "hwtool.prune")[0]["kept"] == [[5, 8], [0, 8], [7, 12]]
 
 
 def test_a_keras_highway_network_converted_by_tf2onnx_is_pruned_exactly():
@@ -1512,3 +1514,19 @@ def test_a_keras_model_takes_cifar_images_in_its_own_layout(cifar, cifar_path, t
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout[res.stdout.index("{") :])
     assert [b["kept"] for b in report["blocks"]] == [13, 27, 27] and report["max_abs_error"] < 1e-5
+
+
+def test_a_block_left_whole_keeps_all_its_gate_means_in_the_pruned_metadata():
+    """Pruned from metadata alone (no calibration), a block left whole (its H is also a graph
+    output) keeps all its channels and so all its means: the kept channels' alone (5 of 8) made
+    the metadata match no block, and `gates` and a second prune found no statistics."""
+    from hwtool.gates import gates_from_metadata
+
+    x = images(24)
+    model = _with_gate_metadata(build(Spec(removable=REMOVABLE)), x)
+    h0 = find_blocks(model)[0].transform
+    model.graph.output.append(onnx.helper.make_tensor_value_info(h0, onnx.TensorProto.FLOAT, ["N", 8, 32, 32]))
+    pruned, report = prune(model, 1e-6, config=PruneConfig(refit=False))
+    assert [b.kept for b in report.blocks] == [8, 0, 7] and report.blocks[0].note.startswith("left whole")
+    stored = gates_from_metadata(pruned, find_blocks(pruned))
+    assert stored is not None and [len(m) for m in stored.means] == [8, 7]

@@ -73,8 +73,8 @@ def calibration_needed(test: str | os.PathLike) -> ValueError:
 def image_layout(model: onnx.ModelProto) -> str:
     """How the model takes CIFAR-10's images: "NCHW" for float32 (or float16) [N, 3, 32, 32], or
     "NHWC" for [N, 32, 32, 3], as Keras models converted by tf2onnx take them; a dimension the model
-    leaves free (named, or unknown) takes what CIFAR-10 gives, NCHW first. Raises ModelError for any
-    other input."""
+    leaves free (named, or unknown) takes what CIFAR-10 gives, NCHW unless the model's first step
+    is a Transpose from NHWC. Raises ModelError for any other input."""
     if len(input_specs(model)) > 1:
         names = ", ".join(s.name for s in input_specs(model))
         raise ModelError(
@@ -87,9 +87,14 @@ def image_layout(model: onnx.ModelProto) -> str:
     def fits(shape: tuple[int, int, int]) -> bool:
         return len(dims) == 4 and all(not isinstance(d, int) or d <= 0 or d == v for d, v in zip(dims[1:], shape))
 
-    if elem in floats and fits((3, 32, 32)):
+    nchw, nhwc = elem in floats and fits((3, 32, 32)), elem in floats and fits((32, 32, 3))
+    if nchw and nhwc:  # sizes left free: a model that first transposes NHWC to NCHW (tf2onnx's) takes NHWC
+        readers = [n for n in model.graph.node if name in n.input]
+        first = [list(a.ints) for n in readers if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
+        return "NHWC" if readers and first == [[0, 3, 1, 2]] * len(readers) else "NCHW"
+    if nchw:
         return "NCHW"
-    if elem in floats and fits((32, 32, 3)):
+    if nhwc:
         return "NHWC"
     shown = "x".join(str(d) for d in dims)
     raise ModelError(

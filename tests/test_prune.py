@@ -1509,6 +1509,13 @@ def test_a_keras_model_takes_cifar_images_in_its_own_layout(cifar, cifar_path, t
     res = _cli(["eval", path, "--data", cifar_path, "--limit", "64", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["correct"] == want
+    # sizes left free, [N, h, w, c]: its first step, a Transpose from NHWC, says the layout
+    for dim, free in zip(model.graph.input[0].type.tensor_type.shape.dim[1:], "hwc"):
+        dim.dim_param = free
+    onnx.save(model, str(tmp_path / "free.onnx"))
+    res = _cli(["eval", tmp_path / "free.onnx", "--data", cifar_path, "--limit", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["correct"] == want
     out = tmp_path / "pruned.onnx"
     res = _cli(["prune", path, "--data", cifar_path, "--count", "32", "--threshold", "1e-6", "-o", out, "--json"])
     assert res.exit_code == 0, res.output

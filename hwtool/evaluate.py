@@ -89,7 +89,7 @@ def image_layout(model: onnx.ModelProto) -> str:
 
     nchw, nhwc = elem in floats and fits((3, 32, 32)), elem in floats and fits((32, 32, 3))
     if nchw and nhwc:  # sizes left free: a model that first transposes NHWC to NCHW (tf2onnx's) takes NHWC
-        readers = [n for n in model.graph.node if name in n.input]
+        readers = [n for n in model.graph.node if name in n.input and n.op_type != "Shape"]  # sizes say nothing
         first = [list(a.ints) for n in readers if n.op_type == "Transpose" for a in n.attribute if a.name == "perm"]
         return "NHWC" if readers and first == [[0, 3, 1, 2]] * len(readers) else "NCHW"
     if nchw:

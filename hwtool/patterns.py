@@ -475,9 +475,10 @@ def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: boo
     H bound, only one fits; with a gate reading the block input and a carry projected from it, of
     the readings that fit the one with the most mix nodes wins, then one whose transform layer
     reads what the gate layer reads (both read the block input, where a projection may read it
-    before a BN), then one whose transform layer has the larger kernel (a 3x3 transform beside a
-    1x1 projection), then one whose H has an activation after its layer (a BN is none), then the
-    transform gate."""
+    before a BN), then one whose H has an activation after its layer (a transform is nonlinear, a
+    projection is not; a BN, which projections have too, does not count), then one whose transform
+    layer has the larger kernel (a 3x3 transform beside a 1x1 projection), then, where nothing
+    tells them apart, the transform gate."""
     h = gate_conv.input if reads_h else None
     fits = []
     for user in g.users(gate):
@@ -494,7 +495,7 @@ def _find_block(g: Graph, gate: str, gate_conv: Affine, width: int, reads_h: boo
             layer, post = chain
             kernel = int(np.prod(layer.weight.shape[2:])) if layer.kind == "conv" else 1
             activated = any(n.op_type != "BatchNormalization" for n in post)
-            key = (-len(nodes), layer.input != gate_conv.input, -kernel, not activated, pattern.carry_gate, order)
+            key = (-len(nodes), layer.input != gate_conv.input, not activated, -kernel, pattern.carry_gate, order)
             fits.append((key, (pattern, env, nodes, *chain)))
     return min(fits, key=lambda f: f[0])[1] if fits else None
 

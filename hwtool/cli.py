@@ -841,8 +841,8 @@ def prune_cmd(
 def gates_cmd(models, calib, data, count, split, png, unsorted, as_json):
     """Mean gate T per block and channel of one or more MODELS: tables and a heat map."""
     from hwtool.gates import gates_from_metadata, measure_gates
-    from hwtool.prune import highway_model
     from hwtool.report import gate_heatmap, gate_table, progress_bar
+    from hwtool.respell import highway_model
     from hwtool.runtime import atomic_write_files, check_distinct, check_outputs, json_file_bytes, load_model
 
     if png is None:

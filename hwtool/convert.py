@@ -367,7 +367,7 @@ def half_model(model: onnx.ModelProto, half_io: bool = False) -> onnx.ModelProto
     float16 kernels stay float32 behind casts), sorted and checked. Float inputs and outputs stay
     float32, cast at the edges, unless half_io. Graph inputs that name an initializer are dropped (they are
     weights); `model` itself is left as it is."""
-    from hwtool.prune import cleanup
+    from hwtool.edit import cleanup
 
     model = drop_weight_inputs(model)
     module = "onnxruntime.transformers.float16"

@@ -19,12 +19,10 @@ went before it) is left as it was, so such a prune stays exact.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 import types
@@ -37,10 +35,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hwtool.edit import ONE_HOT_NAME, Editor, cleanup, set_layer
 from hwtool.gates import GATE_METADATA, GateStats, check_samples, gates_from_metadata, measure_gates
-from hwtool.graph import Graph, attr, count_parameters, is_quantized, node_reads, tensor_shapes
+from hwtool.graph import Graph, attr, count_parameters, node_reads, tensor_shapes
 from hwtool.patterns import (
-    GATE_ACTIVATIONS,
     Affine,
     Block,
     NoHighwayBlockError,
@@ -50,6 +48,7 @@ from hwtool.patterns import (
     logistic,
     why_not_self_contained,
 )
+from hwtool.respell import highway_model, simplify
 from hwtool.runtime import (
     ModelError,
     Samples,
@@ -192,87 +191,6 @@ class PruneReport:
 
 # ---------------------------------------------------------------------------------------------
 # graph editing helpers
-
-
-class _Editor:
-    """Small mutable view of a model for surgery: replace initializers, nodes, rewire tensors."""
-
-    def __init__(self, model: onnx.ModelProto, base: str = "hw"):
-        self.model = model
-        self.graph = Graph(model)
-        # What the surgery names its tensors and nodes by: `base`, or where the model already has
-        # such names (a model pruned before, pruned again) the first "{base}_K_" no name starts with.
-        g = model.graph
-        names = {n for node in g.node for n in (*node.input, *node.output, node.name)}
-        names |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
-        prefixes = (base, *(f"{base}_{k}_" for k in range(2, 10_000)))
-        self.prefix = next(p for p in prefixes if not any(n.startswith(p) for n in names))
-
-    def tag(self, block: Block) -> str:
-        """The prefix of every name the surgery gives block's new tensors and nodes."""
-        return f"{self.prefix}{block.index}"
-
-    def refresh(self) -> None:
-        self.graph = Graph(self.model)
-
-    def node(self, output: str) -> onnx.NodeProto:
-        return self.graph.producer[output]
-
-    def set_input(self, node: onnx.NodeProto, idx: int, name: str, value: np.ndarray) -> None:
-        """Point node.input[idx] at a new initializer holding value."""
-        self.model.graph.initializer.append(numpy_helper.from_array(value, name))
-        node.input[idx] = name
-
-    def remove_nodes(self, outputs: set[str]) -> None:
-        keep = [n for n in self.model.graph.node if n.output[0] not in outputs]
-        del self.model.graph.node[:]
-        self.model.graph.node.extend(keep)
-        self.refresh()
-
-
-def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop nodes whose outputs nobody reads, unused initializers (and their graph inputs, where an
-    export listed initializers as inputs), then sort topologically."""
-    g = model.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
-    needed = {o.name for o in g.output}
-    stack, is_live = list(needed), [False] * len(g.node)
-    while stack:
-        i = producer.get(stack.pop())
-        if i is None or is_live[i]:
-            continue
-        is_live[i] = True
-        for name in node_reads(g.node[i]):
-            if name and name not in needed:
-                needed.add(name)
-                stack.append(name)
-    live = [n for n, keep in zip(g.node, is_live) if keep]
-    dropped = {t.name for t in g.initializer if t.name not in needed}
-    inits = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    if any(i.name in dropped for i in g.input):  # keep_initializers_as_inputs exports list them as inputs too
-        inputs = [i for i in g.input if i.name not in dropped]
-        del g.input[:]
-        g.input.extend(inputs)
-    del g.value_info[:]  # intermediate shapes are stale after surgery; checkers infer them again
-    # Kahn's algorithm, stable in the original order.
-    produced_by = {o: i for i, n in enumerate(live) for o in n.output}
-    deps = [{produced_by[x] for x in node_reads(n) if x in produced_by} for n in live]
-    done: set[int] = set()
-    order: list[int] = []
-    while len(order) < len(live):
-        progressed = False
-        for i in range(len(live)):
-            if i not in done and deps[i] <= done:
-                order.append(i)
-                done.add(i)
-                progressed = True
-        if not progressed:
-            raise ValueError("the pruned graph has a cycle; this is a bug in hwtool")
-    del g.node[:]
-    g.node.extend(live[i] for i in order)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +405,7 @@ def _moved(now: np.ndarray, before: np.ndarray) -> bool:
 # per-block surgery
 
 
-def _slice_post(ed: _Editor, node: onnx.NodeProto, kept: np.ndarray, width: int, tag: str) -> None:
+def _slice_post(ed: Editor, node: onnx.NodeProto, kept: np.ndarray, width: int, tag: str) -> None:
     """Slice the per-channel parameters of a BN/activation node to the kept channels.
 
     Other post ops (Relu, Clip with scalar bounds, ...) have none.
@@ -576,36 +494,7 @@ def _block_params(g: Graph, block: Block) -> int:
     return n
 
 
-def _set_layer(ed: _Editor, layer: Affine, weight: np.ndarray, bias: np.ndarray | None, tag: str) -> None:
-    """Give a transform or gate layer new weights (out × in (× kernel)) and bias (out,), stored the
-    way the layer stores them; a layer without a bias gets one (a MatMul an Add after it) unless
-    bias is None."""
-    node = ed.node(layer.node)
-    ed.set_input(node, 1, f"{tag}_w", np.ascontiguousarray(weight.T) if layer.transposed else weight)
-    if bias is not None:
-        _set_bias(ed, layer, node, bias, tag)
-    ed.refresh()
-
-
-def _set_bias(ed: _Editor, layer: Affine, node: onnx.NodeProto, bias: np.ndarray, tag: str) -> None:
-    if layer.bias_node is not None:
-        ed.set_input(ed.node(layer.bias_node), layer.bias_index, f"{tag}_b", bias)
-    elif node.op_type == "MatMul":
-        node.output[0] = f"{tag}_matmul"
-        ed.model.graph.initializer.append(numpy_helper.from_array(bias, f"{tag}_b"))
-        add = helper.make_node("Add", [f"{tag}_matmul", f"{tag}_b"], [layer.output], name=f"{tag}_bias")
-        ed.model.graph.node.append(add)
-    else:  # Conv, Gemm: an optional third input
-        while len(node.input) < 3:
-            node.input.append("")
-        ed.set_input(node, 2, f"{tag}_b", bias)
-        if node.op_type == "Gemm":  # with no C before, beta was never applied
-            keep = [a for a in node.attribute if a.name != "beta"]
-            del node.attribute[:]
-            node.attribute.extend(keep)
-
-
-def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray | None, kind: str):
+def _prune_block(ed: Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray, gate_b: np.ndarray | None, kind: str):
     """Rewrite one block to its kept channels (or to its carry alone when nothing is kept)."""
     tag = ed.tag(block)
     g = ed.graph
@@ -619,11 +508,11 @@ def _prune_block(ed: _Editor, block: Block, kept: np.ndarray, gate_w: np.ndarray
         return
     transform = affine(g, block.transform_conv)
     bias = None if transform.bias is None else transform.bias[kept]
-    _set_layer(ed, transform, transform.weight[kept], bias, f"{tag}_transform")
+    set_layer(ed, transform, transform.weight[kept], bias, f"{tag}_transform")
     for i, t in enumerate(block.transform_post):
         _slice_post(ed, ed.node(t), kept, block.width, f"{tag}_post{i}")
     gate = affine(ed.graph, block.gate_conv)
-    _set_layer(ed, gate, gate_w, gate_b, f"{tag}_gate")
+    set_layer(ed, gate, gate_w, gate_b, f"{tag}_gate")
     if block.gate_depthwise:
         conv = ed.node(gate.node)
         next(a for a in conv.attribute if a.name == "group").i = len(kept)
@@ -957,7 +846,7 @@ def refit_samples(
 
 
 def _follow_reference(
-    ed: _Editor,
+    ed: Editor,
     runner: _Runner,
     reference: _Runner,
     block: Block,
@@ -997,7 +886,7 @@ def _follow_reference(
 
 
 def _refit_layer(
-    ed: _Editor,
+    ed: Editor,
     runner: _Runner,
     layer: Affine,
     target: np.ndarray,
@@ -1015,7 +904,7 @@ def _refit_layer(
     runner.remember({layer.input: x_now})
     rows = np.arange(layer.weight.shape[0]) if rows is None else rows
     weight, bias, errors = _refit_rows(layer, x_now, target, rows, *geometry, cfg)
-    _set_layer(ed, layer, weight, bias, tag)
+    set_layer(ed, layer, weight, bias, tag)
     runner.model = ed.model
     return errors
 
@@ -1039,7 +928,7 @@ def _prune_at(
     t1 = time.perf_counter()
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    ed = _Editor(model)
+    ed = Editor(model)
     refit_n = refit_samples(original, blocks, calib, cfg, measured.shapes) if cfg.refit else 0
     runner = _Runner(model, calib[:refit_n], cfg.batch, cfg.threads) if cfg.refit else None
     reference_runner = None
@@ -1147,7 +1036,7 @@ def _prune_at(
 
     t2 = time.perf_counter()
     if cfg.simplify:
-        model = _simplify(model)
+        model = simplify(model)
     model = _one_hots_as_nodes(model)
     timings["simplify"] = time.perf_counter() - t2
     try:
@@ -1320,9 +1209,6 @@ def top1_agreement(ref: np.ndarray, new: np.ndarray) -> float | None:
     return None
 
 
-ONE_HOT_NAME = re.compile(r"hw(_\d+_)?\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes
-
-
 def _one_hot_axis(m: np.ndarray) -> int | None:
     """0 when every column of m is one 1 among 0s (C x k), 1 when every row is (k x C), else None."""
     if not np.isin(m, (0, 1)).all():
@@ -1371,364 +1257,6 @@ def _one_hots_as_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
         del g.node[:]
         g.node.extend(nodes + rest)
     return model
-
-
-def _import_onnxsim() -> types.ModuleType:
-    """Import onnxsim without letting it pull in torch.
-
-    onnxsim's optional PPQ bridge imports torch at import time only to find out whether PPQ is
-    usable, and its model printer imports sympy; hwtool uses neither, and with torch installed
-    the two cost about 1.1 s per prune. Modules not loaded yet are hidden from onnxsim while it
-    is imported (a None entry in sys.modules makes `import` raise ImportError, which onnxsim
-    catches for both).
-    """
-    if "onnxsim" not in sys.modules:
-        hidden = [name for name in ("torch", "sympy") if name not in sys.modules]
-        sys.modules.update(dict.fromkeys(hidden))
-        try:
-            import onnxsim  # noqa: F401
-        finally:
-            for name in hidden:
-                del sys.modules[name]
-    return sys.modules["onnxsim"]
-
-
-def highway_model(model: onnx.ModelProto, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[Block]]:
-    """The model and its highway blocks, or, when a sigmoid is left unexplained (no gate, no SiLU of a
-    block) or a hard sigmoid is spelled out and a respelling (`_respelled`, of the model or of its
-    onnxsim simplification) shows more blocks, that respelling and its blocks; `notes` gets a line
-    for each thing the respelling changed.
-
-    Exports without constant folding (torch's `do_constant_folding=False`, the dynamo exporter's
-    `optimize=False`) leave a BatchNormalization between a gate conv and its sigmoid and the mix's 1
-    behind a Cast; onnxsim folds both, computing the same function.
-    """
-    # The conv write-back's one-hot layers stand in the mix of the blocks it pruned: they are not found again.
-    names = [o for n in model.graph.node for o in n.output]  # OneHot nodes' outputs, or matrices kept whole:
-    names += [t.name for t in model.graph.initializer if t.data_type != onnx.TensorProto.INT64]  # not indices
-    hidden = any(ONE_HOT_NAME.match(name) for name in names) and (
-        "this model was pruned before with the conv write-back, whose one-hot layers hide the blocks it pruned; "
-        "prune the original, or prune with --write-back gather"
-    )
-    try:
-        blocks = find_blocks(model)
-    except NoHighwayBlockError as e:
-        blocks, first = [], NoHighwayBlockError(f"{hidden}: no block is left to find") if hidden else e
-    explained = {t for b in blocks for t in (b.gate, *b.transform_post)}
-    unexplained = any(n.output[0] not in explained for n in model.graph.node if n.op_type in GATE_ACTIVATIONS)
-    unexplained = unexplained or bool(_spelled_hard_sigmoids(Graph(model)))
-    best, more = model, blocks
-    if unexplained and not is_quantized(model):  # a quantized one gets find_blocks' own error
-        chosen: list[str] = []
-        for simplify in (False, True):
-            said = ["simplified with onnxsim"] if simplify else []
-            try:
-                candidate = _respelled(_simplify(model) if simplify else model, said)
-                found = find_blocks(candidate)
-            except Exception:  # onnxsim cannot run it, or no block is found either
-                continue
-            if len(found) > len(more):
-                best, more, chosen = candidate, found, said
-        if notes is not None:
-            notes.extend(chosen)
-    if not more:
-        raise first
-    if hidden:
-        warnings.warn(f"{hidden}: only the blocks it left whole are found", stacklevel=caller_stacklevel())
-    return best, more
-
-
-@dataclass(frozen=True)
-class _HardSigmoid:
-    """A hard sigmoid spelled out: clip(alpha·x + beta, 0, 1) computed by `nodes` (outputs) from x."""
-
-    nodes: tuple[str, ...]
-    x: str
-    output: str
-    alpha: float
-    beta: float
-
-
-def _spelled_hard_sigmoids(g: Graph) -> list[_HardSigmoid]:
-    """Every Clip(x + b, 0, m)·(1/m) of the graph (a Div by m, or no factor where m is 1; the offset
-    b, a scalar Add or Sub, may be missing) whose result something multiplies, as a mix multiplies
-    its gate: Keras 3's hard_sigmoid as tf2onnx writes it, relu6(x + 3)/6, or Keras 2's
-    clip(0.2·x + 0.5, 0, 1) once its 0.2 is folded into the layer. A ReLU6 or a clamp on the output
-    is left alone, and so is a step whose result is read elsewhere too (a graph output)."""
-
-    def only_read_by(name: str, node: onnx.NodeProto) -> bool:
-        return name not in g.graph_outputs and [id(u) for u in g.users(name)] == [id(node)]
-
-    found = []
-    for clip in (n for n in g.model.graph.node if n.op_type == "Clip"):
-        lo, hi = _clip_bounds(g, clip)
-        if lo != 0.0 or hi is None or not hi > 0.0:
-            continue
-        nodes, out, k = [clip.output[0]], clip.output[0], None
-        users = g.users(out)
-        if len(users) == 1 and users[0].op_type in ("Mul", "Div") and only_read_by(out, users[0]):
-            factor = _scalar_operand(g, users[0])
-            if factor is not None and factor[1] != 0.0 and (users[0].op_type == "Mul" or factor[0] == 1):
-                k = factor[1] if users[0].op_type == "Mul" else 1.0 / factor[1]
-                # the factor rounds as its constant does: 1/6 is 0.16663 in float16
-                dtype = g.const(users[0].input[factor[0]]).dtype
-                tolerance = float(np.finfo(dtype).eps) * 8 if dtype.kind == "f" else 1e-6
-        if k is not None and math.isclose(k * hi, 1.0, rel_tol=tolerance):
-            nodes.append(users[0].output[0])
-            out = users[0].output[0]
-        elif hi == 1.0:
-            k = 1.0
-        else:
-            continue
-        if not any(u.op_type == "Mul" for u in g.users(out)):
-            continue
-        x, b = clip.input[0], 0.0
-        offset = g.op(x)
-        if offset is not None and offset.op_type in ("Add", "Sub") and only_read_by(x, clip):
-            scalar = _scalar_operand(g, offset)
-            if scalar is not None and (offset.op_type == "Add" or scalar[0] == 1):
-                b = scalar[1] if offset.op_type == "Add" else -scalar[1]
-                x = offset.input[1 - scalar[0]]
-                nodes.insert(0, offset.output[0])
-        found.append(_HardSigmoid(tuple(nodes), x, out, k, k * b))
-    return found
-
-
-def _clip_bounds(g: Graph, clip: onnx.NodeProto) -> tuple[float | None, float | None]:
-    """A Clip's constant min and max (attributes below opset 11, inputs from it), None where unknown."""
-    if len(clip.input) == 1 and any(a.name in ("min", "max") for a in clip.attribute):
-        return attr(clip, "min", None), attr(clip, "max", None)
-    bounds = []
-    for k in (1, 2):
-        v = g.const(clip.input[k]) if len(clip.input) > k and clip.input[k] else None
-        bounds.append(float(v.reshape(())) if v is not None and v.size == 1 else None)
-    return bounds[0], bounds[1]
-
-
-def _scalar_operand(g: Graph, node: onnx.NodeProto) -> tuple[int, float] | None:
-    """(index, value) of the one scalar constant among a binary node's two inputs, else None."""
-    scalars = [k for k, name in enumerate(node.input[:2]) if getattr(g.const(name), "size", 0) == 1]
-    if len(node.input) != 2 or len(scalars) != 1:
-        return None
-    return scalars[0], float(g.const(node.input[scalars[0]]).reshape(()))
-
-
-def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model in which every hard sigmoid spelled out in Clip and scalar ops
-    (`_spelled_hard_sigmoids`) is one HardSigmoid node with the same output: the same function,
-    spelled as gates are found."""
-    model = copy.deepcopy(model)
-    ed = _Editor(model, base="hard_sigmoid")
-    spelled = _spelled_hard_sigmoids(ed.graph)
-    ed.remove_nodes({t for hs in spelled for t in hs.nodes})
-    model.graph.node.extend(
-        helper.make_node("HardSigmoid", [hs.x], [hs.output], name=f"{ed.prefix}{n}", alpha=hs.alpha, beta=hs.beta)
-        for n, hs in enumerate(spelled)
-    )
-    return cleanup(model)
-
-
-def _respelled(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
-    """The model with its gates spelled as they are found: one layer split in two as two layers,
-    hard sigmoids as HardSigmoid nodes, scalars between a gate layer and its activation folded
-    into the layer; `notes` gets a line for each of these it did."""
-    fused = len(_fused_layers(Graph(model), _ranks(model)))
-    model = split_fused_layers(model)
-    hard = len(_spelled_hard_sigmoids(Graph(model)))
-    model = spell_hard_sigmoids(model)
-    before = len(model.graph.node)
-    model = fold_gate_scalars(model)
-    folded = before - len(model.graph.node)
-    for count, one, many in (
-        (
-            fused,
-            "layer computing H and the gate, cut in two, is now two layers",
-            "layers computing H and the gate, cut in two, are now two layers each",
-        ),
-        (
-            hard,
-            "hard sigmoid written with Clip is now a HardSigmoid node",
-            "hard sigmoids written with Clip are now HardSigmoid nodes",
-        ),
-        (
-            folded,
-            "scalar step before a gate's activation is folded into its layer",
-            "scalar steps before gates' activations are folded into their layers",
-        ),
-    ):
-        if count:
-            notes.append(f"{count} {one if count == 1 else many}")
-    return model
-
-
-def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model in which a weighted layer whose output is only cut along its channels
-    (by a Split, or by Slices: one layer computing both H and the gate's pre-activation, as
-    AllenNLP's and fairseq's highway layers do with `chunk(2, dim=-1)`) is one layer per part, each
-    with its rows of the weights: the same function, spelled as blocks are found."""
-    model = copy.deepcopy(model)
-    ed = _Editor(model, base="unfused")
-    g = ed.graph
-    fused = _fused_layers(g, _ranks(model))
-    if not fused:
-        return model
-    parts, copies, cut = [], [], set()
-    for n, (layer, cuts, cutters) in enumerate(fused):
-        own = [g.op(layer.node), *([g.op(layer.output)] if layer.output != layer.node else [])]
-        for k, (out, start, end) in enumerate(cuts):
-            tag = f"{ed.prefix}{n}_{k}"
-            for i, node in enumerate(own):
-                copy_ = onnx.NodeProto()
-                copy_.CopyFrom(node)
-                copy_.name = f"{tag}_{i}"
-                copy_.output[0] = out if i == len(own) - 1 else f"{tag}_matmul"
-                copy_.input[:] = [f"{tag}_matmul" if x == layer.node and i else x for x in copy_.input]
-                copies.append(copy_)
-            parts.append((out, layer, start, end, tag))
-        cut |= {c.output[0] for c in cutters}
-    ed.remove_nodes(cut)
-    model.graph.node.extend(copies)
-    ed.refresh()
-    for out, layer, start, end, tag in parts:
-        bias = None if layer.bias is None else layer.bias[start:end]
-        _set_layer(ed, affine(ed.graph, out), layer.weight[start:end], bias, tag)
-    return cleanup(model)
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Each tensor's rank, where shape inference knows it."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # a model shape inference cannot read: no ranks, only negative axes are understood
-        return {}
-    infos = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
-
-
-def _fused_layers(g: Graph, ranks: dict[str, int]) -> list[tuple[Affine, list[tuple[str, int, int]], list]]:
-    """Every weighted layer (not grouped) whose output is read only by Split or Slice nodes that cut
-    its channel axis into constant ranges: (layer, [(part's tensor, first row, end row)], the
-    cutting nodes)."""
-    found = []
-    for name in {n.input[0] for n in g.model.graph.node if n.op_type in ("Split", "Slice") and n.input}:
-        layer = affine(g, name)
-        users = g.users(name)
-        if layer is None or layer.group != 1 or not users or name in g.graph_outputs:
-            continue
-        rows = layer.weight.shape[0]
-        axis = 1 if layer.kind == "conv" else ranks.get(name, 0) - 1
-        cuts = [_cuts(g, user, axis, ranks.get(name), rows) for user in users]
-        if all(cuts) and len(users) == len({id(u) for u in users}):
-            found.append((layer, [c for cut in cuts for c in cut], users))
-    return found
-
-
-def _cuts(g: Graph, node: onnx.NodeProto, axis: int, rank: int | None, rows: int) -> list[tuple[str, int, int]]:
-    """[(output, start, end)] of a Split or Slice node cutting `axis` (of `rows` channels) into
-    constant ranges, or [] where it does something else."""
-
-    def on_axis(a: int) -> bool:
-        return a == axis or (rank is not None and a + rank == axis) or (rank is None and a == -1 and axis == -1)
-
-    if node.op_type == "Split":
-        if not on_axis(int(attr(node, "axis", 0))):
-            return []
-        sizes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "split", None)
-        count = len(node.output)
-        if sizes is None:
-            if rows % count:
-                return []
-            sizes = [rows // count] * count
-        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
-        if len(sizes) != count or sum(sizes) != rows:
-            return []
-        ends = np.cumsum(sizes)
-        return [(o, int(e - s), int(e)) for o, s, e in zip(node.output, sizes, ends)]
-    if node.op_type == "Slice" and 4 <= len(node.input) <= 5:
-        starts, ends, axes = (g.const(i) for i in node.input[1:4])
-        steps = g.const(node.input[4]) if len(node.input) == 5 and node.input[4] else np.ones(1)
-        values = (starts, ends, axes, steps)
-        if any(v is None or v.size != 1 for v in values) or int(steps.reshape(())) != 1:
-            return []
-        if not on_axis(int(axes.reshape(()))):
-            return []
-        start, end = (int(v.reshape(())) for v in (starts, ends))
-        start, end = (max(0, min(rows, v + rows if v < 0 else v)) for v in (start, end))
-        return [(node.output[0], start, end)] if start < end else []
-    return []
-
-
-def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model in which scalar constants added to, subtracted from, multiplying or
-    dividing a gate layer's output before its activation (a gate offset of its own, a temperature)
-    are folded into that layer's weights and bias: the same function, spelled as gates are found."""
-    model = copy.deepcopy(model)
-    ed = _Editor(model, base="gate_fold")  # not "hw": a later prune's own names start with that
-    for n, out in enumerate([a.output[0] for a in model.graph.node if a.op_type in GATE_ACTIVATIONS]):
-        g = ed.graph
-        steps: list[tuple[str, int, float]] = []  # (op, the scalar's input index, the scalar), outermost first
-        chain, x = [], g.producer[out].input[0]
-        while (
-            (op := g.op(x)) is not None
-            and op.op_type in ("Add", "Sub", "Mul", "Div")
-            and len(g.users(x)) == 1
-            and x not in g.graph_outputs
-        ):
-            scalars = [k for k, name in enumerate(op.input) if getattr(g.const(name), "size", 0) == 1]
-            if len(scalars) != 1 or (op.op_type == "Div" and scalars[0] == 0):  # c / z is no layer of z
-                break
-            k = scalars[0]
-            steps.append((op.op_type, k, float(g.const(op.input[k]).reshape(()))))
-            chain.append(op.output[0])
-            x = op.input[1 - k]
-        layer = affine(g, x) if steps else None
-        if (
-            layer is None
-            or len(g.users(x)) != 1
-            or x in g.graph_outputs
-            or any(op == "Div" and c == 0 for op, _, c in steps)
-        ):
-            continue
-        w = layer.weight.astype(np.float64)
-        b = np.zeros(len(w)) if layer.bias is None else layer.bias.astype(np.float64)
-        for op, k, c in reversed(steps):  # the step next to the layer first
-            if op == "Add":
-                b = b + c
-            elif op == "Sub":
-                w, b = (w, b - c) if k == 1 else (-w, c - b)
-            else:  # Mul, or Div by the constant
-                f = c if op == "Mul" else 1.0 / c
-                w, b = w * f, b * f
-        # A layer without a bias gains one only where an offset (Add, Sub) was folded into it.
-        bias = None if layer.bias is None and all(op in ("Mul", "Div") for op, _, _ in steps) else b
-        _set_layer(
-            ed,
-            layer,
-            w.astype(layer.weight.dtype),
-            None if bias is None else bias.astype(layer.weight.dtype),
-            f"{ed.prefix}{n}",
-        )
-        ed.node(out).input[0] = x
-        ed.remove_nodes(set(chain))
-    return cleanup(model)
-
-
-def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnxsim with its own check; keeps names, dims and metadata."""
-    onnxsim = _import_onnxsim()
-    meta = [(p.key, p.value) for p in model.metadata_props]
-    try:
-        # Batched MatMul + Add as Reshape, Gemm, Reshape would hide a fully connected block on
-        # [N, T, C] from a later prune; onnxsim versions without that pass ignore the name.
-        simplified, ok = onnxsim.simplify(model, skipped_optimizers=["fuse_matmul_add_bias_into_gemm_batched"])
-    except Exception:  # onnxsim gives up on some graphs (If branches, custom ops): keep the model unsimplified
-        return model
-    if not ok:
-        return model
-    del simplified.metadata_props[:]
-    for k, v in meta:
-        simplified.metadata_props.add(key=k, value=v)
-    return simplified
 
 
 class _CallableModule(types.ModuleType):

@@ -15,7 +15,8 @@ import onnx
 from hwtool.evaluate import TestSet, accuracy_onnx, calibration_needed, is_test_npz, load_test_set
 from hwtool.gates import calibration_from_data, check_samples, measure_gates
 from hwtool.graph import count_parameters
-from hwtool.prune import PruneConfig, highway_model, known_shapes, prune_checked, top1_agreement, warn_few_samples
+from hwtool.prune import PruneConfig, known_shapes, prune_checked, top1_agreement, warn_few_samples
+from hwtool.respell import highway_model
 from hwtool.runtime import (
     Samples,
     atomic_write_model,

@@ -204,6 +204,7 @@ def test_sweep_searches_for_blocks_once(monkeypatch):
     sweep does that search once, not again for each threshold: onnxsim runs once for the search
     and once per threshold on the pruned result."""
     import hwtool.prune
+    import hwtool.respell
     from hwtool.sweep import sweep
 
     model = build(Spec(removable=REMOVABLE_DEFAULT))
@@ -211,8 +212,9 @@ def test_sweep_searches_for_blocks_once(monkeypatch):
     model.graph.node.append(onnx.helper.make_node("Sigmoid", [out], ["probs"]))
     model.graph.output.append(onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["N", 10]))
     calls = []
-    simplify = hwtool.prune._simplify
-    monkeypatch.setattr(hwtool.prune, "_simplify", lambda m: calls.append(1) or simplify(m))
+    simplify = hwtool.respell.simplify
+    for module in (hwtool.respell, hwtool.prune):  # the search's respelling, and each prune's
+        monkeypatch.setattr(module, "simplify", lambda m: calls.append(1) or simplify(m))
     rows = sweep(model, None, (0.01, 0.02, 0.05), calib=images(16))
     assert [r.kept_channels for r in rows] == [28, 12, 12, 12] and len(calls) == 1 + 3
 

@@ -266,7 +266,8 @@ def test_a_hard_sigmoid_spelled_out_as_keras_writes_it_is_a_gate(spelled, alpha,
     """Keras's hard_sigmoid through tf2onnx is Clip(a + 3, 0, 6)·(1/6) (Keras 3) or
     Clip(0.2·a + 0.5, 0, 1) (Keras 2), no HardSigmoid node: spelled as one (its 0.2 folded into the
     gate layer), the gates are found, and pruning their shut channels is exact."""
-    from hwtool.prune import highway_model, prune
+    from hwtool.prune import prune
+    from hwtool.respell import highway_model
 
     model = build(Spec(gate_activation=spelled, removable=REMOVABLE_DEFAULT))
     with pytest.raises(NoHighwayBlockError):
@@ -288,7 +289,7 @@ def test_a_hard_sigmoid_spelled_out_as_keras_writes_it_is_a_gate(spelled, alpha,
 
 def test_a_clip_that_is_no_hard_sigmoid_is_left_as_it_is():
     """Clip(a, 0, 6) alone (a ReLU6) or scaled by other than 1/6 is no sigmoid: nothing is respelled."""
-    from hwtool.prune import spell_hard_sigmoids
+    from hwtool.respell import spell_hard_sigmoids
 
     for factor in (None, 0.5):
         model = build(Spec(gate_activation="relu6(a+3)/6", widths=(8,)))
@@ -310,7 +311,8 @@ def test_one_layer_computing_h_and_the_gate_is_split_in_two(spelling, cut):
     fairseq's highway layers: `chunk(2, dim=-1)`, a Split from the dynamo exporter, two Slices from
     onnxsim's simplification of the TorchScript one): spelled as two layers, the blocks are found,
     the network computes the same, and pruning the shut channels is exact."""
-    from hwtool.prune import highway_model, prune
+    from hwtool.prune import prune
+    from hwtool.respell import highway_model
 
     model = build(Spec(spelling=spelling, gate_reads="input", fused=cut, removable=REMOVABLE_DEFAULT))
     with pytest.raises(NoHighwayBlockError):
@@ -328,7 +330,7 @@ def test_one_layer_computing_h_and_the_gate_is_split_in_two(spelling, cut):
 
 def test_a_layer_cut_off_its_channel_axis_or_read_whole_is_not_split():
     """A Split over another axis, or a layer whose output is also read whole, stays one layer."""
-    from hwtool.prune import split_fused_layers
+    from hwtool.respell import split_fused_layers
 
     model = build(Spec(gate_reads="input", fused="Split", widths=(8,)))
     split = next(n for n in model.graph.node if n.op_type == "Split")
@@ -386,7 +388,7 @@ def test_a_float16_hard_sigmoid_spelled_out_is_a_gate():
     """In float16, Keras's 1/6 rounds to 0.16663: Clip(a + 3, 0, 6)·0.16663 is still a hard sigmoid."""
     from highway_onnx import to_float16
 
-    from hwtool.prune import highway_model
+    from hwtool.respell import highway_model
 
     model = to_float16(build(Spec(gate_activation="relu6(a+3)/6")), keep_io=True)
     respelled, blocks = highway_model(model)
@@ -467,7 +469,8 @@ def test_a_clamp_on_the_output_or_a_hard_sigmoid_read_elsewhere_is_left_alone():
     """Clip(logits, 0, 1) on the output is no gate (nothing multiplies it): left as it is, and no
     respelling is tried for it. A gate whose Clip is also a graph output keeps its spelling (it was
     removed, and the output dangled): the other blocks are found, and that output still computed."""
-    from hwtool.prune import highway_model, prune, spell_hard_sigmoids
+    from hwtool.prune import prune
+    from hwtool.respell import highway_model, spell_hard_sigmoids
 
     clamped = build(Spec())
     logits = clamped.graph.output[0].name

@@ -417,7 +417,7 @@ def test_a_users_torch_network_prunes_exactly(exporter, folded, tmp_path):
     import torch
     from torch import nn
 
-    from hwtool.prune import highway_model
+    from hwtool.respell import highway_model
 
     class Block(nn.Module):
         def __init__(self, c: int, w: int, stride: int, act: nn.Module, gate_norm: bool):
@@ -500,7 +500,7 @@ def test_highway_model_simplifies_only_when_that_finds_more_blocks():
     """A model whose sigmoids are all gates (or SiLUs) is searched as given; an extra sigmoid outside
     any block (a squeeze-excite, say) sends it through onnxsim, whose result is kept only if it shows
     more blocks."""
-    from hwtool.prune import highway_model
+    from hwtool.respell import highway_model
 
     model = build(Spec(activation="SiLU", opset=20))
     same, blocks = highway_model(model)
@@ -929,7 +929,7 @@ def test_onnxsim_is_imported_without_torch_and_torch_still_imports_after():
     # must not outlive the import, or `import torch` would fail for the rest of the process
     pytest.importorskip("torch")
     code = (
-        "import sys; from hwtool.prune import _import_onnxsim; m = _import_onnxsim(); "
+        "import sys; from hwtool.respell import _import_onnxsim; m = _import_onnxsim(); "
         "assert callable(m.simplify); assert 'torch' not in sys.modules and 'sympy' not in sys.modules; "
         "import sympy, torch; print(torch.tensor([1.0]).sum().item())"
     )
@@ -972,7 +972,8 @@ def test_a_budget_is_met_at_the_lowest_gate_level_that_meets_it(spec):
     or whole blocks: the pruned model keeps at most the budget, the threshold is a gate level, and
     the level below it would keep more."""
     from hwtool.gates import measure_gates
-    from hwtool.prune import gate_levels, highway_model
+    from hwtool.prune import gate_levels
+    from hwtool.respell import highway_model
 
     model = build(spec)
     x = images(16)
@@ -998,7 +999,7 @@ def test_cli_budget_picks_the_lowest_threshold_that_fits(tmp_path):
     that does (one level lower does not fit), named as the threshold; bad budgets are one-line
     errors that write nothing."""
     from hwtool.gates import measure_gates
-    from hwtool.prune import highway_model
+    from hwtool.respell import highway_model
 
     models = Path(__file__).resolve().parent.parent / "models"
     src, calib = models / "small-gated.onnx", models / "calib256.npy"
@@ -1058,8 +1059,9 @@ def test_the_refit_takes_fewer_samples_where_activations_are_large():
     """The refit holds activations of every calibration sample it uses, for two networks: where a
     block's activations are large it takes fewer samples (at least one), says how many, and the
     prune stays exact on switched-off channels and still refits live ones."""
-    from hwtool.prune import REFIT_HELD, highway_model, refit_samples
+    from hwtool.prune import REFIT_HELD, refit_samples
     from hwtool.report import prune_tables
+    from hwtool.respell import highway_model
     from hwtool.runtime import make_session
 
     model = build(Spec(removable=REMOVABLE))
@@ -1365,7 +1367,7 @@ def test_pruning_again_after_the_conv_write_back_says_what_it_cannot_find():
         prune(every, 0.3, calib=x)
     # gates and sweep, which find blocks the same way, say so too (they gave "is this a highway network?")
     from hwtool.gates import measure_gates
-    from hwtool.prune import highway_model
+    from hwtool.respell import highway_model
 
     with pytest.raises(NoHighwayBlockError, match="no block is left to find"):
         highway_model(every)
@@ -1404,7 +1406,7 @@ def test_a_warning_of_hwtool_prune_names_the_callers_line():
 
 def test_a_temperature_folded_into_a_gate_without_a_bias_adds_none():
     """Folding only scaled the weights, yet the gate layer gained a zero bias of its own."""
-    from hwtool.prune import fold_gate_scalars
+    from hwtool.respell import fold_gate_scalars
 
     model = build(Spec(seed=3))
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "tau"))

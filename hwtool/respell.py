@@ -183,7 +183,7 @@ def _respelled(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     """The model with its gates spelled as they are found: one layer split in two as two layers,
     hard sigmoids as HardSigmoid nodes, scalars between a gate layer and its activation folded
     into the layer; `notes` gets a line for each of these it did."""
-    fused = len(_fused_layers(Graph(model), _ranks(model)))
+    fused = len(_fused_layers(Graph(model)))
     model = split_fused_layers(model)
     hard = len(_spelled_hard_sigmoids(Graph(model)))
     model = spell_hard_sigmoids(model)
@@ -220,7 +220,7 @@ def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     ed = Editor(model, base="unfused")
     g = ed.graph
-    fused = _fused_layers(g, _ranks(model))
+    fused = _fused_layers(g)
     if not fused:
         return model
     parts, copies, cut = [], [], set()
@@ -256,16 +256,17 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField("shape")}
 
 
-def _fused_layers(g: Graph, ranks: dict[str, int]) -> list[tuple[Affine, list[tuple[str, int, int]], list]]:
+def _fused_layers(g: Graph) -> list[tuple[Affine, list[tuple[str, int, int]], list]]:
     """Every weighted layer (not grouped) whose output is read only by Split or Slice nodes that cut
     its channel axis into constant ranges: (layer, [(part's tensor, first row, end row)], the
     cutting nodes)."""
-    found = []
+    found, ranks = [], None
     for name in {n.input[0] for n in g.model.graph.node if n.op_type in ("Split", "Slice") and n.input}:
         layer = affine(g, name)
         users = g.users(name)
         if layer is None or layer.group != 1 or not users or name in g.graph_outputs:
             continue
+        ranks = _ranks(g.model) if ranks is None else ranks  # shape inference only where a layer is cut
         rows = layer.weight.shape[0]
         axis = 1 if layer.kind == "conv" else ranks.get(name, 0) - 1
         cuts = [_cuts(g, user, axis, ranks.get(name), rows) for user in users]

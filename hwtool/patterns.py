@@ -49,10 +49,11 @@ TRANSFORM_POST_OPS = (
 )
 # Elementwise ops an activation may be spelled out in, one tensor `a` and scalar constants their only
 # other inputs: GELU as a·0.5·(1 + erf(a/√2)) (what the exporters write below opset 20), its tanh
-# form, and the like (`_spelled_activation`).
+# form, hard swish as a·Clip(a + 3, 0, 6)/6 (tf2onnx's Keras hard_swish; a·HardSigmoid(a) once
+# respelled), and the like (`_spelled_activation`).
 ELEMENTWISE_OPS = (
     "Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Exp", "Log", "Neg", "Abs", "Sqrt",
-    "Reciprocal", "Relu", "Softplus",
+    "Reciprocal", "Relu", "Softplus", "Clip", "Min", "Max", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
 )  # fmt: skip
 COMMUTATIVE = ("Add", "Mul")
 # The gate's activation T = f(Conv_T(...)): ONNX op -> its float attributes and their defaults.

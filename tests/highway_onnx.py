@@ -218,6 +218,10 @@ def build(spec: Spec) -> onnx.ModelProto:
             inner = b.node("Mul", [b.node("Add", [hc, cube]), scalar(np.sqrt(2 / np.pi), "k")])
             half = b.node("Mul", [hc, scalar(0.5, "half")])
             h = b.node("Mul", [half, b.node("Add", [b.one(), b.node("Tanh", [inner])])])
+        elif spec.activation == "HardSwishKeras":  # a·relu6(a + 3)/6, Keras's hard_swish through tf2onnx
+            scalar = lambda v, n: b.init(np.array(v, dtype=np.float32), n)  # noqa: E731
+            relu6 = b.node("Clip", [b.node("Add", [hc, scalar(3.0, "three")]), scalar(0.0, "lo"), scalar(6.0, "hi")])
+            h = b.node("Mul", [hc, b.node("Mul", [relu6, scalar(1.0 / 6.0, "sixth")])])
         elif spec.activation == "PRelu":  # a slope per channel
             h = b.node("PRelu", [hc, b.init(b.rng.uniform(0.05, 0.3, (width, 1, 1)).astype(np.float32), "slope")])
         else:

@@ -85,6 +85,7 @@ def test_gate_activation_is_read_from_the_graph(activation):
         ("Softsign", ["Softsign"]),
         ("GeluErf", ["Div", "Erf", "Add", "Mul", "Mul"]),
         ("GeluTanh", ["Pow", "Mul", "Add", "Mul", "Mul", "Tanh", "Add", "Mul"]),
+        ("HardSwishKeras", ["Add", "Clip", "Mul", "Mul"]),
     ],
 )
 def test_smooth_transform_activations(activation, post):

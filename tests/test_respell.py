@@ -179,3 +179,21 @@ def test_a_clamp_on_the_output_or_a_hard_sigmoid_read_elsewhere_is_left_alone():
     assert [b.kept for b in report.blocks] == [0, 7] and report.max_abs_error < 1e-4
     sess = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
     assert first in [o.name for o in sess.get_outputs()]
+
+
+@pytest.mark.parametrize("gate", ["Sigmoid", "relu6(a+3)/6"])
+def test_hard_swish_transforms_beside_hard_sigmoid_gates_as_keras_writes_them(gate):
+    """A Keras MobileNetV3-style block: H = hard_swish(a) = a·relu6(a + 3)/6, gates hard_sigmoid,
+    all spelled with Clip by tf2onnx (with Sigmoid gates beside, for contrast). The hard swish is an
+    activation spelled out in elementwise ops, Clip among them (no block was found with one), and
+    stays one once respelled for the gates (a·HardSigmoid(a)); every block is found and its shut
+    channels pruned exactly."""
+    from hwtool.prune import prune
+    from hwtool.respell import highway_model
+
+    model = build(Spec(activation="HardSwishKeras", gate_activation=gate, removable=REMOVABLE_DEFAULT))
+    respelled, blocks = highway_model(model)
+    assert len(blocks) == 3
+    x = images(16)
+    pruned, report = prune(model, 1e-6, calib=x)
+    assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4

@@ -36,9 +36,11 @@ class Editor:
         return f"{self.prefix}{block.index}"
 
     def refresh(self) -> None:
+        """Index the model again after nodes were added or removed."""
         self.graph = Graph(self.model)
 
     def node(self, output: str) -> onnx.NodeProto:
+        """The node that produces tensor `output`."""
         return self.graph.producer[output]
 
     def set_input(self, node: onnx.NodeProto, idx: int, name: str, value: np.ndarray) -> None:
@@ -47,6 +49,7 @@ class Editor:
         node.input[idx] = name
 
     def remove_nodes(self, outputs: set[str]) -> None:
+        """Remove the nodes whose first output is in `outputs`."""
         keep = [n for n in self.model.graph.node if n.output[0] not in outputs]
         del self.model.graph.node[:]
         self.model.graph.node.extend(keep)
@@ -127,4 +130,6 @@ def _set_bias(ed: Editor, layer: Affine, node: onnx.NodeProto, bias: np.ndarray,
             node.attribute.extend(keep)
 
 
-ONE_HOT_NAME = re.compile(r"hw(_\d+_)?\d+_(kept|onehot)$")  # the one-hot selections _prune_block makes
+# The one-hot selections the prune's write-back makes, under the Editor's "hw" prefix: a later search
+# knows by them a model pruned with the conv write-back, whose blocks they hide.
+ONE_HOT_NAME = re.compile(r"hw(_\d+_)?\d+_(kept|onehot)$")

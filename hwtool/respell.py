@@ -168,6 +168,11 @@ def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model in which every hard sigmoid spelled out in Clip and scalar ops
     (`_spelled_hard_sigmoids`) is one HardSigmoid node with the same output: the same function,
     spelled as gates are found."""
+    return _spell_hard_sigmoids(model)[0]
+
+
+def _spell_hard_sigmoids(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`spell_hard_sigmoids`, and how many it respelled."""
     model = copy.deepcopy(model)
     ed = Editor(model, base="hard_sigmoid")
     spelled = _spelled_hard_sigmoids(ed.graph)
@@ -176,17 +181,15 @@ def spell_hard_sigmoids(model: onnx.ModelProto) -> onnx.ModelProto:
         helper.make_node("HardSigmoid", [hs.x], [hs.output], name=f"{ed.prefix}{n}", alpha=hs.alpha, beta=hs.beta)
         for n, hs in enumerate(spelled)
     )
-    return cleanup(model)
+    return cleanup(model), len(spelled)
 
 
 def _respelled(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     """The model with its gates spelled as they are found: one layer split in two as two layers,
     hard sigmoids as HardSigmoid nodes, scalars between a gate layer and its activation folded
     into the layer; `notes` gets a line for each of these it did."""
-    fused = len(_fused_layers(Graph(model)))
-    model = split_fused_layers(model)
-    hard = len(_spelled_hard_sigmoids(Graph(model)))
-    model = spell_hard_sigmoids(model)
+    model, fused = _split_fused_layers(model)
+    model, hard = _spell_hard_sigmoids(model)
     before = len(model.graph.node)
     model = fold_gate_scalars(model)
     folded = before - len(model.graph.node)
@@ -217,12 +220,17 @@ def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     (by a Split, or by Slices: one layer computing both H and the gate's pre-activation, as
     AllenNLP's and fairseq's highway layers do with `chunk(2, dim=-1)`) is one layer per part, each
     with its rows of the weights: the same function, spelled as blocks are found."""
+    return _split_fused_layers(model)[0]
+
+
+def _split_fused_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`split_fused_layers`, and how many layers it split."""
     model = copy.deepcopy(model)
     ed = Editor(model, base="unfused")
     g = ed.graph
     fused = _fused_layers(g)
     if not fused:
-        return model
+        return model, 0
     parts, copies, cut = [], [], set()
     for n, (layer, cuts, cutters) in enumerate(fused):
         own = [g.op(layer.node), *([g.op(layer.output)] if layer.output != layer.node else [])]
@@ -243,7 +251,7 @@ def split_fused_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     for out, layer, start, end, tag in parts:
         bias = None if layer.bias is None else layer.bias[start:end]
         set_layer(ed, affine(ed.graph, out), layer.weight[start:end], bias, tag)
-    return cleanup(model)
+    return cleanup(model), len(fused)
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

@@ -104,11 +104,11 @@ def image_layout(model: onnx.ModelProto) -> str:
     )
 
 
-def cifar_inputs(model: onnx.ModelProto, split: Split, n: int | None = None) -> np.ndarray:
-    """The first n images of a CIFAR-10 split as the model takes them: float32 in [0, 1], NCHW or
-    NHWC (`image_layout`)."""
+def cifar_inputs(split: Split, layout: str, n: int | None = None) -> np.ndarray:
+    """The first n images of a CIFAR-10 split as a model of that `image_layout` takes them: float32
+    in [0, 1], NCHW or NHWC."""
     x = split.as_float(n)
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if image_layout(model) == "NHWC" else x
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if layout == "NHWC" else x
 
 
 def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | None = None) -> TestSet:
@@ -116,9 +116,9 @@ def load_test_set(model: onnx.ModelProto, data: str | os.PathLike, limit: int | 
     .tar.gz; the model must take its images) or an .npz holding the model's inputs, as `--calib`
     takes them, and `labels`, one integer class id per sample."""
     if not is_test_npz(data):
-        image_layout(model)
+        layout = image_layout(model)  # before the data is read: a model that cannot take it is refused at once
         split = load_cifar10(data, splits=("test",))["test"].head(limit)
-        return TestSet(cifar_inputs(model, split), split.labels, f"{data} test")
+        return TestSet(cifar_inputs(split, layout), split.labels, f"{data} test")
     from hwtool.gates import load_samples
 
     inputs, labels = load_samples(model, data, role="test set", labels=LABELS)
@@ -159,7 +159,7 @@ def accuracy_onnx(
     """(correct count, predictions) of a model on a test set (a CIFAR-10 split is taken as one).
     A model of a fixed batch runs whole batches only: the predictions cover the samples they hold."""
     if isinstance(test, Split):
-        test = TestSet(cifar_inputs(model, test), test.labels, "CIFAR-10")
+        test = TestSet(cifar_inputs(test, image_layout(model)), test.labels, "CIFAR-10")
     batch = fixed_batch(model) or batch
     sess = make_session(model, threads=threads)
     if len(test) == 0:

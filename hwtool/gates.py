@@ -251,7 +251,7 @@ def calibration_from_data(
             "pass --calib FILE.npz with one array per input"
         )
     try:
-        image_layout(model)
+        layout = image_layout(model)
     except ModelError:
         name, dims = specs[0].name, list(specs[0].dims)
         raise ModelError(
@@ -264,7 +264,7 @@ def calibration_from_data(
             f"{count} calibration images asked for and the {split} split holds {len(images)}: all of them are used",
             stacklevel=caller_stacklevel(),
         )
-    return cifar_inputs(model, images, DEFAULT_COUNT if count is None else count)
+    return cifar_inputs(images, layout, DEFAULT_COUNT if count is None else count)
 
 
 def gates_from_metadata(model: onnx.ModelProto, blocks: list[Block]) -> GateStats | None:
@@ -310,10 +310,10 @@ def measure_gates(
             for o, r in zip(outs, res):
                 o.append(r)
         for i, (block, s, t) in enumerate(zip(blocks, sums, res[len(own) :])):
-            t = np.moveaxis(t, block.channel_axis, 1)  # fully connected layers keep channels last
+            t = np.moveaxis(t, block.channel_axis, 1).astype(np.float64)  # fully connected layers: channels last
             if block.carry_gate:  # the sigmoid weighs the carry: the transform's share is 1 - it
-                t = 1.0 - t.astype(np.float64)
-            s += t.astype(np.float64).mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
+                t = 1.0 - t
+            s += t.mean(axis=tuple(range(2, t.ndim))).sum(axis=0)
             rows[i] += t.shape[0]
     unit = "images" if isinstance(x, np.ndarray) and x.ndim == 4 else "samples"
     stats = GateStats(tuple(s / max(n, 1) for s, n in zip(sums, rows)), f"calibration ({len(x)} {unit})", len(x))

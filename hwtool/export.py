@@ -132,9 +132,7 @@ def export_checkpoint(
         GATE_METADATA: json.dumps({"images": int(len(gate_x)), "blocks": gate_means}),
         "hwtool.exporter": exporter,
     }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
+    onnx.helper.set_model_props(proto, meta)
     proto.producer_name = "hwtool"
     onnx.checker.check_model(proto, full_check=True)
 

@@ -1063,7 +1063,8 @@ def _prune_at(
         max_abs, max_rel, agree = output_errors(ref_outputs, new_outputs)
     timings["verify"] = time.perf_counter() - t3
     t4 = time.perf_counter()
-    _record_prune(model, measured, cfg, reports, count_parameters(given))
+    params = count_parameters(given), count_parameters(model)
+    _record_prune(model, measured, cfg, reports, params)
     timings["metadata"] = time.perf_counter() - t4
 
     sizes = symbolic_sizes(given, calib)  # FLOPs at the calibration inputs' sequence length
@@ -1075,8 +1076,8 @@ def _prune_at(
         calibration_images=0 if calib is None else len(calib),
         refit_samples=refit_n,
         blocks=reports,
-        params_before=count_parameters(given),
-        params_after=count_parameters(model),
+        params_before=params[0],
+        params_after=params[1],
         flops_before=flops_per_sample(given, sizes=sizes),
         flops_after=flops_per_sample(model, sizes=sizes),
         bytes_before=given.ByteSize(),
@@ -1098,7 +1099,7 @@ def _record_prune(
     measured: _Measured,
     cfg: PruneConfig,
     reports: list[BlockReport],
-    params_before: int,
+    params: tuple[int, int],
 ) -> None:
     """Say in the pruned model's metadata how it was pruned (PRUNE_METADATA: a list of the prunes
     it went through, oldest first, each with its threshold, budget, refit, the channels each block
@@ -1111,8 +1112,8 @@ def _record_prune(
         "budget": cfg.budget,
         "refit": "transforms and gates" if cfg.refit and cfg.refit_transforms else "gates" if cfg.refit else "none",
         "round_to": cfg.round_to,
-        "params_before": params_before,
-        "params_after": count_parameters(model),
+        "params_before": params[0],
+        "params_after": params[1],
         "kept": [[r.kept, r.width] for r in reports],
     }
     meta = {p.key: p.value for p in model.metadata_props}
@@ -1122,9 +1123,7 @@ def _record_prune(
         if stored is not None:
             meta[GATE_METADATA] = json.dumps(stored)
     meta[PRUNE_METADATA] = json.dumps([*_prunes(meta.get(PRUNE_METADATA)), record])
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
+    helper.set_model_props(model, meta)
 
 
 def _prunes(stored: str | None) -> list[dict]:

@@ -59,8 +59,14 @@ def tree(tmp_path, real_files) -> Path:
 
 
 def _tar_gz(src: Path, out: Path) -> Path:
+    return _tar_gz_of(out, (src, src.name))
+
+
+def _tar_gz_of(out: Path, *members: tuple[Path, str]) -> Path:
+    """A .tar.gz at `out` holding each (file or folder, name in the archive)."""
     with tarfile.open(out, "w:gz") as tar:
-        tar.add(src, arcname=src.name)
+        for src, name in members:
+            tar.add(src, arcname=name)
     return out
 
 
@@ -468,10 +474,7 @@ def test_macos_leftovers_are_skipped(tree, tmp_path, as_archive):
     (tmp_path / "__MACOSX" / "cifar" / "test" / "dog").mkdir(parents=True)
     (tmp_path / "__MACOSX" / "cifar" / "test" / "dog" / "._0001.jpg").write_bytes(APPLEDOUBLE)
     if as_archive:
-        path = tmp_path / "mac.tar.gz"
-        with tarfile.open(path, "w:gz") as tar:
-            tar.add(tree, arcname="cifar")
-            tar.add(tmp_path / "__MACOSX", arcname="__MACOSX")
+        path = _tar_gz_of(tmp_path / "mac.tar.gz", (tree, "cifar"), (tmp_path / "__MACOSX", "__MACOSX"))
     else:
         path = tree
     _assert_same(load_cifar10(path, use_cache=False), clean)
@@ -508,10 +511,7 @@ def test_a_nested_copy_of_the_image_folders_is_refused(tree, tmp_path, real_file
 
 
 def test_two_trees_side_by_side_in_an_archive_are_refused(tree, tmp_path):
-    path = tmp_path / "two.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(tree, arcname="a")
-        tar.add(tree / "test", arcname="b/test")
+    path = _tar_gz_of(tmp_path / "two.tar.gz", (tree, "a"), (tree / "test", "b/test"))
     with pytest.raises(DataError, match=r"a/test/ and b/test/"):
         load_cifar10(path, use_cache=False)
 
@@ -616,9 +616,7 @@ def test_a_cache_written_before_the_one_root_rule_is_not_reused(tree, tmp_path, 
 def test_an_archive_with_two_copies_of_a_python_batch_is_refused(tmp_path):
     """The last copy of a batch silently replaced the first: which data was read depended on the order."""
     folder = _write_python_layout(tmp_path / "dist", _python_batches())
-    path = tmp_path / "two.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(folder, arcname="cifar-10-batches-py")
-        tar.add(folder / "test_batch", arcname="old/test_batch")
+    members = (folder, "cifar-10-batches-py"), (folder / "test_batch", "old/test_batch")
+    path = _tar_gz_of(tmp_path / "two.tar.gz", *members)
     with pytest.raises(DataError, match=r"test_batch twice, cifar-10-batches-py/test_batch and old/test_batch"):
         load_cifar10(path, use_cache=False)

@@ -190,9 +190,7 @@ def _respelled(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
     into the layer; `notes` gets a line for each of these it did."""
     model, fused = _split_fused_layers(model)
     model, hard = _spell_hard_sigmoids(model)
-    before = len(model.graph.node)
-    model = fold_gate_scalars(model)
-    folded = before - len(model.graph.node)
+    model, folded = _fold_gate_scalars(model)
     for count, one, many in (
         (
             fused,
@@ -322,7 +320,14 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model in which scalar constants added to, subtracted from, multiplying or
     dividing a gate layer's output before its activation (a gate offset of its own, a temperature)
     are folded into that layer's weights and bias: the same function, spelled as gates are found."""
+    return _fold_gate_scalars(model)[0]
+
+
+def _fold_gate_scalars(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """`fold_gate_scalars`, and how many scalar steps it folded (not the nodes the cleanup drops with
+    them, such as the Constant nodes that held the scalars)."""
     model = copy.deepcopy(model)
+    folded = 0
     ed = Editor(model, base="gate_fold")  # not "hw": a later prune's own names start with that
     for n, out in enumerate([a.output[0] for a in model.graph.node if a.op_type in GATE_ACTIVATIONS]):
         g = ed.graph
@@ -370,7 +375,8 @@ def fold_gate_scalars(model: onnx.ModelProto) -> onnx.ModelProto:
         )
         ed.node(out).input[0] = x
         ed.remove_nodes(set(chain))
-    return cleanup(model)
+        folded += len(chain)
+    return cleanup(model), folded
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

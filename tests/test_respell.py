@@ -197,3 +197,24 @@ def test_hard_swish_transforms_beside_hard_sigmoid_gates_as_keras_writes_them(ga
     x = images(16)
     pruned, report = prune(model, 1e-6, calib=x)
     assert [b.kept for b in report.blocks] == [5, 0, 7] and report.max_abs_error < 1e-4
+
+
+def test_the_folds_are_counted_by_step_not_by_the_nodes_that_go_with_them():
+    """Sigmoid(Conv(H) / τ) with τ from a Constant node, as the torchscript exporter writes scalars:
+    the three Divs are folded and the report says 3 steps, not 6 (their Constant nodes go too)."""
+    from hwtool.respell import highway_model
+
+    model = build(Spec(removable=REMOVABLE_DEFAULT))
+    for i, sig in enumerate([n for n in model.graph.node if n.op_type == "Sigmoid"]):
+        at = list(model.graph.node).index(sig)
+        model.graph.node.insert(at, helper.make_node("Div", [sig.input[0], f"tau{i}"], [f"z{i}"]))
+        tau = onnx.numpy_helper.from_array(np.array(2.0, np.float32))
+        model.graph.node.insert(at, helper.make_node("Constant", [], [f"tau{i}"], value=tau))
+        sig.input[0] = f"z{i}"
+    notes: list[str] = []
+    respelled, blocks = highway_model(model, notes)
+    assert len(blocks) == 3
+    assert not any(n.output[0].startswith(("tau", "z")) for n in respelled.graph.node)  # the Divs and τs are gone
+    assert notes == ["3 scalar steps before gates' activations are folded into their layers"]
+    x = images(16)
+    np.testing.assert_allclose(run(respelled, x), run(model, x), atol=1e-5)

@@ -8,14 +8,23 @@
 #
 #   nohup bash benchmarks/train_onerun_cpu.sh ../shared/data/cifar10-jpeg.tar.gz runs/cpu-one100 >>runs/cpu-one100.txt 2>&1 &
 #   bash benchmarks/finetune_results.sh runs/cpu-one100 reference-cpuone100   # when it has ended
+#
+# Longer runs (E epochs) keep the λ ramp at 10 epochs and the removal at the 20 after it, and give
+# the rest to the kept channels (the fractions follow from E; RAMP and KEEP_BY set them by hand).
+# The one-cycle warm-up stays 15% of the steps, so it is longer too:
+#
+#   E=200 nohup bash benchmarks/train_onerun_cpu.sh ../shared/data/cifar10-jpeg.tar.gz runs/cpu-one200 >>runs/cpu-one200.txt 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: train_onerun_cpu.sh DATA OUT}
 out=${2:?usage: train_onerun_cpu.sh DATA OUT}
 hw=${HWTOOL:-.venv/bin/python -m hwtool}
-options=(--epochs "${E:-100}" --batch-size 128 --lr 0.1 --cutout 12 --ema 0.999
+epochs=${E:-100}
+ramp=${RAMP:-$(awk "BEGIN { print 10 / $epochs }")}
+keep_by=${KEEP_BY:-$(awk "BEGIN { print 30 / $epochs }")}
+options=(--epochs "$epochs" --batch-size 128 --lr 0.1 --cutout 12 --ema 0.999
     --gate-penalty 1 --gate-shape sqrt --gate-weighting uniform --silence-penalty 1
-    --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09 --gate-ramp 0.1 --targeted-keep-by 0.3)
+    --targeted-dropout 1 --targeted-threshold 0.05 --targeted-keep 0.09 --gate-ramp "$ramp" --targeted-keep-by "$keep_by")
 if [[ -f $out/checkpoint.pt ]]; then
     exec $hw train --data "$data" --out "$out" --resume
 fi

@@ -3,9 +3,9 @@
     python benchmarks/reference_table.py [NAME]
 
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
-latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the baseline
-it was trained from, the baseline of the models shipped before it and the model shipped just
-before it, unpruned and pruned at 0.05 (benchmarks/results/d100/, gpu100/, c100keep14/), and the
+latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the dense
+baseline of the GPU recipe on the H100 and the H200 and the model shipped just before,
+unpruned and pruned at 0.05 (benchmarks/results/d100/, gpu100/, d100keep18/), and the
 model trained without the incentive (benchmarks/reference_plain.sh), whose latencies were not
 measured in that run; then the paper.
 Δ is against the shipped model NAME before pruning.
@@ -27,9 +27,9 @@ PAPER = "| the paper: original / pruned | 34 / 5.2 | ~8.9 M / ~1.36 M | - | - | 
 # Other runs, unpruned and pruned: the baselines (benchmarks/reference_unshipped.sh) and the model
 # shipped before (benchmarks/reference.sh's JSON, moved aside).
 EARLIER = [
-    ("d100", "baseline the shipped model started from (100 epochs, λ = 0.5, H100)"),
-    ("gpu100", "baseline of the models shipped before (the same recipe, H200)"),
-    ("c100keep14", "shipped before (phase 3 for 14 epochs, CPU)"),
+    ("d100", "unpruned baseline (100 epochs, λ = 0.5, batch 512, H100)"),
+    ("gpu100", "the same recipe on the H200"),
+    ("d100keep18", "shipped before (three phases from the H100 baseline)"),
 ]
 # Phase-3 runs: (folder, run name), logs and configurations as train wrote them.
 PHASE3 = [("gpu", "g100-keep"), ("cpu", "c100-keep7"), ("cpu", "c100-keep14"), ("gpu", "d100-keep18")]

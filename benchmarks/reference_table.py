@@ -3,7 +3,7 @@
     python benchmarks/reference_table.py [NAME]
 
 Rows: the incentive model NAME (benchmarks/reference.sh), pruned and pruned + int8, with the
-latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the dense
+latencies of their interleaved `hwtool bench` run; then, where their JSON is there, the unpruned
 baseline of the GPU recipe on the H100 and the H200 and the model shipped just before,
 unpruned and pruned at 0.05 (benchmarks/results/d100/, gpu100/, d100keep18/), and the
 model trained without the incentive (benchmarks/reference_plain.sh), whose latencies were not

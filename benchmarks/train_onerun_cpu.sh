@@ -20,6 +20,14 @@ data=${1:?usage: train_onerun_cpu.sh DATA OUT}
 out=${2:?usage: train_onerun_cpu.sh DATA OUT}
 hw=${HWTOOL:-.venv/bin/python -m hwtool}
 epochs=${E:-100}
+if ! [[ $epochs =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: E=$epochs is not a whole number of epochs; give one, e.g. E=200" >&2
+    exit 2
+fi
+if [[ -z ${KEEP_BY:-} ]] && ((epochs < 30)); then
+    echo "error: E=$epochs is under the 30 epochs the ramp and the removal take; give E=30 or more, or KEEP_BY and RAMP" >&2
+    exit 2
+fi
 ramp=${RAMP:-$(awk "BEGIN { print 10 / $epochs }")}
 keep_by=${KEEP_BY:-$(awk "BEGIN { print 30 / $epochs }")}
 options=(--epochs "$epochs" --batch-size 128 --lr 0.1 --cutout 12 --ema 0.999
